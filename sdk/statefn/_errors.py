@@ -1,0 +1,71 @@
+"""The exceptions users raise and catch.
+
+A handler raises :class:`Retry` to be retried with backoff; any other exception is terminal.
+Callers outside the platform get :class:`InvocationFailed` carrying the error the handler (or
+the platform) reported, with a machine-readable ``kind``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StatefnError(Exception):
+    """Base of every error statefn raises."""
+
+
+class InvalidFunctionType(StatefnError, ValueError):
+    """A function type is not ``namespace/name`` with DNS-label parts."""
+
+
+class DefinitionError(StatefnError, TypeError):
+    """A function, handler or state spec is declared wrongly (caught at import time)."""
+
+
+class Retry(StatefnError):  # noqa: N818 - the name users write: ``raise statefn.Retry(...)``
+    """Raise from a handler to have the invocation retried with backoff.
+
+    State changes of the failed attempt are dropped. After the function's ``max_attempts`` the
+    message goes to the dead-letter subject and the caller gets the last error.
+    """
+
+    def __init__(self, message: str = "retry requested", *, after: float | None = None) -> None:
+        super().__init__(message)
+        self.after = after
+
+
+class StateTooLarge(StatefnError):
+    """A state value's encoding exceeds the configured limit; nothing is written."""
+
+
+class CodecError(StatefnError, TypeError):
+    """A value cannot be encoded or decoded with msgpack and its declared type."""
+
+
+# Error kinds carried on the wire (replies, dead letters, HTTP mapping in the gateway).
+KIND_HANDLER = "handler_error"
+KIND_RETRIES_EXHAUSTED = "retries_exhausted"
+KIND_UNKNOWN_HANDLER = "unknown_handler"
+KIND_UNKNOWN_FUNCTION = "unknown_function"
+KIND_INVALID_ARGUMENT = "invalid_argument"
+KIND_STATE_TOO_LARGE = "state_too_large"
+KIND_UNDECODABLE = "undecodable"
+
+
+class InvocationFailed(StatefnError):
+    """What a caller sees when the invocation ended in an error (terminal or after retries)."""
+
+    def __init__(self, kind: str, message: str, *, error_type: str = "", details: Any = None) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+        self.error_type = error_type
+        self.details = details
+
+
+class InvocationTimeout(StatefnError, TimeoutError):
+    """No reply arrived in time, even after re-sending with the same idempotency key."""
+
+
+class UnknownFunction(StatefnError, LookupError):
+    """The function type is not registered (no sidecar ever announced it)."""

@@ -1,0 +1,96 @@
+"""Runs a batch of invocations against an App: the same code in embedded and remote mode.
+
+Keys run concurrently; each key's invocations run strictly in order, each seeing the state the
+previous successful one left. A failed invocation leaves no trace in state or messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pydantic
+
+from statefn import _codec, _context, _errors, _function, _wire
+
+_log = logging.getLogger("statefn.runtime")
+
+
+def _error(kind: str, exc: BaseException | str, *, retry: bool = False, after: float | None = None) -> _wire.ErrorInfo:
+    if isinstance(exc, BaseException):
+        return _wire.ErrorInfo(kind=kind, message=str(exc) or type(exc).__name__, type=type(exc).__name__,
+                               retry=retry, retry_after=after)
+    return _wire.ErrorInfo(kind=kind, message=exc, retry=retry, retry_after=after)
+
+
+def _validation_message(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(body)"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+async def _invoke_one(
+    fn: _function.StatefulFunction,
+    key: str,
+    stored: dict[str, bytes],
+    inv: _wire.Invocation,
+    max_state_bytes: int,
+) -> _wire.Result:
+    spec = fn.handlers.get(inv.handler)
+    if spec is None:
+        return _wire.Result(id=inv.id, error=_error(
+            _errors.KIND_UNKNOWN_HANDLER,
+            f"{fn.type} has no handler {inv.handler!r}; known handlers: {', '.join(sorted(fn.handlers))}",
+        ))
+    try:
+        args = spec.args_model.model_validate(inv.args)
+    except pydantic.ValidationError as exc:
+        return _wire.Result(id=inv.id, error=_error(
+            _errors.KIND_INVALID_ARGUMENT, f"{fn.type}.{inv.handler}: {_validation_message(exc)}"))
+    ctx = _context.Context(function=str(fn.type), key=key, specs=fn.states, stored=stored,
+                           invocation_id=inv.id, attempt=inv.attempt)
+    kwargs = {name: getattr(args, name) for name in type(args).model_fields}
+    try:
+        out = spec.fn(ctx, **kwargs)
+        if spec.is_async:
+            out = await out
+        reply = _codec.pack(_codec.to_plain(out))
+        changes = ctx._changes(max_state_bytes)
+    except _errors.Retry as exc:
+        return _wire.Result(id=inv.id, error=_error(_errors.KIND_HANDLER, exc, retry=True, after=exc.after))
+    except _errors.StateTooLarge as exc:
+        return _wire.Result(id=inv.id, error=_error(_errors.KIND_STATE_TOO_LARGE, exc))
+    except Exception as exc:
+        _log.warning("%s(%r).%s failed (attempt %d)", fn.type, key, inv.handler, inv.attempt, exc_info=exc)
+        return _wire.Result(id=inv.id, error=_error(_errors.KIND_HANDLER, exc))
+    return _wire.Result(id=inv.id, reply=reply, state=changes, sends=ctx._sends)
+
+
+async def _run_key(app: _function.App, req: _wire.KeyRequest, max_state_bytes: int) -> list[_wire.Result]:
+    fn = app.functions.get(req.function)
+    if fn is None:
+        msg = f"this app does not serve {req.function}; it serves: {', '.join(sorted(app.functions))}"
+        return [_wire.Result(id=i.id, error=_error(_errors.KIND_UNKNOWN_FUNCTION, msg)) for i in req.invocations]
+    stored = dict(req.state)
+    results = []
+    for inv in req.invocations:
+        result = await _invoke_one(fn, req.key, stored, inv, max_state_bytes)
+        if result.error is None:
+            for name, value in result.state.items():
+                if value is None:
+                    stored.pop(name, None)
+                else:
+                    stored[name] = value
+        results.append(result)
+    return results
+
+
+async def execute(app: _function.App, request: _wire.BatchRequest) -> _wire.BatchResponse:
+    """Run one batch; never raises for handler errors (they are results)."""
+    results: list[Any] = await asyncio.gather(
+        *(_run_key(app, k, request.max_state_bytes) for k in request.keys)
+    )
+    return _wire.BatchResponse(results=results)

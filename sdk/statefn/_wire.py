@@ -1,0 +1,126 @@
+"""The request/reply protocol between the sidecar and the code that runs handlers.
+
+Embedded mode passes these objects in-process; remote mode sends them as msgpack over
+localhost HTTP. One batch request carries, per key, the stored state and the ordered
+invocations; the reply carries, per invocation, the state changes, outgoing messages and the
+reply or error. Keeping one protocol for both modes keeps their semantics identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from statefn import _codec
+
+
+@dataclasses.dataclass(slots=True)
+class Invocation:
+    id: str
+    handler: str
+    args: dict[str, Any]
+    attempt: int = 1
+    origin: str = ""
+    traceparent: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class KeyRequest:
+    function: str
+    key: str
+    state: dict[str, bytes]
+    invocations: list[Invocation]
+
+
+@dataclasses.dataclass(slots=True)
+class Outgoing:
+    """A message a handler sends; the sidecar routes it on a channel, exactly once."""
+
+    function: str
+    key: str
+    handler: str
+    args: dict[str, Any]
+    delay: float | None = None
+    traceparent: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class ErrorInfo:
+    kind: str
+    message: str
+    type: str = ""
+    retry: bool = False
+    retry_after: float | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class Result:
+    id: str
+    reply: bytes | None = None
+    error: ErrorInfo | None = None
+    # State names changed by this invocation -> new encoding, or None when reset to the default.
+    state: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
+    sends: list[Outgoing] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(slots=True)
+class BatchRequest:
+    keys: list[KeyRequest]
+    max_state_bytes: int
+
+
+@dataclasses.dataclass(slots=True)
+class BatchResponse:
+    results: list[list[Result]]
+
+
+def encode_request(req: BatchRequest) -> bytes:
+    return _codec.pack(
+        {
+            "max_state_bytes": req.max_state_bytes,
+            "keys": [
+                [k.function, k.key, k.state, [dataclasses.astuple(i) for i in k.invocations]]
+                for k in req.keys
+            ],
+        }
+    )
+
+
+def decode_request(data: bytes) -> BatchRequest:
+    raw = _codec.unpack(data)
+    return BatchRequest(
+        max_state_bytes=raw["max_state_bytes"],
+        keys=[
+            KeyRequest(function=f, key=k, state=s, invocations=[Invocation(*i) for i in invs])
+            for f, k, s, invs in raw["keys"]
+        ],
+    )
+
+
+def _result_to_plain(r: Result) -> list[Any]:
+    return [
+        r.id,
+        r.reply,
+        dataclasses.astuple(r.error) if r.error else None,
+        r.state,
+        [dataclasses.astuple(s) for s in r.sends],
+    ]
+
+
+def _result_from_plain(raw: list[Any]) -> Result:
+    rid, reply, err, state, sends = raw
+    return Result(
+        id=rid,
+        reply=reply,
+        error=ErrorInfo(*err) if err else None,
+        state=state,
+        sends=[Outgoing(*s) for s in sends],
+    )
+
+
+def encode_response(resp: BatchResponse) -> bytes:
+    return _codec.pack([[_result_to_plain(r) for r in rs] for rs in resp.results])
+
+
+def decode_response(data: bytes) -> BatchResponse:
+    return BatchResponse(results=[[_result_from_plain(r) for r in rs] for rs in _codec.unpack(data)])

@@ -1,0 +1,1 @@
+"""The statefn data plane: partitions, ownership, execution, commit, outbox, timers, gateway."""

@@ -1,0 +1,182 @@
+"""Fenced, at-most-once etcd commits, split under etcd's limits.
+
+Every commit compares the owner key's create revision (the fence: a sidecar that lost the
+partition cannot write) and the partition's commit marker (each commit names its predecessor,
+so a commit applies at most once and in order). Because of the marker, a commit whose outcome
+is unknown (timeout, lost reply) is simply sent again: if the first attempt landed, the second
+one fails its compare and its failure branch reads the marker back, which says so. Nothing is
+re-applied blindly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+import grpc
+
+from statefn import _constants
+from statefn_sidecar import faults as faults_mod
+from statefn_sidecar import layout
+
+_log = logging.getLogger("statefn.commit")
+
+# What it costs to add an op to a request, beyond its key and value (protobuf framing; generous).
+_OP_OVERHEAD = 32
+# Leave room under etcd's limits for the fence, the marker and framing.
+MAX_OPS = _constants.ETCD_MAX_TXN_OPS - 2
+MAX_BYTES = _constants.ETCD_MAX_REQUEST_BYTES - 64 * 1024
+
+_PERMANENT = (
+    aetcd.exceptions.InvalidArgumentError,
+    aetcd.exceptions.PreconditionFailedError,
+    aetcd.exceptions.UnauthenticatedError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """etcd unreachable, slow or restarting: wait and try again (never for a bad request)."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    return isinstance(exc, aetcd.exceptions.ClientError | grpc.RpcError | TimeoutError | ConnectionError)
+
+
+class Fenced(Exception):  # noqa: N818 - it is an outcome, not a bug
+    """The partition is owned by someone else now: stop, drop caches, ack nothing."""
+
+
+@dataclasses.dataclass
+class Txn:
+    """The writes of one commit: folded puts/deletes plus guarded idempotency records."""
+
+    puts: dict[bytes, tuple[bytes, int | None]] = dataclasses.field(default_factory=dict)  # key -> (value, lease)
+    deletes: set[bytes] = dataclasses.field(default_factory=set)
+    range_deletes: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
+    absent: list[bytes] = dataclasses.field(default_factory=list)  # keys that must not exist (idempotency)
+    size: int = 0
+
+    @property
+    def op_count(self) -> int:
+        return len(self.puts) + len(self.deletes) + len(self.range_deletes)
+
+    def put(self, key: bytes, value: bytes, lease: int | None = None) -> None:
+        old = self.puts.get(key)
+        self.size += len(key) + len(value) + _OP_OVERHEAD - (len(key) + len(old[0]) + _OP_OVERHEAD if old else 0)
+        self.deletes.discard(key)
+        self.puts[key] = (value, lease)
+
+    def delete(self, key: bytes) -> None:
+        if key in self.puts:
+            value, _ = self.puts.pop(key)
+            self.size -= len(key) + len(value) + _OP_OVERHEAD
+        if key not in self.deletes:
+            self.deletes.add(key)
+            self.size += len(key) + _OP_OVERHEAD
+
+    def delete_range(self, start: bytes, end: bytes) -> None:
+        self.range_deletes.append((start, end))
+        self.size += len(start) + len(end) + _OP_OVERHEAD
+
+    def require_absent(self, key: bytes) -> None:
+        self.absent.append(key)
+        self.size += len(key) + _OP_OVERHEAD
+
+    def fits(self, extra_ops: int, extra_bytes: int, extra_compares: int = 0) -> bool:
+        return (
+            self.op_count + extra_ops <= MAX_OPS
+            and len(self.absent) + extra_compares <= MAX_OPS
+            and self.size + extra_bytes <= MAX_BYTES
+        )
+
+
+@dataclasses.dataclass
+class Outcome:
+    ok: bool
+    # When not ok and not fenced: the idempotency keys that already exist, with their records.
+    existing: dict[bytes, bytes] = dataclasses.field(default_factory=dict)
+
+
+class Committer:
+    """Commits Txns for one owned partition, in order, each at most once."""
+
+    def __init__(
+        self,
+        etcd: aetcd.Client,
+        keys: layout.PartitionKeys,
+        *,
+        epoch: int,
+        marker: bytes | None,
+        member_id: str,
+        faults: faults_mod.Faults,
+    ) -> None:
+        self._etcd = etcd
+        self._keys = keys
+        self.epoch = epoch
+        self._marker = marker  # the last committed marker value (None: no commit yet)
+        self._member = member_id
+        self._counter = 0
+        self._faults = faults
+        self.commits = 0
+        self.resolved_unknown = 0
+
+    async def commit(self, txn: Txn) -> Outcome:
+        self._counter += 1
+        marker = f"{self._member}/{self.epoch}/{self._counter}".encode()
+        t = self._etcd.transactions
+        marker_key = self._keys.commit_marker
+        compares: list[Any] = [t.create(self._keys.owner) == self.epoch]
+        if self._marker is None:
+            compares.append(t.version(marker_key) == 0)
+        else:
+            compares.append(t.value(marker_key) == self._marker)
+        compares += [t.version(k) == 0 for k in txn.absent]
+        success: list[Any] = [t.put(k, v, lease=lease) for k, (v, lease) in txn.puts.items()]
+        success += [t.delete(k) for k in txn.deletes]
+        success += [t.delete(s, range_end=e) for s, e in txn.range_deletes]
+        success.append(t.put(marker_key, marker))
+        failure: list[Any] = [t.get(self._keys.owner), t.get(marker_key)] + [t.get(k) for k in txn.absent]
+
+        delay = 0.05
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                ok, responses = await self._etcd.transaction(compares, success, failure)
+                if self._faults.enabled:
+                    self._faults.maybe(faults_mod.COMMIT_REPLY_LOST)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                # Outcome unknown: send the same commit again. The marker compare makes a second
+                # application impossible, and the failure branch reads back what happened.
+                _log.warning("%s: commit outcome unknown (%s: %s); re-sending with the same marker",
+                             self._keys.prefix, type(exc).__name__, exc)
+                self.resolved_unknown += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            break
+        if ok:
+            self._marker = marker
+            self.commits += 1
+            return Outcome(ok=True)
+        owner, current, *idem = responses
+        if not owner or owner[0][1].create_revision != self.epoch:
+            raise Fenced(f"{self._keys.prefix}: owner changed (epoch {self.epoch} is stale)")
+        current_value = current[0][0] if current else None
+        if current_value == marker:
+            # An earlier attempt of this very commit landed: success, learnt by reading back.
+            _log.info("%s: commit of unknown outcome had landed (attempt %d)", self._keys.prefix, attempt)
+            self._marker = marker
+            self.commits += 1
+            return Outcome(ok=True)
+        if current_value != self._marker:
+            raise Fenced(f"{self._keys.prefix}: commit marker moved under us ({current_value!r})")
+        existing = {k: r[0][0] for k, r in zip(txn.absent, idem, strict=True) if r}
+        if not existing:
+            raise RuntimeError(f"{self._keys.prefix}: commit refused for no visible reason")
+        return Outcome(ok=False, existing=existing)

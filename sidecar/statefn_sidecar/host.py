@@ -1,0 +1,100 @@
+"""One function type in one sidecar: take the partitions assigned to us, give back the others.
+
+Ownership is an etcd key per partition attached to this sidecar's lease; its create revision
+is the epoch every commit is fenced with. A partition is taken only when its key is absent
+(the previous owner released it or its lease expired), never stolen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aetcd
+from nats.aio.client import Client as NatsClient
+from nats.js.client import JetStreamContext
+
+from statefn import _naming
+from statefn_sidecar import balance, config, execution, faults, layout, partition
+
+_log = logging.getLogger("statefn.host")
+
+
+class FunctionHost:
+    def __init__(self, *, fn: _naming.FunctionType, partition_count: int, etcd: aetcd.Client,
+                 nc: NatsClient, js: JetStreamContext, executor: execution.Executor,
+                 cfg: config.SidecarConfig, faults: faults.Faults) -> None:
+        self.fn = fn
+        self.partition_count = partition_count
+        self._etcd = etcd
+        self._nc = nc
+        self._js = js
+        self._executor = executor
+        self._cfg = cfg
+        self._faults = faults
+        self.workers: dict[int, partition.PartitionWorker] = {}
+        self._releasing: set[int] = set()
+
+    @property
+    def member_key(self) -> bytes:
+        return f"{self.fn.members_prefix}{self._cfg.member_id}".encode()
+
+    async def reconcile(self, lease_id: int) -> None:
+        """Compare the assignment with what we own; release first, then acquire."""
+        t = self._etcd.transactions
+        mp, op = self.fn.members_prefix.encode(), self.fn.owners_prefix.encode()
+        _, (members_kv, owners_kv) = await self._etcd.transaction(
+            compare=[], success=[t.get(mp, layout.prefix_end(mp)), t.get(op, layout.prefix_end(op))], failure=[])
+        members = [kv.key[len(mp):].decode() for _, kv in members_kv]
+        owners = {int(kv.key[len(op):].decode()): (v.decode(), kv.create_revision) for v, kv in owners_kv}
+        if self._cfg.member_id not in members:
+            return  # not registered (yet, or our lease expired): own nothing
+        wanted = {p for p, m in balance.assign(members, self.partition_count).items() if m == self._cfg.member_id}
+
+        for p, worker in list(self.workers.items()):
+            owner = owners.get(p)
+            if worker.lost.is_set() or owner is None or owner != (self._cfg.member_id, worker.epoch):
+                _log.warning("%s: no longer ours (owner %s); dropping it", worker.pid, owner)
+                del self.workers[p]
+                await worker.stop(graceful=False)
+            elif p not in wanted and p not in self._releasing:
+                self._releasing.add(p)
+                asyncio.create_task(self._release(p, worker))
+        for p in sorted(wanted - set(self.workers) - set(owners)):
+            await self._acquire(p, lease_id)
+
+    async def _acquire(self, p: int, lease_id: int) -> None:
+        t = self._etcd.transactions
+        key = self.fn.owner_key(p).encode()
+        ok, resp = await self._etcd.transaction(
+            compare=[t.version(key) == 0],
+            success=[t.put(key, self._cfg.member_id.encode(), lease=lease_id), t.get(key)],
+            failure=[],
+        )
+        if not ok:
+            return
+        epoch = resp[1][0][1].create_revision
+        worker = partition.PartitionWorker(
+            fn=self.fn, partition=p, partition_count=self.partition_count, etcd=self._etcd, nc=self._nc,
+            js=self._js, executor=self._executor, cfg=self._cfg, faults=self._faults)
+        try:
+            await worker.start(epoch)
+        except Exception:
+            _log.exception("%s: could not start partition %d; releasing it", self.fn, p)
+            await self._etcd.transaction(compare=[t.create(key) == epoch], success=[t.delete(key)], failure=[])
+            return
+        self.workers[p] = worker
+        _log.info("%s: took partition %d (epoch %d)", self.fn, p, epoch)
+
+    async def _release(self, p: int, worker: partition.PartitionWorker) -> None:
+        try:
+            await worker.stop(graceful=True)
+            _log.info("%s: released partition %d", self.fn, p)
+        finally:
+            if self.workers.get(p) is worker:
+                del self.workers[p]
+            self._releasing.discard(p)
+
+    async def stop(self, *, graceful: bool) -> None:
+        await asyncio.gather(*(w.stop(graceful=graceful) for w in self.workers.values()))
+        self.workers.clear()

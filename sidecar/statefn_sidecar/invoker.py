@@ -1,0 +1,82 @@
+"""How the sidecar runs handlers: in its own process (embedded) or in the user container (remote).
+
+Both speak the same batch protocol (``statefn._wire``), so they have the same semantics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import aiohttp
+
+from statefn import _function, _runtime, _wire
+
+
+class InvokerUnavailable(Exception):  # noqa: N818
+    """The function code could not be reached; the batch is retried, nothing is acked."""
+
+
+class Invoker(Protocol):
+    async def describe(self) -> dict[str, dict[str, Any]]: ...
+
+    async def execute(self, request: _wire.BatchRequest) -> _wire.BatchResponse: ...
+
+    async def close(self) -> None: ...
+
+
+class EmbeddedInvoker:
+    """Runs the App's handlers in the sidecar's event loop (``statefn dev``, tests, benchmarks)."""
+
+    def __init__(self, app: _function.App) -> None:
+        self.app = app
+
+    async def describe(self) -> dict[str, dict[str, Any]]:
+        return self.app.describe()
+
+    async def execute(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
+        return await _runtime.execute(self.app, request)
+
+    async def close(self) -> None:
+        return None
+
+
+class RemoteInvoker:
+    """Calls ``statefn serve`` in the user container over localhost HTTP with msgpack bodies."""
+
+    CONTENT_TYPE = "application/x-msgpack"
+
+    def __init__(self, url: str, *, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def describe(self) -> dict[str, dict[str, Any]]:
+        try:
+            async with self._http().get(f"{self.url}/discover") as resp:
+                resp.raise_for_status()
+                data: dict[str, dict[str, Any]] = await resp.json()
+                return data
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise InvokerUnavailable(f"function server at {self.url} unreachable: {exc}") from exc
+
+    async def execute(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
+        body = _wire.encode_request(request)
+        try:
+            async with self._http().post(f"{self.url}/invoke", data=body,
+                                         headers={"Content-Type": self.CONTENT_TYPE}) as resp:
+                if resp.status != 200:
+                    raise InvokerUnavailable(f"function server answered {resp.status}: {await resp.text()}")
+                return _wire.decode_response(await resp.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise InvokerUnavailable(f"function server at {self.url} unreachable: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,59 @@
+"""What a partition works on: invocations from ingress, channels and timers, and their acks.
+
+A NATS message becomes one item (an ingress invocation) or many (a channel bundle); it is
+acked once every item it carried is committed or found to be a duplicate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from statefn import _envelope
+
+
+class Kind(enum.Enum):
+    INGRESS = "ingress"      # from outside, carries an idempotency key
+    CHANNEL = "channel"      # from another partition's commit, deduplicated by channel sequence
+    RETRY = "retry"          # a timer: run the message again (attempt + 1)
+    DELAYED_SEND = "send"    # a timer: put the message on its channel now
+    DEAD = "dead"            # undecodable input: dead-letter it as it is
+    DROP_TIMER = "drop"      # a retry whose invocation turned out to be recorded: delete the timer
+
+
+class Source:
+    """A NATS message and how many of its items are still uncommitted."""
+
+    __slots__ = ("msg", "pending")
+
+    def __init__(self, msg: Msg, pending: int) -> None:
+        self.msg = msg
+        self.pending = pending
+
+
+@dataclasses.dataclass(slots=True)
+class Item:
+    kind: Kind
+    id: str
+    message: _envelope.Message | None = None
+    source: Source | None = None
+    # Channel items: where they came from, for the receiver's dedup watermark.
+    sender: str | None = None
+    bundle_seq: int = 0
+    index: int = 0
+    bundle_size: int = 0
+    # Timer items: the timer to delete in the same commit.
+    timer_key: bytes | None = None
+    # Delayed sends: the target function type.
+    target_function: str | None = None
+    # Dead items: what to put in the dead letter.
+    dead: dict[str, Any] | None = None
+    # Copies of the same ingress invocation in the same batch, answered with its outcome.
+    dups: list[tuple[Msg, str | None]] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> str | None:
+        return self.message.key if self.message else None

@@ -1,0 +1,237 @@
+"""Turns the outcomes of a batch into fenced etcd commits and what to do after each.
+
+Commits cover whole items, in batch order, so splitting a batch under etcd's limits never
+splits one invocation's effects. Writes to the same key within one commit are folded (etcd
+refuses a transaction that writes a key twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+from statefn import _codec, _constants, _envelope, _errors, _naming, _wire
+from statefn_sidecar import commit, items, layout, outbox
+
+DLQ_TARGET = "~dlq"
+# Bundles are split so a NATS message stays well under the default max_payload (1 MiB).
+MAX_BUNDLE_BYTES = 768 * 1024
+
+
+@dataclasses.dataclass(slots=True)
+class Send:
+    target: _naming.PartitionId
+    message: _envelope.Message
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """What one item did; produced by execution, consumed by planning."""
+
+    item: items.Item
+    state: dict[tuple[str, str], bytes | None] = dataclasses.field(default_factory=dict)
+    sends: list[Send] = dataclasses.field(default_factory=list)
+    delayed: list[tuple[int, str, _envelope.Message]] = dataclasses.field(default_factory=list)
+    reply: _envelope.Reply | None = None       # the final reply (and idempotency record)
+    retry_at_ms: int | None = None             # schedule another attempt
+    dead_letter: dict[str, Any] | None = None
+
+    def fail(self, error: _wire.ErrorInfo, dead_letter: dict[str, Any]) -> None:
+        self.state.clear()
+        self.sends.clear()
+        self.delayed.clear()
+        self.retry_at_ms = None
+        self.reply = _envelope.Reply(ok=False, error=error)
+        self.dead_letter = dead_letter
+
+
+@dataclasses.dataclass
+class Effects:
+    """Applied to the owner's caches and the outside world once its commit landed."""
+
+    outcomes: list[Outcome] = dataclasses.field(default_factory=list)
+    state: dict[str, dict[str, bytes | None]] = dataclasses.field(default_factory=dict)
+    chan_in: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+    chan_out: dict[str, int] = dataclasses.field(default_factory=dict)
+    entries: list[outbox.Entry] = dataclasses.field(default_factory=list)
+    timers_added: list[tuple[int, bytes, bytes]] = dataclasses.field(default_factory=list)
+    timers_removed: list[bytes] = dataclasses.field(default_factory=list)
+    idem_records: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    trimmed: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def dead_letter_record(fn: _naming.FunctionType, partition: int, item: items.Item,
+                       error: _wire.ErrorInfo) -> dict[str, Any]:
+    msg = item.message
+    return {
+        "function": str(fn),
+        "partition": partition,
+        "key": msg.key if msg else None,
+        "handler": msg.handler if msg else None,
+        "args": msg.args if msg else None,
+        "attempts": msg.attempt if msg else 0,
+        "origin": msg.origin if msg else None,
+        "idempotency_key": msg.idempotency_key if msg else None,
+        "invocation_id": item.id,
+        "error": {"kind": error.kind, "message": error.message, "type": error.type},
+        "raw": item.dead.get("raw") if item.dead else None,
+        "failed_at": time.time(),
+    }
+
+
+def timer_payload_retry(invocation_id: str, message: _envelope.Message) -> bytes:
+    return _codec.pack(["retry", invocation_id, message.to_plain()])
+
+
+def timer_payload_send(function: str, message: _envelope.Message) -> bytes:
+    return _codec.pack(["send", function, message.to_plain()])
+
+
+class Planner:
+    """Stateless over batches except for the channel counters it reads from the owner."""
+
+    def __init__(self, fn: _naming.FunctionType, keys: layout.PartitionKeys,
+                 chan_out: dict[str, int], idem_lease: int | None) -> None:
+        self.fn = fn
+        self.keys = keys
+        self.pid = _naming.PartitionId(fn, keys.partition)
+        self._chan_out = dict(chan_out)  # working copy: counters advance across this plan's commits
+        self._idem_lease = idem_lease
+
+    def plan(self, outcomes: list[Outcome], trims: dict[str, int]) -> list[tuple[commit.Txn, Effects]]:
+        plans: list[tuple[commit.Txn, Effects]] = []
+        txn, eff = commit.Txn(), Effects()
+        pending_sends: dict[str, list[tuple[Send, bytes]]] = {}
+        for target, upto in trims.items():
+            txn.delete_range(self.keys.outbox(target, 0), self.keys.outbox(target, upto + 1))
+            eff.trimmed[target] = upto
+        for oc in outcomes:
+            ops, size, compares = self._estimate(oc, pending_sends)
+            if eff.outcomes and not txn.fits(ops, size, compares):
+                self._finish(txn, eff, pending_sends)
+                plans.append((txn, eff))
+                txn, eff, pending_sends = commit.Txn(), Effects(), {}
+            if not txn.fits(ops, size, compares):
+                err = _wire.ErrorInfo(
+                    kind=_errors.KIND_STATE_TOO_LARGE,
+                    message=f"the effects of this invocation ({ops} writes, {size} bytes) exceed etcd's "
+                            f"transaction limits ({commit.MAX_OPS} writes, {commit.MAX_BYTES} bytes)",
+                )
+                oc.fail(err, dead_letter_record(self.fn, self.keys.partition, oc.item, err))
+            self._add(txn, eff, oc, pending_sends)
+        if eff.outcomes or eff.trimmed:
+            self._finish(txn, eff, pending_sends)
+            plans.append((txn, eff))
+        return plans
+
+    # ---- internals ----
+    def _estimate(self, oc: Outcome, pending: dict[str, list[tuple[Send, bytes]]]) -> tuple[int, int, int]:
+        ops, size, compares = 1, 256, 0  # the source bookkeeping (watermark / timer / record)
+        for (key, name), value in oc.state.items():
+            ops += 1
+            size += len(key) + len(name) + 64 + (len(value) if value else 0)
+        for s in oc.sends:
+            token = s.target.token
+            if token not in pending:
+                ops += 2
+            size += 256 + len(_codec.pack(s.message.to_plain()))
+        ops += len(oc.delayed) + (1 if oc.retry_at_ms is not None else 0) + (2 if oc.dead_letter else 0)
+        size += 512 * (len(oc.delayed) + (1 if oc.retry_at_ms is not None else 0))
+        if oc.dead_letter:
+            size += len(_codec.pack(oc.dead_letter)) + 256
+        if oc.reply is not None and oc.item.kind in (items.Kind.INGRESS, items.Kind.RETRY) \
+                and oc.item.message and oc.item.message.idempotency_key:
+            compares += 1
+            size += len(oc.reply.value or b"") + 256
+        return ops, size, compares
+
+    def _add(self, txn: commit.Txn, eff: Effects, oc: Outcome,
+             pending: dict[str, list[tuple[Send, bytes]]]) -> None:
+        item = oc.item
+        eff.outcomes.append(oc)
+        # Source bookkeeping: the thing that makes seeing this item again a no-op.
+        if item.kind is items.Kind.CHANNEL:
+            assert item.sender is not None
+            wm = (item.bundle_seq, item.index + 1, item.bundle_size)
+            txn.put(self.keys.chan_in(item.sender), _codec.pack(list(wm)))
+            eff.chan_in[item.sender] = wm
+        if item.timer_key is not None:
+            txn.delete(item.timer_key)
+            eff.timers_removed.append(item.timer_key)
+        idem = item.message.idempotency_key if item.message else None
+        if oc.reply is not None and idem and item.kind in (items.Kind.INGRESS, items.Kind.RETRY):
+            record = oc.reply.encode()
+            ikey = self.keys.idempotency(idem)
+            txn.require_absent(ikey)
+            txn.put(ikey, record, lease=self._idem_lease)
+            eff.idem_records[idem] = record
+        # Effects.
+        for (key, name), value in oc.state.items():
+            skey = self.keys.state(key, name)
+            if value is None:
+                txn.delete(skey)
+            else:
+                txn.put(skey, value)
+            eff.state.setdefault(key, {})[name] = value
+        for s in oc.sends:
+            pending.setdefault(s.target.token, []).append((s, _codec.pack(s.message.to_plain())))
+        for due_ms, function, message in oc.delayed:
+            self._add_timer(txn, eff, due_ms, timer_payload_send(function, message))
+        if oc.retry_at_ms is not None:
+            assert item.message is not None
+            retry = dataclasses.replace(item.message, attempt=item.message.attempt + 1)
+            self._add_timer(txn, eff, oc.retry_at_ms, timer_payload_retry(item.id, retry))
+        if oc.dead_letter is not None:
+            oc.dead_letter["partition"] = self.keys.partition
+            seq = self._next_seq(DLQ_TARGET)
+            entry = outbox.Entry(
+                target=DLQ_TARGET, seq=seq, subject=self.fn.dlq_subject,
+                msg_id=f"dlq:{self.pid.token}:{seq}",
+                headers={_constants.HEADER_KIND: _constants.KIND_DEAD_LETTER,
+                         _constants.HEADER_ORIGIN: self.pid.token},
+                body=_codec.pack(oc.dead_letter),
+            )
+            txn.put(self.keys.outbox(DLQ_TARGET, seq), entry.encode())
+            txn.put(self.keys.chan_out(DLQ_TARGET), _codec.pack(seq))
+            eff.entries.append(entry)
+            eff.chan_out[DLQ_TARGET] = seq
+
+    def _add_timer(self, txn: commit.Txn, eff: Effects, due_ms: int, payload: bytes) -> None:
+        tkey = self.keys.timer(due_ms, uuid.uuid4().hex[:16])
+        txn.put(tkey, payload)
+        eff.timers_added.append((due_ms, tkey, payload))
+
+    def _next_seq(self, target: str) -> int:
+        seq = self._chan_out.get(target, 0) + 1
+        self._chan_out[target] = seq
+        return seq
+
+    def _finish(self, txn: commit.Txn, eff: Effects, pending: dict[str, list[tuple[Send, bytes]]]) -> None:
+        """Pack each target's messages into bundles (one per channel unless too large)."""
+        for token, sends in pending.items():
+            target = sends[0][0].target
+            chunks: list[list[_envelope.Message]] = [[]]
+            size = 0
+            for send, packed in sends:
+                if chunks[-1] and size + len(packed) > MAX_BUNDLE_BYTES:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(send.message)
+                size += len(packed)
+            for chunk in chunks:
+                seq = self._next_seq(token)
+                body = _envelope.encode_bundle(_envelope.Bundle(sender=self.pid.token, seq=seq, messages=chunk))
+                entry = outbox.Entry(
+                    target=token, seq=seq,
+                    subject=target.function.channel_subject(target.partition, self.pid),
+                    msg_id=f"ch:{self.pid.token}>{target.partition}:{seq}",
+                    headers={_constants.HEADER_KIND: _constants.KIND_BUNDLE,
+                             _constants.HEADER_ORIGIN: self.pid.token},
+                    body=body,
+                )
+                txn.put(self.keys.outbox(token, seq), entry.encode())
+                eff.entries.append(entry)
+            txn.put(self.keys.chan_out(token), _codec.pack(self._chan_out[token]))
+            eff.chan_out[token] = self._chan_out[token]

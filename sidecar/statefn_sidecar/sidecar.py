@@ -1,0 +1,193 @@
+"""The sidecar process: connect, provision, hold a lease, balance partitions, serve health.
+
+NATS or etcd being down is a state to wait out, never a crash: the sidecar reconnects with
+backoff, reports not-ready meanwhile, and loses nothing (unacked messages stay in the stream,
+uncommitted work is redone by whoever owns the partition next).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import signal
+from typing import Any
+
+import aetcd
+import nats
+from aiohttp import web
+from nats.aio.client import Client as NatsClient
+
+from statefn import _client, _naming
+from statefn_sidecar import commit, config, execution, faults, host, invoker, topology
+
+_log = logging.getLogger("statefn.sidecar")
+
+
+async def connect_nats(url: str, name: str) -> NatsClient:
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                      connect_timeout=2)
+        except (OSError, nats.errors.Error) as exc:
+            _log.warning("NATS at %s unreachable (%s); retrying in %.1fs", url, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def connect_etcd(endpoint: str) -> aetcd.Client:
+    host_, port = _client.parse_etcd_endpoint(endpoint)
+    client = aetcd.Client(host=host_, port=port, timeout=5)
+    delay = 0.2
+    while True:
+        try:
+            await client.get(b"/statefn")
+            return client
+        except Exception as exc:
+            if not commit.is_transient(exc):
+                raise
+            _log.warning("etcd at %s unreachable (%s); retrying in %.1fs", endpoint, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class Sidecar:
+    def __init__(self, cfg: config.SidecarConfig, runner: invoker.Invoker,
+                 fault_injection: faults.Faults | None = None) -> None:
+        self.cfg = cfg
+        self.invoker = runner
+        self.faults = fault_injection or faults.Faults.from_env()
+        self.hosts: dict[str, host.FunctionHost] = {}
+        self.ready = False
+        self._lease_id: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self._nc: NatsClient | None = None
+        self._etcd: aetcd.Client | None = None
+
+    async def start(self) -> None:
+        self._nc = await connect_nats(self.cfg.nats_url, f"statefn-sidecar-{self.cfg.member_id}")
+        self._etcd = await connect_etcd(self.cfg.etcd_endpoint)
+        js = self._nc.jetstream(timeout=10)
+        router = topology.Router(self._etcd)
+        description = await self.invoker.describe()
+        for name, desc in description.items():
+            fn = _naming.FunctionType.parse(name)
+            count = await topology.provision(js, self._etcd, fn, desc, self.cfg.partitions,
+                                             ack_wait=self.cfg.ack_wait, batch_size=self.cfg.batch_size)
+            router.known(name, count)
+            executor = execution.Executor(fn, count, self.invoker, execution.Policy.from_description(desc),
+                                          router, self.cfg.max_state_bytes)
+            self.hosts[name] = host.FunctionHost(fn=fn, partition_count=count, etcd=self._etcd, nc=self._nc,
+                                                 js=js, executor=executor, cfg=self.cfg, faults=self.faults)
+        await self._register()
+        self._tasks = [asyncio.create_task(self._keepalive(), name="lease keepalive"),
+                       asyncio.create_task(self._balance(), name="balance")]
+        self.ready = True
+        _log.info("sidecar %s serving %s", self.cfg.member_id, ", ".join(self.hosts))
+
+    async def _register(self) -> None:
+        assert self._etcd is not None
+        lease = await self._etcd.lease(self.cfg.lease_ttl)
+        self._lease_id = lease.id
+        for h in self.hosts.values():
+            await self._etcd.put(h.member_key, json.dumps({"member": self.cfg.member_id}).encode(), lease=lease.id)
+
+    async def _keepalive(self) -> None:
+        assert self._etcd is not None
+        while True:
+            await asyncio.sleep(self.cfg.lease_ttl / 3)
+            try:
+                reply = await self._etcd.refresh_lease(self._lease_id)
+                if reply is not None and reply.TTL <= 0:
+                    _log.warning("lease expired: every partition is lost; registering again")
+                    self.ready = False
+                    for h in self.hosts.values():
+                        await h.stop(graceful=False)
+                    await self._register()
+                    self.ready = True
+            except Exception as exc:
+                if not commit.is_transient(exc):
+                    raise
+                _log.warning("lease keepalive failed (%s)", exc)
+
+    async def _balance(self) -> None:
+        while True:
+            try:
+                assert self._lease_id is not None
+                for h in self.hosts.values():
+                    await h.reconcile(self._lease_id)
+            except Exception as exc:
+                if not commit.is_transient(exc):
+                    _log.exception("rebalancing failed")
+                else:
+                    _log.warning("rebalancing postponed: %s", exc)
+            await asyncio.sleep(self.cfg.rebalance_interval)
+
+    async def stop(self) -> None:
+        """Hand every partition back cleanly, then leave (SIGTERM does this)."""
+        self.ready = False
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for h in self.hosts.values():
+            await h.stop(graceful=True)
+        if self._etcd is not None and self._lease_id is not None:
+            try:
+                await self._etcd.revoke_lease(self._lease_id)
+            except Exception as exc:
+                _log.warning("could not revoke the lease (%s); it will expire", exc)
+        await self.invoker.close()
+        if self._nc is not None:
+            await self._nc.drain()
+        if self._etcd is not None:
+            await self._etcd.close()
+        self._stopped.set()
+
+    def status(self) -> dict[str, Any]:
+        stats: collections.Counter[str] = collections.Counter()
+        functions = {}
+        for name, h in self.hosts.items():
+            for w in h.workers.values():
+                stats.update(w.stats)
+            functions[name] = {"partitions": sorted(h.workers), "partition_count": h.partition_count}
+        return {"member": self.cfg.member_id, "ready": self.ready, "functions": functions,
+                "stats": dict(stats), "faults": dict(self.faults.fired)}
+
+    # ---- process entry ----
+    async def serve(self, health_port: int | None = None) -> None:
+        runner = None
+        if health_port is not None:
+            runner = await start_health(self, health_port)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        _log.info("signal received: releasing partitions")
+        await self.stop()
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def start_health(sidecar: Sidecar, port: int) -> web.AppRunner:
+    """/healthz (alive), /readyz (connected and provisioned), /status (partitions, counters)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.json_response({"ready": sidecar.ready}, status=200 if sidecar.ready else 503)
+
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(sidecar.status())
+
+    app = web.Application()
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner

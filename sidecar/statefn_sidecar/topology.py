@@ -1,0 +1,137 @@
+"""Creating a function's stream, its per-partition consumers and its registration, idempotently.
+
+The partition count is fixed when a function is first registered: it decides which partition
+every key lives in, so changing it later would move keys away from their state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import aetcd
+import nats.js.errors
+from nats.js import api
+from nats.js.client import JetStreamContext
+
+from statefn import _constants, _errors, _naming
+
+_log = logging.getLogger("statefn.topology")
+DUPLICATE_WINDOW_S = 120.0
+
+
+class PartitionMismatch(_errors.StatefnError):
+    pass
+
+
+async def ensure_stream(js: JetStreamContext, fn: _naming.FunctionType) -> None:
+    """WorkQueue retention: a message stays until its partition's owner acks it, then it is gone."""
+    cfg = api.StreamConfig(
+        name=fn.stream,
+        subjects=fn.stream_subjects,
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE,
+        allow_direct=True,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        discard=api.DiscardPolicy.NEW,
+    )
+    try:
+        await js.stream_info(fn.stream)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(cfg)
+        _log.info("created stream %s", fn.stream)
+
+
+async def ensure_dlq_stream(js: JetStreamContext) -> None:
+    """Dead letters are kept until replayed or deleted (limits retention, no expiry)."""
+    try:
+        await js.stream_info(_constants.DLQ_STREAM)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(api.StreamConfig(
+            name=_constants.DLQ_STREAM,
+            subjects=[f"{_constants.SUBJECT_ROOT}.*.*.{_constants.DLQ_TOKEN}"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            allow_direct=True,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        ))
+
+
+async def ensure_consumers(js: JetStreamContext, fn: _naming.FunctionType, partitions: int,
+                           *, ack_wait: float, max_ack_pending: int) -> None:
+    for p in range(partitions):
+        name = fn.consumer_name(p)
+        await js.add_consumer(fn.stream, api.ConsumerConfig(
+            name=name,
+            durable_name=name,
+            filter_subject=fn.partition_filter(p),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=ack_wait,
+            max_ack_pending=max_ack_pending,
+            max_deliver=-1,
+        ))
+
+
+async def register(etcd: aetcd.Client, fn: _naming.FunctionType, description: dict[str, Any],
+                   partitions: int | None) -> int:
+    """Publish the function's metadata; returns the partition count in force."""
+    key = fn.meta_key.encode()
+    t = etcd.transactions
+    wanted = partitions or _constants.DEFAULT_PARTITIONS
+    meta = dict(description, partitions=wanted)
+    ok, resp = await etcd.transaction(
+        compare=[t.version(key) == 0],
+        success=[t.put(key, json.dumps(meta).encode())],
+        failure=[t.get(key)],
+    )
+    if ok:
+        _log.info("registered %s with %d partitions", fn, wanted)
+        return wanted
+    existing = json.loads(resp[0][0][0])
+    count = int(existing["partitions"])
+    if partitions is not None and partitions != count:
+        raise PartitionMismatch(
+            f"{fn} was created with {count} partitions; the partition count is fixed at creation "
+            f"(asked for {partitions})"
+        )
+    if {k: v for k, v in existing.items() if k != "partitions"} != description:
+        await etcd.put(key, json.dumps(dict(description, partitions=count)).encode())
+    return count
+
+
+async def provision(js: JetStreamContext, etcd: aetcd.Client, fn: _naming.FunctionType,
+                    description: dict[str, Any], partitions: int | None, *, ack_wait: float,
+                    batch_size: int) -> int:
+    """Stream and consumers first, then the registration that tells clients where to publish."""
+    await ensure_stream(js, fn)
+    await ensure_dlq_stream(js)
+    key = fn.meta_key.encode()
+    existing = await etcd.get(key)
+    count = partitions or _constants.DEFAULT_PARTITIONS
+    if existing is not None:
+        count = int(json.loads(existing.value)["partitions"])
+    await ensure_consumers(js, fn, count, ack_wait=ack_wait, max_ack_pending=max(batch_size * 4, 256))
+    return await register(etcd, fn, description, partitions)
+
+
+class Router:
+    """Partition counts of other functions, read once from their registration."""
+
+    def __init__(self, etcd: aetcd.Client) -> None:
+        self._etcd = etcd
+        self._counts: dict[str, int] = {}
+
+    def known(self, function: str, partitions: int) -> None:
+        self._counts[function] = partitions
+
+    async def partitions(self, function: str) -> int:
+        count = self._counts.get(function)
+        if count is None:
+            fn = _naming.FunctionType.parse(function)
+            got = await self._etcd.get(fn.meta_key.encode())
+            if got is None:
+                raise _errors.UnknownFunction(f"unknown function {function}: no sidecar has registered it")
+            count = self._counts[function] = int(json.loads(got.value)["partitions"])
+        return count

@@ -1,0 +1,31 @@
+"""Shared test helpers: an in-process sidecar with an App built per test."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import statefn
+from statefn_sidecar import config, devservers, invoker, sidecar
+
+
+@contextlib.asynccontextmanager
+async def running_sidecar(
+    app: statefn.App, nats: devservers.NatsServer, etcd: devservers.EtcdServer, **overrides: Any
+) -> AsyncIterator[sidecar.Sidecar]:
+    settings: dict[str, Any] = {"nats_url": nats.url, "etcd_endpoint": etcd.endpoint, "partitions": 4,
+                                "lease_ttl": 3, "fetch_timeout": 0.2, "rebalance_interval": 0.1}
+    settings.update(overrides)
+    sc = sidecar.Sidecar(config.SidecarConfig(**settings), invoker.EmbeddedInvoker(app))
+    await sc.start()
+    try:
+        yield sc
+    finally:
+        await sc.stop()
+
+
+@contextlib.asynccontextmanager
+async def client(nats: devservers.NatsServer, etcd: devservers.EtcdServer, **kw: Any) -> AsyncIterator[statefn.Client]:
+    async with statefn.Client(nats=nats.url, etcd=etcd.endpoint, **kw) as c:
+        yield c
