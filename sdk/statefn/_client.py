@@ -128,6 +128,11 @@ class Client:
     async def _publish(self, subject: str, msg: _envelope.Message, n: int) -> None:
         body, headers = _envelope.encode_invoke(msg)
         headers[_constants.HEADER_MSG_ID] = f"{msg.idempotency_key}:{n}"
+        limit = self.nats.max_payload
+        if len(body) > limit:
+            raise _errors.PayloadTooLarge(
+                f"the request to {subject} is {len(body)} bytes; the NATS server accepts at most {limit} bytes"
+            )
         await self.nats.jetstream().publish(subject, body, headers=headers)
 
     # ---- the API ----

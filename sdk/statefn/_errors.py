@@ -63,6 +63,10 @@ class InvocationFailed(StatefnError):
         self.details = details
 
 
+class PayloadTooLarge(StatefnError, ValueError):
+    """The encoded request is larger than the NATS server accepts (``max_payload``)."""
+
+
 class InvocationTimeout(StatefnError, TimeoutError):
     """No reply arrived in time, even after re-sending with the same idempotency key."""
 

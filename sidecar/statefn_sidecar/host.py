@@ -47,17 +47,17 @@ class FunctionHost:
             compare=[], success=[t.get(mp, layout.prefix_end(mp)), t.get(op, layout.prefix_end(op))], failure=[])
         members = [kv.key[len(mp):].decode() for _, kv in members_kv]
         owners = {int(kv.key[len(op):].decode()): (v.decode(), kv.create_revision) for v, kv in owners_kv}
-        if self._cfg.member_id not in members:
-            return  # not registered (yet, or our lease expired): own nothing
-        wanted = {p for p, m in balance.assign(members, self.partition_count).items() if m == self._cfg.member_id}
-
         for p, worker in list(self.workers.items()):
             owner = owners.get(p)
             if worker.lost.is_set() or owner is None or owner != (self._cfg.member_id, worker.epoch):
                 _log.warning("%s: no longer ours (owner %s); dropping it", worker.pid, owner)
                 del self.workers[p]
                 await worker.stop(graceful=False)
-            elif p not in wanted and p not in self._releasing:
+        if self._cfg.member_id not in members:
+            return  # not registered (yet, or our lease expired): take nothing
+        wanted = {p for p, m in balance.assign(members, self.partition_count).items() if m == self._cfg.member_id}
+        for p, worker in list(self.workers.items()):
+            if p not in wanted and p not in self._releasing:
                 self._releasing.add(p)
                 asyncio.create_task(self._release(p, worker))
         for p in sorted(wanted - set(self.workers) - set(owners)):
@@ -96,5 +96,9 @@ class FunctionHost:
             self._releasing.discard(p)
 
     async def stop(self, *, graceful: bool) -> None:
-        await asyncio.gather(*(w.stop(graceful=graceful) for w in self.workers.values()))
+        if graceful:
+            await asyncio.gather(*(self._release(p, w) for p, w in list(self.workers.items())
+                                   if p not in self._releasing))
+        else:
+            await asyncio.gather(*(w.stop(graceful=False) for w in self.workers.values()))
         self.workers.clear()

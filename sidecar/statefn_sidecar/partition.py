@@ -159,10 +159,10 @@ class PartitionWorker:
                 msgs: list[Msg] = []
                 try:
                     msgs = await self._psub.fetch(self._cfg.batch_size, timeout=timeout)
-                except nats.errors.TimeoutError:
-                    pass
+                except (nats.errors.TimeoutError, TimeoutError):
+                    pass  # nothing to do within the fetch timeout
                 except (nats.errors.Error, OSError) as exc:
-                    _log.warning("%s: fetch failed (%s); retrying", self.pid, exc)
+                    _log.warning("%s: fetch failed (%s: %s); retrying", self.pid, type(exc).__name__, exc)
                     await asyncio.sleep(0.5)
                     continue
                 batch = await self._decode(msgs) + self._due_timers()

@@ -81,6 +81,16 @@ def dead_letter_record(fn: _naming.FunctionType, partition: int, item: items.Ite
     }
 
 
+def _bundle_cost(pending: dict[str, list[tuple[Send, bytes]]]) -> tuple[int, int]:
+    """Writes the commit owes for bundles it will build at the end: the entries and the counters."""
+    ops = size = 0
+    for sends in pending.values():
+        body = sum(len(packed) for _, packed in sends)
+        ops += 1 + max(1, -(-body // MAX_BUNDLE_BYTES))
+        size += body + 512
+    return ops, size
+
+
 def timer_payload_retry(invocation_id: str, message: _envelope.Message) -> bytes:
     return _codec.pack(["retry", invocation_id, message.to_plain()])
 
@@ -109,11 +119,13 @@ class Planner:
             eff.trimmed[target] = upto
         for oc in outcomes:
             ops, size, compares = self._estimate(oc, pending_sends)
+            reserved_ops, reserved_bytes = _bundle_cost(pending_sends)
+            ops, size = ops + reserved_ops, size + reserved_bytes
             if eff.outcomes and not txn.fits(ops, size, compares):
                 self._finish(txn, eff, pending_sends)
                 plans.append((txn, eff))
                 txn, eff, pending_sends = commit.Txn(), Effects(), {}
-            if not txn.fits(ops, size, compares):
+            if not txn.fits(ops - reserved_ops, size - reserved_bytes, compares):
                 err = _wire.ErrorInfo(
                     kind=_errors.KIND_STATE_TOO_LARGE,
                     message=f"the effects of this invocation ({ops} writes, {size} bytes) exceed etcd's "
@@ -128,7 +140,7 @@ class Planner:
 
     # ---- internals ----
     def _estimate(self, oc: Outcome, pending: dict[str, list[tuple[Send, bytes]]]) -> tuple[int, int, int]:
-        ops, size, compares = 1, 256, 0  # the source bookkeeping (watermark / timer / record)
+        ops, size, compares = 2, 256, 0  # the source bookkeeping (watermark / timer / record)
         for (key, name), value in oc.state.items():
             ops += 1
             size += len(key) + len(name) + 64 + (len(value) if value else 0)

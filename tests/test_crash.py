@@ -1,0 +1,212 @@
+"""Exactly-once through kill -9, zombies (SIGSTOP past the lease) and rebalancing.
+
+Each test runs its own nats-server and etcd (it restarts them) and real sidecar processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import nats.errors
+import pytest
+
+import statefn
+from statefn_sidecar import devservers
+from tests import procs
+
+pytestmark = pytest.mark.crash
+APP = "tests.apps.ordered:app"
+_log = logging.getLogger("test.crash")
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[devservers.NatsServer, devservers.EtcdServer]]:
+    nats_s, etcd_s = devservers.NatsServer(), devservers.EtcdServer()
+    nats_s.start()
+    etcd_s.start()
+    yield nats_s, etcd_s
+    nats_s.cleanup()
+    etcd_s.cleanup()
+
+
+@contextlib.contextmanager
+def sidecars(n: int, namespace: str, servers: tuple[devservers.NatsServer, devservers.EtcdServer],
+             **settings: object) -> Iterator[list[procs.SidecarProcess]]:
+    group = [procs.SidecarProcess(APP, namespace, *servers, **settings).start() for _ in range(n)]
+    try:
+        for s in group:
+            s.wait_ready()
+        yield group
+    finally:
+        for s in group:
+            s.cleanup()
+
+
+async def invoke_until_answered(c: statefn.Client, fn: str, key: str, idem: str, **args: object) -> object:
+    """What a careful caller does: re-send with the same idempotency key until answered."""
+    while True:
+        try:
+            return await c.invoke(fn, key, "increment", idempotency_key=idem, **args)
+        except (statefn.InvocationTimeout, nats.errors.Error, OSError, TimeoutError) as exc:
+            _log.info("retrying %s after %s", idem, type(exc).__name__)
+            await asyncio.sleep(0.2)
+
+
+async def run_load(jobs: list[Callable[[], Awaitable[object]]], concurrency: int) -> None:
+    queue: asyncio.Queue[Callable[[], Awaitable[object]]] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+
+    async def worker() -> None:
+        while not queue.empty():
+            await queue.get_nowait()()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+@contextlib.asynccontextmanager
+async def client(servers: tuple[devservers.NatsServer, devservers.EtcdServer]) -> AsyncIterator[statefn.Client]:
+    async with statefn.Client(nats=servers[0].url, etcd=servers[1].endpoint, retry_interval=3.0, timeout=20) as c:
+        yield c
+
+
+async def counts(c: statefn.Client, fn: str, keys: list[str]) -> dict[str, int]:
+    out = {}
+    for k in keys:
+        out[k] = (await c.get_state(fn, k)).get("count", 0)
+    return out
+
+
+async def test_exactly_once_under_crashes(servers, namespace) -> None:
+    fn = f"{namespace}/counter"
+    keys = [f"k{i}" for i in range(500)]
+    plan = [(keys[i % len(keys)], f"inc-{i}") for i in range(20_000)]
+    random.Random(1).shuffle(plan)
+    expected = collections.Counter(k for k, _ in plan)
+    nats_s, etcd_s = servers
+    with sidecars(3, namespace, servers) as group:
+        async with client(servers) as c:
+            done = asyncio.Event()
+            faults = collections.Counter()
+
+            async def chaos() -> None:
+                rng = random.Random(7)
+                start = time.monotonic()
+                restarted = set()
+                while not done.is_set():
+                    await asyncio.sleep(2.0)
+                    if done.is_set():
+                        break
+                    victim = rng.choice(group)
+                    await asyncio.to_thread(victim.kill)
+                    victim.start()
+                    faults["sidecar_kill9"] += 1
+                    elapsed = time.monotonic() - start
+                    if elapsed > 5 and "nats" not in restarted:
+                        await asyncio.to_thread(nats_s.restart)
+                        restarted.add("nats")
+                        faults["nats_restart"] += 1
+                    elif elapsed > 10 and "etcd" not in restarted:
+                        await asyncio.to_thread(etcd_s.restart)
+                        restarted.add("etcd")
+                        faults["etcd_restart"] += 1
+
+            chaos_task = asyncio.create_task(chaos())
+            t0 = time.monotonic()
+            await run_load([lambda k=k, i=i: invoke_until_answered(c, fn, k, i) for k, i in plan], concurrency=64)
+            elapsed = time.monotonic() - t0
+            done.set()
+            await chaos_task
+            got = await counts(c, fn, keys)
+    _log.warning("20,000 increments in %.1fs under %s", elapsed, dict(faults))
+    assert faults["sidecar_kill9"] >= 3 and faults["nats_restart"] == 1 and faults["etcd_restart"] == 1
+    wrong = {k: (got[k], expected[k]) for k in keys if got[k] != expected[k]}
+    assert wrong == {}, f"{len(wrong)} counters differ (got, expected): {dict(list(wrong.items())[:10])}"
+
+
+async def test_zombie_is_fenced(servers, namespace) -> None:
+    fn = f"{namespace}/counter"
+    keys = [f"z{i}" for i in range(50)]
+    plan = [(keys[i % len(keys)], f"z-{i}") for i in range(3_000)]
+    expected = collections.Counter(k for k, _ in plan)
+    with sidecars(2, namespace, servers) as (zombie, survivor):
+        async with client(servers) as c:
+            for _ in range(100):
+                if len(zombie.partitions()) == 4 and len(survivor.partitions()) == 4:
+                    break
+                await asyncio.sleep(0.1)
+            held = zombie.partitions()
+            assert len(held) == 4
+            load = asyncio.create_task(
+                run_load([lambda k=k, i=i: invoke_until_answered(c, fn, k, i) for k, i in plan], concurrency=32))
+            await asyncio.sleep(1.0)
+            zombie.pause()
+            # Past the lease TTL (2 s): the survivor takes the zombie's partitions.
+            deadline = time.monotonic() + 20
+            while sorted(survivor.partitions()) != list(range(8)):
+                assert time.monotonic() < deadline, survivor.partitions()
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)
+            zombie.resume()
+            await load
+            got = await counts(c, fn, keys)
+            # The zombie learns it lost its partitions (a refused commit, its dead lease, or the
+            # owner keys), drops them, registers again and may be given partitions anew.
+            deadline = time.monotonic() + 10
+            while "dropping it" not in zombie.log_text() and "partition lost" not in zombie.log_text():
+                assert time.monotonic() < deadline, zombie.log_text()[-3000:]
+                await asyncio.sleep(0.1)
+    assert got == dict(expected)
+
+
+async def test_rebalancing_keeps_order_and_counts(servers, namespace) -> None:
+    fn = f"{namespace}/counter"
+    keys = [f"r{i}" for i in range(40)]
+    per_key = 60
+    with sidecars(1, namespace, servers) as (first,):
+        async with client(servers) as c:
+            assert sorted(first.partitions()) == list(range(8))
+
+            async def send_key(k: str) -> None:
+                for seq in range(1, per_key + 1):
+                    await c.send(fn, k, "ordered", idempotency_key=f"{k}-{seq}", seq=seq)
+                    await asyncio.sleep(0.01)
+
+            load = asyncio.create_task(run_load([lambda k=k: send_key(k) for k in keys], concurrency=len(keys)))
+            await asyncio.sleep(0.5)
+            others = [procs.SidecarProcess(APP, namespace, *servers).start() for _ in range(2)]
+            try:
+                for o in others:
+                    o.wait_ready()
+                deadline = time.monotonic() + 30
+                spread: list[int] = []
+                while not (sum(spread) == 8 and max(spread) <= 3):
+                    assert time.monotonic() < deadline, f"partitions did not spread: {spread}"
+                    await asyncio.sleep(0.2)
+                    spread = [len(first.partitions())] + [len(o.partitions()) for o in others]
+                await asyncio.sleep(1.0)
+                for o in others:
+                    assert await asyncio.to_thread(o.terminate) == 0
+                assert "released partition" in others[0].log_text()
+            finally:
+                for o in others:
+                    o.cleanup()
+            await load
+            deadline = time.monotonic() + 30
+            while sorted(first.partitions()) != list(range(8)):
+                assert time.monotonic() < deadline, first.partitions()
+                await asyncio.sleep(0.2)
+            states = {}
+            for _ in range(100):
+                states = {k: await c.get_state(fn, k) for k in keys}
+                if all(s.get("count") == per_key for s in states.values()):
+                    break
+                await asyncio.sleep(0.2)
+    assert {k: s.get("count") for k, s in states.items()} == dict.fromkeys(keys, per_key)
+    assert {k: s.get("violations", []) for k, s in states.items()} == {k: [] for k in keys}
