@@ -224,7 +224,7 @@ async def test_send_to_unknown_function_fails_the_invocation(env) -> None:
 
 
 async def test_undecodable_payload_is_dead_lettered(env, nats_server) -> None:
-    c, fn, _, sc = env
+    c, fn, _, _ = env
     meta = await c.describe(fn)
     ftype = statefn._naming.FunctionType.parse(fn)
     subject = ftype.ingress_subject(0)

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import statefn
 from statefn import Context, StatefulFunction
-
 from tests import helpers
 
 

@@ -185,7 +185,7 @@ class Client:
                     )
                 try:
                     await self._publish(subject, msg, n)
-                except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as exc:
+                except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                     _log.info("publish of %s failed (%s); retrying", idem, exc)
                     await asyncio.sleep(min(0.5, max(remaining, 0)))
                     n += 1

@@ -6,11 +6,11 @@ models, lists and dicts of them round-trip; the msgpack layer only ever sees pla
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Generic, TypeVar
 
 import msgpack
 import pydantic
+import pydantic_core
 
 from statefn import _errors
 
@@ -32,9 +32,15 @@ def unpack(data: bytes) -> Any:
         raise _errors.CodecError(f"undecodable msgpack payload: {exc}") from exc
 
 
-@functools.cache
+_ADAPTERS: dict[Any, pydantic.TypeAdapter[Any]] = {}
+
+
 def _adapter(tp: Any) -> pydantic.TypeAdapter[Any]:
-    return pydantic.TypeAdapter(tp)
+    """TypeAdapters are costly to build and types are few: keep one per type."""
+    adapter = _ADAPTERS.get(tp)
+    if adapter is None:
+        adapter = _ADAPTERS[tp] = pydantic.TypeAdapter(tp)
+    return adapter
 
 
 def to_plain(value: Any) -> Any:
@@ -62,7 +68,7 @@ class Codec(Generic[T]):
     def encode(self, value: T) -> bytes:
         try:
             plain = self._adapter.dump_python(value, mode="python")
-        except pydantic.PydanticSerializationError as exc:
+        except pydantic_core.PydanticSerializationError as exc:
             raise _errors.CodecError(f"cannot encode {value!r} as {self.type!r}: {exc}") from exc
         return pack(plain)
 

@@ -22,7 +22,7 @@ class DefinitionError(StatefnError, TypeError):
     """A function, handler or state spec is declared wrongly (caught at import time)."""
 
 
-class Retry(StatefnError):  # noqa: N818 - the name users write: ``raise statefn.Retry(...)``
+class Retry(StatefnError):
     """Raise from a handler to have the invocation retried with backoff.
 
     State changes of the failed attempt are dropped. After the function's ``max_attempts`` the

@@ -48,7 +48,7 @@ def _args_model(function: str, name: str, fn: HandlerFn) -> tuple[type[pydantic.
         annotation = Any if p.annotation is inspect.Parameter.empty else p.annotation
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (annotation, default)
-    model = pydantic.create_model(  # type: ignore[call-overload]
+    model = pydantic.create_model(
         f"{function.replace('/', '_').replace('-', '_')}__{name}__args",
         __config__=pydantic.ConfigDict(extra="forbid"),
         **fields,
@@ -96,7 +96,7 @@ class StatefulFunction:
     @overload
     def handler(self, fn: F, /) -> F: ...
     @overload
-    def handler(self, *, name: str | None = None) -> Callable[[F], F]: ...
+    def handler(self, fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
 
     def handler(self, fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
         """Register a handler; usable bare (``@fn.handler``) or with a name (``@fn.handler(name=...)``)."""

@@ -45,7 +45,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, aetcd.exceptions.ClientError | grpc.RpcError | TimeoutError | ConnectionError)
 
 
-class Fenced(Exception):  # noqa: N818 - it is an outcome, not a bug
+class Fenced(Exception):
     """The partition is owned by someone else now: stop, drop caches, ack nothing."""
 
 

@@ -34,6 +34,7 @@ class FunctionHost:
         self._faults = faults
         self.workers: dict[int, partition.PartitionWorker] = {}
         self._releasing: set[int] = set()
+        self._release_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def member_key(self) -> bytes:
@@ -59,7 +60,9 @@ class FunctionHost:
         for p, worker in list(self.workers.items()):
             if p not in wanted and p not in self._releasing:
                 self._releasing.add(p)
-                asyncio.create_task(self._release(p, worker))
+                task = asyncio.create_task(self._release(p, worker))
+                self._release_tasks.add(task)
+                task.add_done_callback(self._release_tasks.discard)
         for p in sorted(wanted - set(self.workers) - set(owners)):
             await self._acquire(p, lease_id)
 

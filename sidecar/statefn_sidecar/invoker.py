@@ -5,7 +5,6 @@ Both speak the same batch protocol (``statefn._wire``), so they have the same se
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Protocol
 
 import aiohttp
@@ -13,7 +12,7 @@ import aiohttp
 from statefn import _function, _runtime, _wire
 
 
-class InvokerUnavailable(Exception):  # noqa: N818
+class InvokerUnavailable(Exception):
     """The function code could not be reached; the batch is retried, nothing is acked."""
 
 
@@ -62,7 +61,7 @@ class RemoteInvoker:
                 resp.raise_for_status()
                 data: dict[str, dict[str, Any]] = await resp.json()
                 return data
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise InvokerUnavailable(f"function server at {self.url} unreachable: {exc}") from exc
 
     async def execute(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
@@ -73,7 +72,7 @@ class RemoteInvoker:
                 if resp.status != 200:
                     raise InvokerUnavailable(f"function server answered {resp.status}: {await resp.text()}")
                 return _wire.decode_response(await resp.read())
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise InvokerUnavailable(f"function server at {self.url} unreachable: {exc}") from exc
 
     async def close(self) -> None:

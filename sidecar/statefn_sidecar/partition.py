@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import heapq
 import logging
 import time
@@ -144,10 +145,8 @@ class PartitionWorker:
         for pub in self._publishers.values():
             await pub.close()
         if self._psub is not None:
-            try:
+            with contextlib.suppress(nats.errors.Error):
                 await self._psub.unsubscribe()
-            except nats.errors.Error:
-                pass
 
     # ---- the loop ----
     async def _run(self) -> None:
