@@ -210,3 +210,26 @@ async def test_rebalancing_keeps_order_and_counts(servers, namespace) -> None:
                 await asyncio.sleep(0.2)
     assert {k: s.get("count") for k, s in states.items()} == dict.fromkeys(keys, per_key)
     assert {k: s.get("violations", []) for k, s in states.items()} == {k: [] for k in keys}
+
+
+async def test_not_ready_while_etcd_or_nats_is_down_and_nothing_lost(servers, namespace) -> None:
+    fn = f"{namespace}/counter"
+    nats_s, etcd_s = servers
+    with sidecars(1, namespace, servers) as (sc,):
+        async with client(servers) as c:
+            assert await invoke_until_answered(c, fn, "k", "before") == 1
+            etcd_s.stop()
+            deadline = time.monotonic() + 15
+            while sc.status()["ready"]:
+                assert time.monotonic() < deadline, "still ready with etcd down"
+                await asyncio.sleep(0.2)
+            # Sent while etcd is down: stored by JetStream, committed once etcd is back.
+            await c.send(fn, "k", "increment", idempotency_key="during-etcd-outage")
+            etcd_s.start()
+            nats_s.restart()
+            assert await invoke_until_answered(c, fn, "k", "after") == 3
+            deadline = time.monotonic() + 15
+            while not sc.status()["ready"]:
+                assert time.monotonic() < deadline, "not ready again after the outage"
+                await asyncio.sleep(0.2)
+            assert (await c.get_state(fn, "k"))["count"] == 3

@@ -60,7 +60,8 @@ class Sidecar:
         self.invoker = runner
         self.faults = fault_injection or faults.Faults.from_env()
         self.hosts: dict[str, host.FunctionHost] = {}
-        self.ready = False
+        self._started = False
+        self._etcd_ok = False
         self._lease_id: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -85,8 +86,14 @@ class Sidecar:
         await self._register()
         self._tasks = [asyncio.create_task(self._keepalive(), name="lease keepalive"),
                        asyncio.create_task(self._balance(), name="balance")]
-        self.ready = True
+        self._started = True
+        self._etcd_ok = True
         _log.info("sidecar %s serving %s", self.cfg.member_id, ", ".join(self.hosts))
+
+    @property
+    def ready(self) -> bool:
+        """Serving: started, connected to NATS, and etcd answered the last lease keepalive."""
+        return self._started and self._etcd_ok and self._nc is not None and self._nc.is_connected
 
     async def _register(self) -> None:
         assert self._etcd is not None
@@ -101,17 +108,19 @@ class Sidecar:
             await asyncio.sleep(self.cfg.lease_ttl / 3)
             try:
                 reply = await self._etcd.refresh_lease(self._lease_id)
+                self._etcd_ok = True
                 if reply is not None and reply.TTL <= 0:
                     _log.warning("lease expired: every partition is lost; registering again")
-                    self.ready = False
+                    self._started = False
                     for h in self.hosts.values():
                         await h.stop(graceful=False)
                     await self._register()
-                    self.ready = True
+                    self._started = True
             except Exception as exc:
                 if not commit.is_transient(exc):
                     raise
-                _log.warning("lease keepalive failed (%s)", exc)
+                self._etcd_ok = False
+                _log.warning("lease keepalive failed (%s); not ready until etcd answers", exc)
 
     async def _balance(self) -> None:
         while True:
@@ -128,7 +137,7 @@ class Sidecar:
 
     async def stop(self) -> None:
         """Hand every partition back cleanly, then leave (SIGTERM does this)."""
-        self.ready = False
+        self._started = False
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
