@@ -54,6 +54,11 @@ class FunctionHost:
                 _log.warning("%s: no longer ours (owner %s); dropping it", worker.pid, owner)
                 del self.workers[p]
                 await worker.stop(graceful=False)
+                if owner == (self._cfg.member_id, worker.epoch):
+                    # Our loop failed but we still hold the key: free it so the partition is
+                    # taken again (by us or another sidecar) instead of staying stuck.
+                    await self._etcd.transaction(compare=[t.create(self.fn.owner_key(p).encode()) == worker.epoch],
+                                                 success=[t.delete(self.fn.owner_key(p).encode())], failure=[])
         if self._cfg.member_id not in members:
             return  # not registered (yet, or our lease expired): take nothing
         wanted = {p for p, m in balance.assign(members, self.partition_count).items() if m == self._cfg.member_id}

@@ -27,6 +27,7 @@ from statefn_sidecar import commit, config, execution, faults, items, layout, ou
 _log = logging.getLogger("statefn.partition")
 _RECENT_IDEM = 20_000
 _IDEM_LEASE_BUCKET_S = 600
+_STOP_GRACE_S = 10.0
 
 
 class Router(Protocol):
@@ -124,7 +125,15 @@ class PartitionWorker:
             if not graceful:
                 self._task.cancel()
             try:
-                await self._task
+                # A batch stuck on an unreachable function server or etcd must not block a
+                # shutdown: past the grace period it is abandoned (nothing acked, redelivered).
+                await asyncio.wait_for(asyncio.shield(self._task), _STOP_GRACE_S)
+            except TimeoutError:
+                _log.warning("%s: batch still running after %ss; abandoning it", self.pid, _STOP_GRACE_S)
+                graceful = False
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             except (asyncio.CancelledError, commit.Fenced):
                 pass
             except Exception:
@@ -133,11 +142,12 @@ class PartitionWorker:
             for pub in self._publishers.values():
                 await pub.drain(timeout=5.0)
             try:
-                if self._pending_trims():
-                    await self._commit_plans(self._planner().plan([], self._pending_trims()))
-                await self._etcd.transaction(
-                    compare=[self._etcd.transactions.create(self.keys.owner) == self.epoch],
-                    success=[self._etcd.transactions.delete(self.keys.owner)], failure=[])
+                async with asyncio.timeout(_STOP_GRACE_S):
+                    if self._pending_trims():
+                        await self._commit_plans(self._planner().plan([], self._pending_trims()))
+                    await self._etcd.transaction(
+                        compare=[self._etcd.transactions.create(self.keys.owner) == self.epoch],
+                        success=[self._etcd.transactions.delete(self.keys.owner)], failure=[])
             except commit.Fenced:
                 pass
             except Exception as exc:
