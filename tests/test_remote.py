@@ -1,0 +1,115 @@
+"""Remote (pod) mode: the sidecar calls ``statefn serve`` over HTTP; same semantics as embedded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import statefn
+from statefn import _serve
+from statefn_sidecar import config, devservers, invoker, sidecar
+from tests import helpers, test_semantics
+
+
+@contextlib.asynccontextmanager
+async def function_server(app: statefn.App, port: int) -> AsyncIterator[web.AppRunner]:
+    runner = web.AppRunner(_serve.build_app(app), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield runner
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def remote_sidecar(url: str, nats: Any, etcd: Any, app: statefn.App) -> AsyncIterator[sidecar.Sidecar]:
+    cfg = config.SidecarConfig(nats_url=nats.url, etcd_endpoint=etcd.endpoint, partitions=4, lease_ttl=3,
+                               fetch_timeout=0.2, rebalance_interval=0.1, max_state_bytes=1024)
+    sc = sidecar.Sidecar(cfg, invoker.RemoteInvoker(url))
+    await sc.start()
+    try:
+        yield sc
+    finally:
+        await sc.stop()
+
+
+async def test_remote_mode_same_semantics(nats_server, etcd_server, namespace) -> None:
+    app, calls = test_semantics.make_app(namespace)
+    fn = f"{namespace}/account"
+    port = devservers.free_port()
+    async with function_server(app, port), \
+            remote_sidecar(f"http://127.0.0.1:{port}", nats_server, etcd_server, app), \
+            helpers.client(nats_server, etcd_server, retry_interval=2.0, timeout=20) as c:
+        assert await c.invoke(fn, "a", "deposit", amount=5) == 5
+        assert await c.invoke(fn, "a", "transfer", to="b", amount=2) == 3
+        assert await c.invoke(fn, "a", "flaky", fail_times=1) == 4
+        with pytest.raises(statefn.InvocationFailed) as err:
+            await c.invoke(fn, "a", "boom")
+        assert (err.value.kind, err.value.message) == ("handler_error", "the handler broke")
+        with pytest.raises(statefn.InvocationFailed) as err:
+            await c.invoke(fn, "a", "nope")
+        assert err.value.kind == "unknown_handler"
+        with pytest.raises(statefn.InvocationFailed) as err:
+            await c.invoke(fn, "a", "grow", size=5000)
+        assert err.value.kind == "state_too_large"
+        for _ in range(50):
+            if (await c.get_state(fn, "b")).get("balance") == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert await c.get_state(fn, "a") == {"balance": 4, "history": [5]}
+        assert await c.get_state(fn, "b") == {"balance": 2, "history": [2]}
+        assert calls == {"flaky": 2, "boom": 1}
+
+
+async def test_function_server_down_loses_nothing(nats_server, etcd_server, namespace) -> None:
+    app, _ = test_semantics.make_app(namespace)
+    fn = f"{namespace}/account"
+    port = devservers.free_port()
+    async with function_server(app, port) as runner, \
+            remote_sidecar(f"http://127.0.0.1:{port}", nats_server, etcd_server, app), \
+            helpers.client(nats_server, etcd_server, retry_interval=2.0, timeout=30) as c:
+        assert await c.invoke(fn, "k", "deposit", amount=1) == 1
+        await runner.cleanup()  # the user container goes away
+        pending = asyncio.create_task(c.invoke(fn, "k", "deposit", amount=2))
+        await asyncio.sleep(1.5)
+        assert not pending.done()
+        async with function_server(app, port):
+            assert await pending == 3
+            assert (await c.get_state(fn, "k"))["balance"] == 3
+
+
+async def test_malformed_batch_is_a_400() -> None:
+    app, _ = test_semantics.make_app("malformed")
+    port = devservers.free_port()
+    async with function_server(app, port), aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{port}/invoke", data=b"\x01\x02") as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"].startswith("malformed batch request: ")
+        async with http.get(f"http://127.0.0.1:{port}/discover") as resp:
+            assert sorted((await resp.json())["malformed/account"]["handlers"])[:3] == ["boom", "deposit", "flaky"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("examples.counter.app", "expected MODULE:ATTRIBUTE (e.g. examples.counter.app:app), got 'examples.counter.app'"),
+        ("examples.nosuch:app", "module 'examples.nosuch' not found (No module named 'examples.nosuch')"),
+        ("examples.counter.app:nope", "module 'examples.counter.app' has no attribute 'nope'"),
+        ("examples.counter.app:counter", "examples.counter.app:counter is a StatefulFunction, not a statefn.App"),
+    ],
+)
+def test_load_app_errors(spec: str, message: str) -> None:
+    with pytest.raises(statefn.DefinitionError) as err:
+        _serve.load_app(spec)
+    assert str(err.value) == message
+
+
+def test_load_app() -> None:
+    assert sorted(_serve.load_app("examples.counter.app:app").functions) == ["bank/account", "demo/counter"]
