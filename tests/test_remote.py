@@ -99,7 +99,8 @@ async def test_malformed_batch_is_a_400() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("examples.counter.app", "expected MODULE:ATTRIBUTE (e.g. examples.counter.app:app), got 'examples.counter.app'"),
+        ("examples.counter.app",
+         "expected MODULE:ATTRIBUTE (e.g. examples.counter.app:app), got 'examples.counter.app'"),
         ("examples.nosuch:app", "module 'examples.nosuch' not found (No module named 'examples.nosuch')"),
         ("examples.counter.app:nope", "module 'examples.counter.app' has no attribute 'nope'"),
         ("examples.counter.app:counter", "examples.counter.app:counter is a StatefulFunction, not a statefn.App"),

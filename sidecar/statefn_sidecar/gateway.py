@@ -1,0 +1,247 @@
+"""The HTTP gateway: invoke functions and read state from outside the platform.
+
+Requests are checked against the function's published metadata before anything is enqueued
+(unknown function or handler: 404; arguments that do not match the handler's JSON schema:
+400 naming the field), so a bad request never becomes a dead letter. Each request gets an
+idempotency key (the caller's ``Idempotency-Key`` or a fresh one) that the client reuses on
+its own re-sends, so a retried request returns the original reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import time
+import uuid
+from typing import Any
+
+import jsonschema
+from aiohttp import web
+
+import statefn
+from statefn import _codec, _errors, _naming
+
+_META_TTL_S = 5.0
+_STATUS_BY_KIND = {
+    _errors.KIND_INVALID_ARGUMENT: 400,
+    _errors.KIND_UNDECODABLE: 400,
+    _errors.KIND_UNKNOWN_HANDLER: 404,
+    _errors.KIND_UNKNOWN_FUNCTION: 404,
+    _errors.KIND_STATE_TOO_LARGE: 413,
+    _errors.KIND_HANDLER: 500,
+    _errors.KIND_RETRIES_EXHAUSTED: 500,
+}
+CLIENT_KEY: web.AppKey[statefn.Client] = web.AppKey("client", statefn.Client)
+META_KEY: web.AppKey[dict[str, tuple[float, dict[str, Any]]]] = web.AppKey("meta", dict)
+
+
+def _jsonable(value: Any) -> Any:
+    """msgpack values may hold bytes; JSON carries them as base64 strings."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response({"error": {"kind": kind, "message": message}}, status=status)
+
+
+async def _functions(request: web.Request) -> list[dict[str, Any]]:
+    return sorted(await request.app[CLIENT_KEY].list_functions(), key=lambda m: str(m["type"]))
+
+
+async def _meta(request: web.Request, function: str) -> dict[str, Any] | web.Response:
+    """The function's metadata, cached briefly and refreshed on a miss."""
+    cache = request.app[META_KEY]
+    hit = cache.get(function)
+    if hit is not None and time.monotonic() - hit[0] < _META_TTL_S:
+        return hit[1]
+    try:
+        meta = await request.app[CLIENT_KEY].describe(function, refresh=True)
+    except _errors.UnknownFunction:
+        known = ", ".join(str(m["type"]) for m in await _functions(request)) or "none"
+        return _error(404, _errors.KIND_UNKNOWN_FUNCTION, f"unknown function {function}; known functions: {known}")
+    cache[function] = (time.monotonic(), meta)
+    return meta
+
+
+def _function_type(request: web.Request) -> str | web.Response:
+    text = f"{request.match_info['namespace']}/{request.match_info['name']}"
+    try:
+        _naming.FunctionType.parse(text)
+    except _errors.InvalidFunctionType as exc:
+        return _error(404, _errors.KIND_UNKNOWN_FUNCTION, str(exc))
+    return text
+
+
+def _schema_errors(schema: dict[str, Any], args: dict[str, Any]) -> str | None:
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(args), key=lambda e: list(e.path))
+    if not errors:
+        return None
+    parts = []
+    for e in errors:
+        field = ".".join(str(p) for p in e.path)
+        parts.append(f"{field}: {e.message}" if field else e.message)
+    return "; ".join(parts)
+
+
+async def invoke(request: web.Request) -> web.Response:
+    function = _function_type(request)
+    if isinstance(function, web.Response):
+        return function
+    meta = await _meta(request, function)
+    if isinstance(meta, web.Response):
+        return meta
+    handler, key = request.match_info["handler"], request.match_info["key"]
+    handlers = meta.get("handlers", {})
+    if handler not in handlers:
+        return _error(404, _errors.KIND_UNKNOWN_HANDLER,
+                      f"{function} has no handler {handler!r}; known handlers: {', '.join(sorted(handlers))}")
+    raw = await request.read()
+    try:
+        args = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        return _error(400, _errors.KIND_INVALID_ARGUMENT, f"the body is not JSON: {exc}")
+    if not isinstance(args, dict):
+        return _error(400, _errors.KIND_INVALID_ARGUMENT,
+                      f"the body must be a JSON object of {handler}'s arguments, not {type(args).__name__}")
+    problem = _schema_errors(handlers[handler]["parameters"], args)
+    if problem:
+        return _error(400, _errors.KIND_INVALID_ARGUMENT, f"{function}.{handler}: {problem}")
+    client = request.app[CLIENT_KEY]
+    idem = request.headers.get("Idempotency-Key") or uuid.uuid4().hex
+    traceparent = request.headers.get("traceparent")
+    try:
+        if request.query.get("async", "").lower() in ("1", "true", "yes"):
+            await client.send(function, key, handler, idempotency_key=idem, traceparent=traceparent, **args)
+            return web.json_response({"invocation_id": idem}, status=202)
+        reply = await client.invoke_raw(function, key, handler, args=args, idempotency_key=idem,
+                                        traceparent=traceparent)
+    except _errors.PayloadTooLarge as exc:
+        return _error(413, "payload_too_large", str(exc))
+    except _errors.InvocationTimeout as exc:
+        return _error(504, "timeout", str(exc))
+    if not reply.ok:
+        assert reply.error is not None
+        return _error(_STATUS_BY_KIND.get(reply.error.kind, 500), reply.error.kind, reply.error.message)
+    value = None if reply.value is None else _codec.unpack(reply.value)
+    return web.json_response({"result": _jsonable(value)}, headers={"Idempotency-Key": idem})
+
+
+async def get_state(request: web.Request) -> web.Response:
+    function = _function_type(request)
+    if isinstance(function, web.Response):
+        return function
+    meta = await _meta(request, function)
+    if isinstance(meta, web.Response):
+        return meta
+    state = await request.app[CLIENT_KEY].get_state(function, request.match_info["key"])
+    return web.json_response({"state": _jsonable(state)})
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    return web.json_response({"functions": [
+        {"type": m["type"], "partitions": m["partitions"], "handlers": sorted(m.get("handlers", {}))}
+        for m in await _functions(request)
+    ]})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    paths: dict[str, Any] = {}
+    error = {"description": "error", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"error": {"type": "object", "properties": {
+            "kind": {"type": "string"}, "message": {"type": "string"}}}}}}}}
+    for meta in await _functions(request):
+        ns, name = str(meta["type"]).split("/")
+        for handler, spec in sorted(meta.get("handlers", {}).items()):
+            paths[f"/v1/functions/{ns}/{name}/{{key}}/{handler}"] = {"post": {
+                "operationId": f"{ns}_{name}_{handler}".replace("-", "_"),
+                "summary": f"Invoke {meta['type']}.{handler}",
+                "parameters": [
+                    {"name": "key", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "async", "in": "query", "required": False, "schema": {"type": "boolean"}},
+                    {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}},
+                ],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": spec["parameters"]}}},
+                "responses": {"200": {"description": "the handler's reply", "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {"result": {}}}}}},
+                    "202": {"description": "enqueued (async=true)"}, "400": error, "404": error,
+                    "413": error, "500": error, "504": error},
+            }}
+        paths[f"/v1/functions/{ns}/{name}/{{key}}/state"] = {"get": {
+            "operationId": f"{ns}_{name}_state".replace("-", "_"),
+            "summary": f"Read the committed state of one {meta['type']} key",
+            "parameters": [{"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "state", "content": {"application/json": {
+                "schema": {"type": "object", "properties": {"state": {"type": "object"}}}}}}, "404": error},
+        }}
+    return web.json_response({"openapi": "3.1.0", "info": {"title": "statefn gateway", "version": "v1"},
+                              "paths": paths})
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    client = request.app[CLIENT_KEY]
+    try:
+        ready = client.nats.is_connected
+        await asyncio.wait_for(client.etcd.get(b"/statefn"), 2.0)
+    except Exception:
+        ready = False
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own refusals (body over client_max_size, ...) in the gateway's error format."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app._client_max_size
+        return _error(413, "payload_too_large", f"the request body is larger than the gateway accepts ({limit} bytes)")
+
+
+def build_app(client: statefn.Client) -> web.Application:
+    # Bodies up to 8 MiB reach the handler, which refuses what NATS would not carry, clearly.
+    app = web.Application(client_max_size=8 * 1024 * 1024, middlewares=[_json_errors])
+    app[CLIENT_KEY] = client
+    app[META_KEY] = {}
+    app.add_routes([
+        web.post("/v1/functions/{namespace}/{name}/{key}/{handler}", invoke),
+        web.get("/v1/functions/{namespace}/{name}/{key}/state", get_state),
+        web.get("/v1/functions", list_functions),
+        web.get("/openapi.json", openapi),
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+    ])
+    return app
+
+
+async def start_gateway(client: statefn.Client, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(build_app(client), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def run_gateway(nats_url: str, etcd_endpoint: str, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    async with statefn.Client(nats=nats_url, etcd=etcd_endpoint) as client:
+        runner = await start_gateway(client, host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()

@@ -1,0 +1,155 @@
+"""The HTTP gateway against a real sidecar, nats-server and etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+import statefn
+from statefn import Context, StatefulFunction
+from statefn_sidecar import devservers, gateway
+from tests import helpers
+
+
+def make_app(ns: str) -> tuple[statefn.App, dict[str, int]]:
+    calls = {"deposit": 0}
+    account = StatefulFunction(f"{ns}/account", max_attempts=1)
+    balance = account.state("balance", int, default=0)
+    blob = account.state("blob", bytes, default=b"")
+
+    @account.handler
+    async def deposit(ctx: Context, amount: int, note: str = "") -> int:
+        calls["deposit"] += 1
+        ctx[balance] += amount
+        return ctx[balance]
+
+    @account.handler
+    async def fail(ctx: Context) -> None:
+        raise RuntimeError("it failed")
+
+    @account.handler
+    async def store(ctx: Context, size: int) -> bytes:
+        ctx[blob] = b"\x00" * size
+        return b"\x01\x02"
+
+    return statefn.App(account), calls
+
+
+@pytest.fixture
+async def gw(nats_server, etcd_server, namespace) -> AsyncIterator[tuple[aiohttp.ClientSession, str, str, Any]]:
+    app, calls = make_app(namespace)
+    port = devservers.free_port()
+    async with helpers.running_sidecar(app, nats_server, etcd_server, max_state_bytes=1000), \
+            helpers.client(nats_server, etcd_server, timeout=20) as c:
+        runner = await gateway.start_gateway(c, "127.0.0.1", port)
+        try:
+            async with aiohttp.ClientSession() as http:
+                yield http, f"http://127.0.0.1:{port}", namespace, calls
+        finally:
+            await runner.cleanup()
+
+
+async def _post(http: aiohttp.ClientSession, url: str, body: Any = None, *, data: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with http.post(url, json=body if data is None else None, data=data, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_invoke_and_state(gw) -> None:
+    http, base, ns, _ = gw
+    url = f"{base}/v1/functions/{ns}/account/alice"
+    assert await _post(http, f"{url}/deposit", {"amount": 5}) == (200, {"result": 5})
+    assert await _post(http, f"{url}/deposit", {"amount": 2, "note": "x"}) == (200, {"result": 7})
+    async with http.get(f"{url}/state") as resp:
+        assert (resp.status, await resp.json()) == (200, {"state": {"balance": 7}})
+    status, body = await _post(http, f"{url}/store", {"size": 3})
+    assert (status, body) == (200, {"result": base64.b64encode(b"\x01\x02").decode()})
+
+
+async def test_idempotency_key_returns_the_original_reply(gw) -> None:
+    http, base, ns, calls = gw
+    url = f"{base}/v1/functions/{ns}/account/bob/deposit"
+    first = await _post(http, url, {"amount": 10}, headers={"Idempotency-Key": "pay-1"})
+    second = await _post(http, url, {"amount": 10}, headers={"Idempotency-Key": "pay-1"})
+    assert first == second == (200, {"result": 10})
+    assert calls["deposit"] == 1
+
+
+async def test_async_invocation(gw) -> None:
+    http, base, ns, _ = gw
+    url = f"{base}/v1/functions/{ns}/account/carol"
+    status, body = await _post(http, f"{url}/deposit?async=true", {"amount": 4}, headers={"Idempotency-Key": "a-1"})
+    assert (status, body) == (202, {"invocation_id": "a-1"})
+    for _ in range(50):
+        async with http.get(f"{url}/state") as resp:
+            if (await resp.json())["state"] == {"balance": 4}:
+                break
+        await asyncio.sleep(0.1)
+    async with http.get(f"{url}/state") as resp:
+        assert (await resp.json()) == {"state": {"balance": 4}}
+
+
+async def test_bad_requests_enqueue_nothing(gw) -> None:
+    http, base, ns, calls = gw
+    url = f"{base}/v1/functions/{ns}/account/dave"
+    assert await _post(http, f"{base}/v1/functions/{ns}/nosuch/k/deposit", {"amount": 1}) == (404, {"error": {
+        "kind": "unknown_function",
+        "message": f"unknown function {ns}/nosuch; known functions: " + (await _known(http, base))}})
+    assert await _post(http, f"{url}/nope", {}) == (404, {"error": {
+        "kind": "unknown_handler",
+        "message": f"{ns}/account has no handler 'nope'; known handlers: deposit, fail, store"}})
+    assert await _post(http, f"{url}/deposit", data=b"{not json") == (400, {"error": {
+        "kind": "invalid_argument",
+        "message": "the body is not JSON: "
+                   "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"}})
+    assert await _post(http, f"{url}/deposit", [1, 2]) == (400, {"error": {
+        "kind": "invalid_argument", "message": "the body must be a JSON object of deposit's arguments, not list"}})
+    assert await _post(http, f"{url}/deposit", {"amount": "x"}) == (400, {"error": {
+        "kind": "invalid_argument", "message": f"{ns}/account.deposit: amount: 'x' is not of type 'integer'"}})
+    assert await _post(http, f"{url}/deposit", {}) == (400, {"error": {
+        "kind": "invalid_argument", "message": f"{ns}/account.deposit: 'amount' is a required property"}})
+    assert calls["deposit"] == 0
+    async with http.get(f"{url}/state") as resp:
+        assert (await resp.json()) == {"state": {}}
+
+
+async def test_handler_errors_map_to_status(gw) -> None:
+    http, base, ns, _ = gw
+    url = f"{base}/v1/functions/{ns}/account/erin"
+    assert await _post(http, f"{url}/fail", {}) == (500, {"error": {
+        "kind": "handler_error", "message": "it failed"}})
+    status, body = await _post(http, f"{url}/store", {"size": 5000})
+    assert status == 413 and body["error"]["kind"] == "state_too_large"
+    big = json.dumps({"amount": 1, "note": "x" * (2 * 1024 * 1024)}).encode()
+    async with http.post(f"{url}/deposit", data=io.BytesIO(big)) as resp:
+        status, body = resp.status, await resp.json()
+    assert status == 413 and body["error"]["kind"] == "payload_too_large"
+
+
+async def test_openapi_health_and_listing(gw) -> None:
+    http, base, ns, _ = gw
+    async with http.get(f"{base}/openapi.json") as resp:
+        doc = await resp.json()
+    assert doc["openapi"] == "3.1.0"
+    op = doc["paths"][f"/v1/functions/{ns}/account/{{key}}/deposit"]["post"]
+    schema = op["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["amount"] and schema["properties"]["amount"]["type"] == "integer"
+    assert f"/v1/functions/{ns}/account/{{key}}/state" in doc["paths"]
+    async with http.get(f"{base}/v1/functions") as resp:
+        listed = {f["type"]: f for f in (await resp.json())["functions"]}
+    assert listed[f"{ns}/account"]["handlers"] == ["deposit", "fail", "store"]
+    for path in ("/healthz", "/readyz"):
+        async with http.get(f"{base}{path}") as resp:
+            assert resp.status == 200
+
+
+async def _known(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.get(f"{base}/v1/functions") as resp:
+        return ", ".join(f["type"] for f in (await resp.json())["functions"])
