@@ -1,0 +1,148 @@
+"""Commands that talk to a running platform: invoke, state, dead letters."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+import statefn
+from statefn_cli import common
+from statefn_sidecar import deadletters
+
+app = typer.Typer()
+state_app = typer.Typer(help="Read committed state.")
+dlq_app = typer.Typer(help="List and replay dead letters.")
+
+
+def _parse_args(pairs: list[str], as_json: str | None) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    if as_json:
+        try:
+            loaded = json.loads(as_json)
+        except ValueError as exc:
+            raise common.fail(f"--json is not JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise common.fail("--json must be a JSON object of the handler's arguments")
+        args.update(loaded)
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise common.fail(f"--arg takes name=value, got {pair!r}")
+        try:
+            args[name] = json.loads(raw)
+        except ValueError:
+            args[name] = raw
+    return args
+
+
+def _print_json(value: Any) -> None:
+    common.console.print_json(json.dumps(value, default=lambda v: v.hex() if isinstance(v, bytes) else str(v)))
+
+
+@app.command("invoke")
+def invoke_cmd(
+    function: Annotated[str, typer.Argument(help="namespace/name")],
+    key: str,
+    handler: str,
+    arg: Annotated[list[str] | None,
+                   typer.Option("--arg", help="name=value (value parsed as JSON if it parses)")] = None,
+    as_json: Annotated[str | None, typer.Option("--json", help="all arguments as one JSON object")] = None,
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    no_wait: Annotated[bool, typer.Option("--async", help="enqueue and return the invocation id")] = False,
+    timeout: float = 30.0,
+    nats_url: common.NatsOpt = common.DEFAULT_NATS,
+    etcd: common.EtcdOpt = common.DEFAULT_ETCD,
+) -> None:
+    """Invoke a handler and print its reply as JSON."""
+    args = _parse_args(arg or [], as_json)
+
+    async def main() -> None:
+        async with statefn.Client(nats=nats_url, etcd=etcd, timeout=timeout) as client:
+            if no_wait:
+                _print_json({"invocation_id": await client.send(function, key, handler,
+                                                                idempotency_key=idempotency_key, **args)})
+                return
+            try:
+                result = await client.invoke(function, key, handler, idempotency_key=idempotency_key, **args)
+            except statefn.InvocationFailed as exc:
+                raise common.fail(f"{exc.kind}: {exc.message}") from None
+            _print_json(result)
+
+    common.run(main())
+
+
+@state_app.command("get")
+def state_get_cmd(
+    function: Annotated[str, typer.Argument(help="namespace/name")],
+    key: str,
+    nats_url: common.NatsOpt = common.DEFAULT_NATS,
+    etcd: common.EtcdOpt = common.DEFAULT_ETCD,
+) -> None:
+    """Print the committed state of one key."""
+
+    async def main() -> None:
+        async with statefn.Client(nats=nats_url, etcd=etcd) as client:
+            await client.describe(function)  # an unknown function is an error, not empty state
+            _print_json(await client.get_state(function, key))
+
+    common.run(main())
+
+
+@dlq_app.command("list")
+def dlq_list_cmd(
+    function: Annotated[str | None, typer.Option("--function", help="only this namespace/name")] = None,
+    limit: int = 100,
+    nats_url: common.NatsOpt = common.DEFAULT_NATS,
+    etcd: common.EtcdOpt = common.DEFAULT_ETCD,
+) -> None:
+    """List dead letters, oldest first."""
+
+    async def main() -> None:
+        async with statefn.Client(nats=nats_url, etcd=etcd) as client:
+            letters = await deadletters.list_dead_letters(client.nats.jetstream(), function=function, limit=limit)
+        table = Table(title=f"{len(letters)} dead letter(s)")
+        for col in ("seq", "function", "key", "handler", "attempts", "error", "message", "failed at"):
+            table.add_column(col, overflow="fold")
+        for d in letters:
+            r = d.record
+            when = datetime.datetime.fromtimestamp(float(r.get("failed_at", 0)), datetime.UTC)
+            table.add_row(str(d.seq), d.function, str(r.get("key")), str(r.get("handler")), str(r.get("attempts")),
+                          str(d.error.get("kind")), str(d.error.get("message")), when.strftime("%Y-%m-%d %H:%M:%S"))
+        common.console.print(table)
+
+    common.run(main())
+
+
+@dlq_app.command("replay")
+def dlq_replay_cmd(
+    seqs: Annotated[list[int] | None, typer.Argument(help="dead letter sequence numbers")] = None,
+    replay_all: Annotated[bool, typer.Option("--all")] = False,
+    function: Annotated[str | None, typer.Option("--function", help="with --all: only this namespace/name")] = None,
+    nats_url: common.NatsOpt = common.DEFAULT_NATS,
+    etcd: common.EtcdOpt = common.DEFAULT_ETCD,
+) -> None:
+    """Send dead letters again as new invocations (each runs once even if replayed twice)."""
+    if bool(seqs) == replay_all:
+        raise common.fail("give dead letter sequence numbers, or --all")
+
+    async def main() -> None:
+        async with statefn.Client(nats=nats_url, etcd=etcd) as client:
+            js = client.nats.jetstream()
+            if replay_all:
+                letters = await deadletters.list_dead_letters(js, function=function, limit=1_000_000)
+            else:
+                letters = [await deadletters.get_dead_letter(js, s) for s in seqs or []]
+            with Progress(console=common.console, transient=True) as progress:
+                task = progress.add_task("replaying", total=len(letters))
+                for letter in letters:
+                    idem = await deadletters.replay(client, letter)
+                    common.console.print(f"replayed {letter.seq} ({letter.function} {letter.record.get('key')!r}."
+                                         f"{letter.record.get('handler')}) as {idem}")
+                    progress.advance(task)
+
+    common.run(main())

@@ -1,0 +1,121 @@
+"""Long-running commands: sidecar, serve, gateway, dev."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Annotated
+
+import typer
+
+import statefn
+from statefn import _serve
+from statefn_cli import common
+from statefn_sidecar import config, devservers, gateway, invoker, sidecar
+
+app = typer.Typer()
+
+
+@app.command("sidecar")
+def sidecar_cmd(
+    app_spec: Annotated[str | None, typer.Option("--app", envvar="STATEFN_APP",
+                                                 help="run MODULE:ATTR in-process (embedded mode)")] = None,
+    remote: Annotated[str | None, typer.Option("--remote", envvar="STATEFN_REMOTE",
+                                               help="call the function server at this URL (pod mode)")] = None,
+    nats_url: common.NatsOpt = common.DEFAULT_NATS,
+    etcd: common.EtcdOpt = common.DEFAULT_ETCD,
+    partitions: Annotated[int | None, typer.Option(envvar="STATEFN_PARTITIONS",
+                                                   help="for a new function; fixed once created")] = None,
+    health_port: Annotated[int, typer.Option(envvar="STATEFN_HEALTH_PORT")] = 8081,
+    lease_ttl: Annotated[int, typer.Option(envvar="STATEFN_LEASE_TTL")] = 10,
+    ack_wait: Annotated[float, typer.Option(envvar="STATEFN_ACK_WAIT")] = 30.0,
+    batch_size: Annotated[int, typer.Option(envvar="STATEFN_BATCH_SIZE")] = 128,
+    max_state_bytes: Annotated[int, typer.Option(envvar="STATEFN_MAX_STATE_BYTES")] = 256 * 1024,
+    member_id: Annotated[str | None, typer.Option(envvar="STATEFN_MEMBER_ID")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the data plane for an app: take partitions, run invocations, commit them exactly once."""
+    if (app_spec is None) == (remote is None):
+        raise common.fail("give exactly one of --app MODULE:ATTR (embedded) or --remote URL (pod mode)")
+    common.setup_logging(verbose)
+
+    async def main() -> None:
+        runner: invoker.Invoker = (invoker.EmbeddedInvoker(_serve.load_app(app_spec)) if app_spec
+                                   else invoker.RemoteInvoker(str(remote)))
+        settings: dict[str, object] = {
+            "nats_url": nats_url, "etcd_endpoint": etcd, "partitions": partitions, "lease_ttl": lease_ttl,
+            "ack_wait": ack_wait, "batch_size": batch_size, "max_state_bytes": max_state_bytes}
+        if member_id:
+            settings["member_id"] = member_id
+        await sidecar.Sidecar(config.SidecarConfig.model_validate(settings), runner).serve(health_port)
+
+    common.run(main())
+
+
+@app.command("serve")
+def serve_cmd(
+    app_spec: Annotated[str, typer.Argument(metavar="MODULE:ATTR")],
+    host: str = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="STATEFN_PORT")] = 9000,
+) -> None:
+    """Serve an app's handlers to the sidecar next to it (pod mode)."""
+    common.setup_logging(False)
+
+    async def main() -> None:
+        await _serve.serve(_serve.load_app(app_spec), host, port)
+
+    common.run(main())
+
+
+@app.command("gateway")
+def gateway_cmd(
+    nats_url: common.NatsOpt = common.DEFAULT_NATS,
+    etcd: common.EtcdOpt = common.DEFAULT_ETCD,
+    host: str = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="STATEFN_PORT")] = 8080,
+) -> None:
+    """The HTTP gateway for callers outside the platform."""
+    common.setup_logging(False)
+    common.run(gateway.run_gateway(nats_url, etcd, host, port))
+
+
+@app.command("dev")
+def dev_cmd(
+    app_spec: Annotated[str, typer.Argument(metavar="MODULE:ATTR")],
+    port: Annotated[int, typer.Option(help="gateway port")] = 8080,
+    partitions: int = 4,
+) -> None:
+    """Everything local in one command: nats-server, etcd, a sidecar running the app, the gateway."""
+    common.setup_logging(False)
+
+    async def main() -> None:
+        fns = _serve.load_app(app_spec)
+        with common.console.status("starting nats-server and etcd..."):
+            nats_s, etcd_s = devservers.NatsServer(), devservers.EtcdServer()
+            await asyncio.to_thread(nats_s.start)
+            await asyncio.to_thread(etcd_s.start)
+        try:
+            cfg = config.SidecarConfig(nats_url=nats_s.url, etcd_endpoint=etcd_s.endpoint, partitions=partitions,
+                                       lease_ttl=5)
+            sc = sidecar.Sidecar(cfg, invoker.EmbeddedInvoker(fns))
+            await sc.start()
+            async with statefn.Client(nats=nats_s.url, etcd=etcd_s.endpoint) as client:
+                runner = await gateway.start_gateway(client, "127.0.0.1", port)
+                common.console.print(f"[green]statefn dev[/] serving {', '.join(fns.functions)}")
+                common.console.print(f"  gateway  http://127.0.0.1:{port}  (OpenAPI: /openapi.json)")
+                common.console.print(f"  nats     {nats_s.url}")
+                common.console.print(f"  etcd     {etcd_s.endpoint}")
+                common.console.print(f"  try:     statefn invoke --nats {nats_s.url} --etcd {etcd_s.endpoint} "
+                                     f"{next(iter(fns.functions))} k1 <handler>")
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, stop.set)
+                await stop.wait()
+                await runner.cleanup()
+            await sc.stop()
+        finally:
+            nats_s.cleanup()
+            etcd_s.cleanup()
+
+    common.run(main())

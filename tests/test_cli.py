@@ -1,0 +1,88 @@
+"""The statefn command, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from statefn_cli import main
+from statefn_sidecar import devservers
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def statefn(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "statefn_cli.main", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, COLUMNS="200", **(env or {})), timeout=60)
+
+
+@pytest.fixture
+def sidecar_proc(nats_server, etcd_server):
+    port = devservers.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "statefn_cli.main", "sidecar", "--app", "examples.counter.app:app",
+         "--nats", nats_server.url, "--etcd", etcd_server.endpoint, "--health-port", str(port),
+         "--partitions", "4", "--lease-ttl", "3"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.1)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_invoke_state_and_sigterm(sidecar_proc, nats_server, etcd_server) -> None:
+    conn = ["--nats", nats_server.url, "--etcd", etcd_server.endpoint]
+    out = statefn("invoke", "bank/account", "cli-alice", "deposit", "--arg", "amount=5", *conn)
+    assert (out.returncode, out.stdout.strip()) == (0, "5"), out.stderr
+    out = statefn("invoke", "bank/account", "cli-alice", "deposit", "--json", '{"amount": 2}', *conn)
+    assert out.stdout.strip() == "7"
+    out = statefn("state", "get", "bank/account", "cli-alice", *conn)
+    assert json.loads(out.stdout) == {"balance": 7}
+    out = statefn("invoke", "bank/account", "cli-alice", "withdraw", "--arg", "amount=100", *conn)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "error: handler_error: insufficient funds: balance 7, withdrawal 100"
+    out = statefn("invoke", "nosuch/fn", "k", "h", *conn)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith("error: unknown function nosuch/fn: no sidecar has registered it")
+    out = statefn("dlq", "list", "--function", "bank/account", *conn)
+    assert out.returncode == 0 and "withdraw" in out.stdout and "insufficient funds" in out.stdout
+    # SIGTERM: the sidecar hands its partitions back and exits cleanly.
+    sidecar_proc.send_signal(signal.SIGTERM)
+    assert sidecar_proc.wait(30) == 0
+    log = sidecar_proc.stdout.read()
+    assert "released partition" in log and " ERROR " not in log
+
+
+def test_usage_errors_are_one_line() -> None:
+    result = runner.invoke(main.app, ["sidecar"])
+    assert result.exit_code == 1
+    assert "give exactly one of --app MODULE:ATTR (embedded) or --remote URL (pod mode)" in result.output
+    result = runner.invoke(main.app, ["invoke", "bank/account", "k", "deposit", "--arg", "novalue"])
+    assert result.exit_code == 1 and "--arg takes name=value, got 'novalue'" in result.output
+    result = runner.invoke(main.app, ["dlq", "replay"])
+    assert result.exit_code == 1 and "give dead letter sequence numbers, or --all" in result.output
+    result = runner.invoke(main.app, ["serve", "examples.nosuch:app"])
+    assert result.exit_code == 1
+    assert "module 'examples.nosuch' not found" in result.output
