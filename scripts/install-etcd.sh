@@ -3,7 +3,9 @@
 # Not etcd 3.5.0-3.5.2: those lose data consistency on crash (etcd-io/etcd#13766).
 set -euo pipefail
 want="${1:?etcd version}"
-if command -v etcd >/dev/null && etcd --version 2>/dev/null | grep -q "etcd Version: ${want}"; then
+# Capture first: `etcd --version | grep -q` dies of SIGPIPE under pipefail.
+have="$(etcd --version 2>/dev/null || true)"
+if [[ "${have}" == *"etcd Version: ${want}"* ]]; then
   exit 0
 fi
 sudo=""
@@ -16,4 +18,5 @@ if [ -z "${pkgver}" ]; then
   exit 1
 fi
 $sudo apt-get install -y -qq "etcd-server=${pkgver}" "etcd-client=${pkgver}" >/dev/null
-etcd --version | head -1
+have="$(etcd --version)"
+echo "${have%%$'\n'*}"

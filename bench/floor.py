@@ -1,0 +1,188 @@
+"""The floor: the hot path's raw NATS and etcd round trips, with the clients the sidecar uses.
+
+Per message the sidecar cannot do less than: publish the input to a WorkQueue stream, pull it
+from a durable pull consumer, commit one fenced etcd transaction, publish an output to JetStream
+and ack the input. These workloads do exactly that and nothing else (no envelopes, no handler,
+no planning), so "platform / floor" says what the platform adds on top of its own I/O.
+
+- ``floor_single``: one message at a time; latency is one message end to end.
+- ``floor_batched``: N messages published (256 in flight), then pulled 128 at a time, one etcd
+  txn per batch (up to 120 puts), one output message per batch (the sidecar bundles its outputs
+  per channel the same way), all inputs acked; throughput is N over both phases, latency is one
+  batch, pull to acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aetcd
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+
+from bench import stats
+from statefn import _client, _codec, _constants
+
+BATCH = 128          # the sidecar's default batch size (statefn._constants.DEFAULT_BATCH_SIZE)
+KEYS_PER_TXN = 120   # etcd allows 128 ops per txn; the sidecar keeps room for its own bookkeeping
+_FETCH_TIMEOUT_S = 5.0
+
+
+class _Rig:
+    """A fresh stream, consumer and fence key for one floor workload, removed afterwards."""
+
+    def __init__(self, nc: NatsClient, etcd: aetcd.Client, run_id: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10)
+        self.etcd = etcd
+        self.stream = f"BENCHFLOOR_{run_id}"
+        self.in_subject = f"benchfloor.{run_id}.in"
+        self.out_subject = f"benchfloor.{run_id}.out"
+        self.prefix = f"/statefn-bench/{run_id}/".encode()
+        self.owner_key = self.prefix + b"owner"
+        self.epoch = 0
+        self.psub: Any = None
+
+    async def setup(self) -> None:
+        # Same stream and consumer settings as statefn_sidecar.topology uses for a function.
+        await self.js.add_stream(api.StreamConfig(
+            name=self.stream, subjects=[f"{self.in_subject.rsplit('.', 1)[0]}.>"],
+            retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
+            allow_direct=True, duplicate_window=120.0, discard=api.DiscardPolicy.NEW,
+        ))
+        await self.js.add_consumer(self.stream, api.ConsumerConfig(
+            name="in", durable_name="in", filter_subject=self.in_subject, ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL, ack_wait=30.0, max_ack_pending=max(BATCH * 4, 256),
+            max_deliver=-1,
+        ))
+        self.psub = await self.js.pull_subscribe_bind(durable="in", stream=self.stream)
+        t = self.etcd.transactions
+        _, resp = await self.etcd.transaction(
+            compare=[], success=[t.put(self.owner_key, b"bench"), t.get(self.owner_key)], failure=[])
+        self.epoch = resp[1][0][1].create_revision
+
+    async def teardown(self) -> None:
+        if self.psub is not None:
+            await self.psub.unsubscribe()
+        await self.js.delete_stream(self.stream)
+        await self.etcd.delete_prefix(self.prefix)
+
+    async def publish_input(self, n: int, body: bytes) -> None:
+        await self.js.publish(self.in_subject, body, headers={_constants.HEADER_MSG_ID: f"in:{n}"})
+
+    async def pull(self, batch: int) -> list[Msg]:
+        msgs: list[Msg] = await self.psub.fetch(batch, timeout=_FETCH_TIMEOUT_S)
+        return msgs
+
+    async def commit(self, puts: dict[bytes, bytes]) -> None:
+        """One fenced transaction, like statefn_sidecar.commit: compare the owner's create revision."""
+        t = self.etcd.transactions
+        ok, _ = await self.etcd.transaction(
+            compare=[t.create(self.owner_key) == self.epoch],
+            success=[t.put(k, v) for k, v in puts.items()], failure=[])
+        if not ok:
+            raise RuntimeError(f"floor commit refused: fence {self.owner_key!r} moved")
+
+    async def publish_output(self, n: int, body: bytes) -> None:
+        await self.js.publish(self.out_subject, body, headers={_constants.HEADER_MSG_ID: f"out:{n}"})
+
+
+@contextlib.asynccontextmanager
+async def _rig(nats_url: str, etcd_endpoint: str) -> AsyncIterator[_Rig]:
+    nc = await nats.connect(nats_url, name="statefn-bench-floor")
+    host, port = _client.parse_etcd_endpoint(etcd_endpoint)
+    etcd = aetcd.Client(host=host, port=port, timeout=10)
+    await etcd.connect()
+    rig = _Rig(nc, etcd, uuid.uuid4().hex[:10])
+    try:
+        await rig.setup()
+        yield rig
+        await rig.teardown()
+    finally:
+        await nc.drain()
+        await etcd.close()
+
+
+def _input(key: str) -> bytes:
+    """About the size of a client's invocation envelope."""
+    return _codec.pack({"k": key, "h": "increment", "a": {"by": 1}, "i": uuid.uuid4().hex})
+
+
+def _state_key(rig: _Rig, key: str) -> bytes:
+    return rig.prefix + b"state/" + key.encode()
+
+
+async def floor_single(nats_url: str, etcd_endpoint: str, *, count: int, warmup: int,
+                       tick: stats.Tick) -> stats.Result:
+    """Publish, pull, fenced txn, publish output, ack: one message at a time."""
+    async with _rig(nats_url, etcd_endpoint) as rig:
+
+        async def one(n: int) -> None:
+            key = f"k{n % 1000}"
+            await rig.publish_input(n, _input(key))
+            (msg,) = await rig.pull(1)
+            await rig.commit({_state_key(rig, key): _codec.pack(n)})
+            await rig.publish_output(n, _codec.pack([key, n]))
+            await msg.ack()
+
+        for n in range(warmup):
+            await one(-1 - n)
+        latencies: list[float] = []
+        started = time.perf_counter()
+        for n in range(count):
+            t0 = time.perf_counter()
+            await one(n)
+            latencies.append(time.perf_counter() - t0)
+            tick(1)
+        elapsed = time.perf_counter() - started
+    return stats.summarize(latencies, count, elapsed, "message")
+
+
+async def floor_batched(nats_url: str, etcd_endpoint: str, *, count: int, tick: stats.Tick) -> stats.Result:
+    """Publish ``count`` inputs, then drain them 128 at a time: one txn and one output per batch.
+
+    Throughput counts both phases (count / (publish + drain)): the platform's throughput includes
+    its clients publishing the inputs, so a floor without that cost would not be a floor of the
+    same work. The notes give each phase's own rate; latency is one batch, pull to acks.
+    """
+    async with _rig(nats_url, etcd_endpoint) as rig:
+        started = time.perf_counter()
+        window = 256  # publishes in flight, like the platform workloads' concurrent callers
+        for start in range(0, count, window):
+            acks = [await rig.js.publish_async(rig.in_subject, _input(f"k{n % KEYS_PER_TXN}"),
+                                               headers={_constants.HEADER_MSG_ID: f"in:{n}"})
+                    for n in range(start, min(start + window, count))]
+            await asyncio.gather(*acks)
+        published = time.perf_counter()
+        latencies: list[float] = []
+        done = 0
+        batches = 0
+        while done < count:
+            t0 = time.perf_counter()
+            msgs = await rig.pull(BATCH)
+            puts: dict[bytes, bytes] = {}
+            for msg in msgs:
+                body = _codec.unpack(msg.data)
+                puts[_state_key(rig, body["k"])] = _codec.pack(msg.metadata.sequence.stream)
+            items = list(puts.items())
+            for i in range(0, len(items), KEYS_PER_TXN):
+                await rig.commit(dict(items[i:i + KEYS_PER_TXN]))
+            await rig.publish_output(batches, _codec.pack([m.metadata.sequence.stream for m in msgs]))
+            for msg in msgs:
+                await msg.ack()
+            latencies.append(time.perf_counter() - t0)
+            batches += 1
+            done += len(msgs)
+            tick(len(msgs))
+        finished = time.perf_counter()
+    notes = (f"{batches} batches; publish alone {count / (published - started):,.0f}/s, "
+             f"drain alone {done / (finished - published):,.0f}/s")
+    return stats.summarize(latencies, done, finished - started, "batch", notes=notes)
