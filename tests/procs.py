@@ -10,12 +10,30 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from statefn_sidecar import devservers
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_ready(proc: subprocess.Popen[Any], health_port: int, timeout: float = 30,
+               log: Callable[[], str] = lambda: "") -> None:
+    """Poll the sidecar's /readyz until it answers 200; fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sidecar exited with {proc.returncode}:\n{log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"sidecar not ready after {timeout}s:\n{log()[-3000:]}")
 
 
 class SidecarProcess:
@@ -43,19 +61,8 @@ class SidecarProcess:
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"sidecar not ready:\n{self.log_text()[-3000:]}")
+        assert self.proc is not None
+        wait_ready(self.proc, self.health_port, timeout, self.log_text)
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/status", timeout=2) as r:

@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from typer.testing import CliRunner
 
 from statefn_cli import main
 from statefn_sidecar import devservers
+from tests import procs
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -34,16 +33,7 @@ def sidecar_proc(nats_server, etcd_server):
          "--nats", nats_server.url, "--etcd", etcd_server.endpoint, "--health-port", str(port),
          "--partitions", "4", "--lease-ttl", "3"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-        time.sleep(0.1)
+    procs.wait_ready(proc, port)
     yield proc
     if proc.poll() is None:
         proc.kill()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import Annotated
 
 import typer
 
 import statefn
-from statefn import _serve
+from statefn import _serve, _signals
 from statefn_cli import common
 from statefn_sidecar import config, devservers, gateway, invoker, sidecar
 
@@ -107,11 +106,7 @@ def dev_cmd(
                 common.console.print(f"  etcd     {etcd_s.endpoint}")
                 common.console.print(f"  try:     statefn invoke --nats {nats_s.url} --etcd {etcd_s.endpoint} "
                                      f"{next(iter(fns.functions))} k1 <handler>")
-                stop = asyncio.Event()
-                loop = asyncio.get_running_loop()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, stop.set)
-                await stop.wait()
+                await _signals.until_stopped()
                 await runner.cleanup()
             await sc.stop()
         finally:

@@ -7,14 +7,12 @@ errors are outcomes, not HTTP errors; a 4xx means the request itself was malform
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
-import signal
 
 from aiohttp import web
 
-from statefn import _errors, _function, _runtime, _wire
+from statefn import _errors, _function, _runtime, _signals, _wire
 
 _log = logging.getLogger("statefn.serve")
 CONTENT_TYPE = "application/x-msgpack"
@@ -65,13 +63,7 @@ async def serve(app: _function.App, host: str = "127.0.0.1", port: int = 9000) -
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     _log.info("serving %s on http://%s:%d", ", ".join(app.functions), host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await _signals.until_stopped()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
         await runner.cleanup()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import signal
 import time
 import uuid
 from typing import Any
@@ -21,7 +20,7 @@ import jsonschema
 from aiohttp import web
 
 import statefn
-from statefn import _codec, _errors, _naming
+from statefn import _codec, _errors, _naming, _signals
 
 _META_TTL_S = 5.0
 _STATUS_BY_KIND = {
@@ -71,13 +70,15 @@ async def _meta(request: web.Request, function: str) -> dict[str, Any] | web.Res
     return meta
 
 
-def _function_type(request: web.Request) -> str | web.Response:
-    text = f"{request.match_info['namespace']}/{request.match_info['name']}"
+async def _resolve(request: web.Request) -> tuple[str, dict[str, Any]] | web.Response:
+    """The function named by the path and its metadata, or the 404 to answer."""
+    function = f"{request.match_info['namespace']}/{request.match_info['name']}"
     try:
-        _naming.FunctionType.parse(text)
+        _naming.FunctionType.parse(function)
     except _errors.InvalidFunctionType as exc:
         return _error(404, _errors.KIND_UNKNOWN_FUNCTION, str(exc))
-    return text
+    meta = await _meta(request, function)
+    return meta if isinstance(meta, web.Response) else (function, meta)
 
 
 def _schema_errors(schema: dict[str, Any], args: dict[str, Any]) -> str | None:
@@ -92,12 +93,10 @@ def _schema_errors(schema: dict[str, Any], args: dict[str, Any]) -> str | None:
 
 
 async def invoke(request: web.Request) -> web.Response:
-    function = _function_type(request)
-    if isinstance(function, web.Response):
-        return function
-    meta = await _meta(request, function)
-    if isinstance(meta, web.Response):
-        return meta
+    resolved = await _resolve(request)
+    if isinstance(resolved, web.Response):
+        return resolved
+    function, meta = resolved
     handler, key = request.match_info["handler"], request.match_info["key"]
     handlers = meta.get("handlers", {})
     if handler not in handlers:
@@ -135,12 +134,10 @@ async def invoke(request: web.Request) -> web.Response:
 
 
 async def get_state(request: web.Request) -> web.Response:
-    function = _function_type(request)
-    if isinstance(function, web.Response):
-        return function
-    meta = await _meta(request, function)
-    if isinstance(meta, web.Response):
-        return meta
+    resolved = await _resolve(request)
+    if isinstance(resolved, web.Response):
+        return resolved
+    function, _ = resolved
     state = await request.app[CLIENT_KEY].get_state(function, request.match_info["key"])
     return web.json_response({"state": _jsonable(state)})
 
@@ -237,11 +234,7 @@ async def run_gateway(nats_url: str, etcd_endpoint: str, host: str = "127.0.0.1"
     """Serve until SIGTERM/SIGINT."""
     async with statefn.Client(nats=nats_url, etcd=etcd_endpoint) as client:
         runner = await start_gateway(client, host, port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         try:
-            await stop.wait()
+            await _signals.until_stopped()
         finally:
             await runner.cleanup()

@@ -11,7 +11,6 @@ import asyncio
 import collections
 import json
 import logging
-import signal
 from typing import Any
 
 import aetcd
@@ -19,7 +18,7 @@ import nats
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from statefn import _client, _naming
+from statefn import _client, _naming, _signals
 from statefn_sidecar import commit, config, execution, faults, host, invoker, topology
 
 _log = logging.getLogger("statefn.sidecar")
@@ -170,12 +169,10 @@ class Sidecar:
         runner = None
         if health_port is not None:
             runner = await start_health(self, health_port)
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stopped = asyncio.create_task(_signals.until_stopped())
+        await asyncio.sleep(0)  # the handlers are in place before startup, which may wait for NATS/etcd
         await self.start()
-        await stop.wait()
+        await stopped
         _log.info("signal received: releasing partitions")
         await self.stop()
         if runner is not None:
