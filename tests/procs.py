@@ -38,8 +38,9 @@ def wait_ready(proc: subprocess.Popen[Any], health_port: int, timeout: float = 3
 
 class SidecarProcess:
     def __init__(self, app: str, namespace: str, nats: devservers.NatsServer, etcd: devservers.EtcdServer,
-                 **settings: Any) -> None:
+                 *, faults: str = "", **settings: Any) -> None:
         self.app = app
+        self.faults = faults
         self.namespace = namespace
         self.settings: dict[str, Any] = {
             "nats_url": nats.url, "etcd_endpoint": etcd.endpoint, "lease_ttl": 2, "ack_wait": 3.0,
@@ -54,7 +55,7 @@ class SidecarProcess:
         settings = dict(self.settings, health_port=self.health_port)
         log = Path(tempfile.mkstemp(prefix="sidecar-", suffix=".log")[1])
         self.logs.append(log)
-        env = dict(os.environ, STATEFN_TEST_NS=self.namespace, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, STATEFN_TEST_NS=self.namespace, PYTHONPATH=str(ROOT), STATEFN_FAULTS=self.faults)
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "tests.run_sidecar", self.app, json.dumps(settings)],
                                          stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

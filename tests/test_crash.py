@@ -234,3 +234,32 @@ async def test_not_ready_while_etcd_or_nats_is_down_and_nothing_lost(servers, na
                 assert time.monotonic() < deadline, "not ready again after the outage"
                 await asyncio.sleep(0.2)
             assert (await c.get_state(fn, "k"))["count"] == 3
+
+
+async def test_new_owner_finishes_the_outbox(servers, namespace) -> None:
+    """Sends committed by a sidecar that never published them are delivered, once, by the next owner."""
+    fn = f"{namespace}/counter"
+    targets = [f"t{i}" for i in range(12)]
+    stuck = procs.SidecarProcess(APP, namespace, *servers, faults="publish_refused=1.0").start()
+    try:
+        stuck.wait_ready()
+        async with client(servers) as c:
+            for i in range(10):
+                await c.invoke(fn, f"src{i}", "fan_out", keys=targets, idempotency_key=f"fan-{i}")
+            await asyncio.sleep(1.0)
+            assert (await counts(c, fn, targets)) == dict.fromkeys(targets, 0)  # committed, never published
+            assert "injected fault: publish_refused" in stuck.log_text()
+            stuck.kill()
+            with sidecars(1, namespace, servers) as (heir,):
+                deadline = time.monotonic() + 30
+                got: dict[str, int] = {}
+                while got != dict.fromkeys(targets, 10):
+                    assert time.monotonic() < deadline, got
+                    await asyncio.sleep(0.2)
+                    got = await counts(c, fn, targets)
+                assert "resuming" in heir.log_text() and "unpublished outbox entries" in heir.log_text()
+                await asyncio.sleep(1.0)
+                assert await counts(c, fn, targets) == dict.fromkeys(targets, 10)
+                assert await counts(c, fn, [f"src{i}" for i in range(10)]) == {f"src{i}": 1 for i in range(10)}
+    finally:
+        stuck.cleanup()

@@ -46,3 +46,4 @@ class Faults:
 
 COMMIT_REPLY_LOST = "commit_reply_lost"
 PUBLISH_ACK_LOST = "publish_ack_lost"
+PUBLISH_REFUSED = "publish_refused"  # the publish fails before reaching NATS

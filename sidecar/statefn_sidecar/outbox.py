@@ -91,6 +91,8 @@ class ChannelPublisher:
                 headers = dict(entry.headers)
                 headers[_constants.HEADER_MSG_ID] = entry.msg_id
                 try:
+                    if self._faults.enabled:
+                        self._faults.maybe(faults_mod.PUBLISH_REFUSED)
                     await self._js.publish(entry.subject, entry.body, headers=headers, timeout=5.0)
                     if self._faults.enabled:
                         self._faults.maybe(faults_mod.PUBLISH_ACK_LOST)

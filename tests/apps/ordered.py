@@ -34,4 +34,12 @@ async def ordered(ctx: Context, seq: int) -> int:
     return ctx[count]
 
 
+@counter.handler
+async def fan_out(ctx: Context, keys: list[str]) -> None:
+    """One message to each key: exercises channels and the outbox."""
+    ctx[count] += 1
+    for k in keys:
+        ctx.send(ctx.function, k, "increment", by=1)
+
+
 app = statefn.App(counter)
