@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 ETCD_VERSION := 3.4.23
 
-.PHONY: install demo test test-fast test-crash lint bench clean
+.PHONY: install demo test test-fast test-crash e2e lint bench clean
 
 install: $(VENV)/.installed .etcd-installed
 
@@ -21,14 +21,19 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 lint: install
-	$(VENV)/bin/ruff check sdk sidecar operator cli tests bench examples
+	$(VENV)/bin/ruff check sdk sidecar operator cli tests bench examples e2e
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# Everything: lint, unit and integration tests, then the crash suite.
+# Everything: lint, unit and integration tests, the crash suite, then the e2e suite (a real
+# kube-apiserver; its binaries are built from Go modules on first use, ~6 min, then cached).
 test: lint
 	$(PYTEST) -m "not crash and not e2e" -q
 	$(PYTEST) -m crash -q
+	$(PYTEST) e2e -q
+
+e2e: install
+	$(PYTEST) e2e -q
 
 test-fast: install
 	$(PYTEST) -m "not crash and not e2e" -q
