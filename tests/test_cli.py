@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,34 @@ def test_usage_errors_are_one_line() -> None:
     result = runner.invoke(main.app, ["serve", "examples.nosuch:app"])
     assert result.exit_code == 1
     assert "module 'examples.nosuch' not found" in result.output
+
+
+def test_dev_runs_everything_locally() -> None:
+    """`statefn dev APP`: nats-server, etcd, sidecar and gateway in one command; Ctrl-C cleans up."""
+    port = devservers.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "statefn_cli.main", "dev", "examples.counter.app:app",
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, COLUMNS="200"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/functions/demo/counter/k/increment",
+                                             data=b'{"by": 3}', method="POST")
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    assert json.loads(r.read()) == {"result": 3}
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "statefn dev did not serve in time"
+                time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        out = proc.stdout.read() if proc.stdout else ""
+        assert f"gateway  http://127.0.0.1:{port}" in out and "serving demo/counter, bank/account" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
