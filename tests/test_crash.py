@@ -76,6 +76,13 @@ async def client(servers: tuple[devservers.NatsServer, devservers.EtcdServer]) -
         yield c
 
 
+async def wait_for_partitions(sc: procs.SidecarProcess, want: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while sorted(sc.partitions()) != want:
+        assert time.monotonic() < deadline, f"owns {sc.partitions()}, expected {want}"
+        await asyncio.sleep(0.1)
+
+
 async def counts(c: statefn.Client, fn: str, keys: list[str]) -> dict[str, int]:
     out = {}
     for k in keys:
@@ -148,10 +155,7 @@ async def test_zombie_is_fenced(servers, namespace) -> None:
             await asyncio.sleep(1.0)
             zombie.pause()
             # Past the lease TTL (2 s): the survivor takes the zombie's partitions.
-            deadline = time.monotonic() + 20
-            while sorted(survivor.partitions()) != list(range(8)):
-                assert time.monotonic() < deadline, survivor.partitions()
-                await asyncio.sleep(0.2)
+            await wait_for_partitions(survivor, list(range(8)), timeout=20)
             await asyncio.sleep(1.0)
             zombie.resume()
             await load
@@ -172,7 +176,7 @@ async def test_rebalancing_keeps_order_and_counts(servers, namespace) -> None:
     per_key = 60
     with sidecars(1, namespace, servers) as (first,):
         async with client(servers) as c:
-            assert sorted(first.partitions()) == list(range(8))
+            await wait_for_partitions(first, list(range(8)))
 
             async def send_key(k: str) -> None:
                 for seq in range(1, per_key + 1):
@@ -199,10 +203,7 @@ async def test_rebalancing_keeps_order_and_counts(servers, namespace) -> None:
                 for o in others:
                     o.cleanup()
             await load
-            deadline = time.monotonic() + 30
-            while sorted(first.partitions()) != list(range(8)):
-                assert time.monotonic() < deadline, first.partitions()
-                await asyncio.sleep(0.2)
+            await wait_for_partitions(first, list(range(8)))
             states = {}
             for _ in range(100):
                 states = {k: await c.get_state(fn, k) for k in keys}

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import heapq
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import aetcd
 import nats.errors
@@ -21,17 +20,25 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
-from statefn import _codec, _constants, _envelope, _naming
-from statefn_sidecar import commit, config, execution, faults, items, layout, outbox, planner, statecache
+from statefn import _codec, _naming
+from statefn_sidecar import (
+    commit,
+    config,
+    execution,
+    faults,
+    intake,
+    items,
+    layout,
+    outbox,
+    planner,
+    statecache,
+    timers,
+)
 
 _log = logging.getLogger("statefn.partition")
 _RECENT_IDEM = 20_000
 _IDEM_LEASE_BUCKET_S = 600
 _STOP_GRACE_S = 10.0
-
-
-class Router(Protocol):
-    async def partitions(self, function: str) -> int: ...
 
 
 class PartitionWorker:
@@ -66,16 +73,16 @@ class PartitionWorker:
         # Owner caches, valid while we hold the partition.
         self._chan_in: dict[str, tuple[int, int, int]] = {}
         self._chan_out: dict[str, int] = {}
-        self._timers: list[tuple[int, bytes]] = []
-        self._timer_payloads: dict[bytes, bytes] = {}
+        self._timers = timers.TimerHeap()
         self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._publishers: dict[str, outbox.ChannelPublisher] = {}
         self._published_upto: dict[str, int] = {}
         self._trimmed_upto: dict[str, int] = {}
         self._idem_lease: tuple[int, float] | None = None
         self._psub: Any = None
-        self.cache = statecache.StateCache(etcd, self.keys, cfg.max_cached_keys // partition_count)
         self.stats: collections.Counter[str] = collections.Counter()
+        self._intake = intake.Intake(self.pid, nc, self._chan_in, self._recent, self.stats, cfg.gap_retry_delay)
+        self.cache = statecache.StateCache(etcd, self.keys, cfg.max_cached_keys // partition_count)
 
     def __repr__(self) -> str:
         return f"PartitionWorker({self.pid}, epoch={self.epoch})"
@@ -86,26 +93,23 @@ class PartitionWorker:
         self.epoch = epoch
         t = self._etcd.transactions
         k = self.keys
-        _, (chan_in, chan_out, pending, timers, marker) = await self._etcd.transaction(
+        _, (chan_in, chan_out, pending, stored_timers, marker) = await self._etcd.transaction(
             compare=[],
             success=[t.get(p, layout.prefix_end(p)) for p in
                      (k.chan_in_prefix, k.chan_out_prefix, k.outbox_prefix, k.timers_prefix)]
             + [t.get(k.commit_marker)],
             failure=[],
         )
-        self._chan_in = {kv.key[len(k.chan_in_prefix):].decode(): tuple(_codec.unpack(v)) for v, kv in chan_in}
-        self._chan_out = {kv.key[len(k.chan_out_prefix):].decode(): _codec.unpack(v) for v, kv in chan_out}
+        self._chan_in.update({kv.key[len(k.chan_in_prefix):].decode(): tuple(_codec.unpack(v)) for v, kv in chan_in})
+        self._chan_out.update({kv.key[len(k.chan_out_prefix):].decode(): _codec.unpack(v) for v, kv in chan_out})
         self._trimmed_upto = dict(self._chan_out)
         leftovers: list[outbox.Entry] = []
         for v, kv in pending:
             target, seq = kv.key[len(k.outbox_prefix):].decode().rsplit("/", 1)
             leftovers.append(outbox.Entry.decode(target, int(seq), v))
             self._trimmed_upto[target] = min(self._trimmed_upto.get(target, int(seq)), int(seq) - 1)
-        for v, kv in timers:
-            due = int(kv.key[len(k.timers_prefix):].decode().split("/", 1)[0])
-            self._timers.append((due, kv.key))
-            self._timer_payloads[kv.key] = v
-        heapq.heapify(self._timers)
+        for v, kv in stored_timers:
+            self._timers.add(int(kv.key[len(k.timers_prefix):].decode().split("/", 1)[0]), kv.key, v)
         self._committer = commit.Committer(
             self._etcd, self.keys, epoch=epoch, marker=marker[0][0] if marker else None,
             member_id=self._cfg.member_id, faults=self._faults,
@@ -139,6 +143,7 @@ class PartitionWorker:
             except Exception:
                 _log.exception("%s: loop failed while stopping", self.pid)
         if graceful and not self.lost.is_set():
+            await self._hand_back_buffered()
             for pub in self._publishers.values():
                 await pub.drain(timeout=5.0)
             try:
@@ -158,13 +163,34 @@ class PartitionWorker:
             with contextlib.suppress(nats.errors.Error):
                 await self._psub.unsubscribe()
 
+    async def _hand_back_buffered(self) -> None:
+        """NAK what the last pull request delivered after the loop stopped, so the next owner gets it first.
+
+        A pull request outlives the fetch that sent it (until its expiry): messages that arrive in
+        that window land in this subscription's buffer. Left there, they would come back only after
+        ack_wait, behind newer messages for the same keys. NAKed before the owner key is released,
+        the server redelivers them ahead of anything newer to whoever pulls next.
+        """
+        if self._psub is None:
+            return
+        await asyncio.sleep(self._cfg.fetch_timeout + 0.05)
+        handed_back = 0
+        while self._psub.pending_msgs:
+            msg = await self._psub._sub.next_msg(timeout=0.1)
+            if msg.reply and msg.reply.startswith("$JS.ACK."):
+                await msg.nak()
+                handed_back += 1
+        if handed_back:
+            _log.info("%s: handed %d buffered message(s) back to the stream", self.pid, handed_back)
+
     # ---- the loop ----
     async def _run(self) -> None:
         try:
             while not self._stopping:
                 timeout = self._cfg.fetch_timeout
-                if self._timers:
-                    timeout = max(0.001, min(timeout, (self._timers[0][0] - _now_ms()) / 1000))
+                next_due = self._timers.next_due_ms()
+                if next_due is not None:
+                    timeout = max(0.001, min(timeout, (next_due - timers.now_ms()) / 1000))
                 msgs: list[Msg] = []
                 try:
                     msgs = await self._psub.fetch(self._cfg.batch_size, timeout=timeout)
@@ -174,7 +200,7 @@ class PartitionWorker:
                     _log.warning("%s: fetch failed (%s: %s); retrying", self.pid, type(exc).__name__, exc)
                     await asyncio.sleep(0.5)
                     continue
-                batch = await self._decode(msgs) + self._due_timers()
+                batch = await self._intake.decode(msgs) + self._timers.pop_due(self._cfg.batch_size)
                 if batch:
                     await self._process(batch)
                 elif self._pending_trims():
@@ -188,93 +214,6 @@ class PartitionWorker:
         except Exception:
             _log.exception("%s: partition loop crashed; giving the partition up", self.pid)
             self.lost.set()
-
-    async def _decode(self, msgs: list[Msg]) -> list[items.Item]:
-        out: list[items.Item] = []
-        first_by_idem: dict[str, items.Item] = {}
-        wm_batch: dict[str, tuple[int, int, int]] = {}
-        for msg in msgs:
-            headers = msg.headers or {}
-            kind = headers.get(_constants.HEADER_KIND, _constants.KIND_INVOKE)
-            seq = msg.metadata.sequence.stream
-            try:
-                if kind == _constants.KIND_BUNDLE:
-                    bundle = _envelope.decode_bundle(msg.data)
-                    out += await self._bundle_items(msg, bundle, wm_batch)
-                    continue
-                message = _envelope.decode_invoke(msg.data, headers)
-            except Exception as exc:
-                dead = items.Item(kind=items.Kind.DEAD, id=f"seq:{seq}", source=items.Source(msg, 1),
-                                  dead={"raw": msg.data[:4096], "reason": f"{type(exc).__name__}: {exc}",
-                                        "reply_to": headers.get(_constants.HEADER_REPLY_TO)})
-                out.append(dead)
-                continue
-            if not message.idempotency_key:
-                message.idempotency_key = headers.get(_constants.HEADER_MSG_ID) or f"seq:{seq}"
-            idem = message.idempotency_key
-            recent = self._recent.get(idem)
-            if recent is not None:
-                self.stats["duplicates"] += 1
-                if message.reply_to:
-                    await self._nc.publish(message.reply_to, recent)
-                await msg.ack()
-                continue
-            first = first_by_idem.get(idem)
-            if first is not None:
-                self.stats["duplicates"] += 1
-                first.dups.append((msg, message.reply_to))
-                continue
-            item = items.Item(kind=items.Kind.INGRESS, id=idem, message=message, source=items.Source(msg, 1))
-            first_by_idem[idem] = item
-            out.append(item)
-        return out
-
-    async def _bundle_items(self, msg: Msg, bundle: _envelope.Bundle,
-                            wm_batch: dict[str, tuple[int, int, int]]) -> list[items.Item]:
-        """Apply a channel's bundles densely in order; drop what was applied; hold back a gap."""
-        n, nxt, total = wm_batch.get(bundle.sender) or self._chan_in.get(bundle.sender, (0, 0, 0))
-        size = len(bundle.messages)
-        if bundle.seq < n or (bundle.seq == n and nxt >= total):
-            self.stats["duplicates"] += 1
-            await msg.ack()
-            return []
-        if bundle.seq == n:
-            start = nxt
-        elif bundle.seq == n + 1 and nxt >= total:
-            start = 0
-        else:
-            _log.info("%s: bundle %d from %s arrived before %d; holding it back", self.pid, bundle.seq,
-                      bundle.sender, n + 1 if nxt >= total else n)
-            self.stats["gaps"] += 1
-            await msg.nak(delay=self._cfg.gap_retry_delay)
-            return []
-        wm_batch[bundle.sender] = (bundle.seq, size, size)
-        source = items.Source(msg, size - start)
-        return [
-            items.Item(kind=items.Kind.CHANNEL, id=f"{bundle.sender}:{bundle.seq}:{i}", message=m,
-                       source=source, sender=bundle.sender, bundle_seq=bundle.seq, index=i, bundle_size=size)
-            for i, m in enumerate(bundle.messages) if i >= start
-        ]
-
-    def _due_timers(self) -> list[items.Item]:
-        now = _now_ms()
-        out: list[items.Item] = []
-        while self._timers and self._timers[0][0] <= now and len(out) < self._cfg.batch_size:
-            _, tkey = heapq.heappop(self._timers)
-            payload = self._timer_payloads.get(tkey)
-            if payload is None:
-                continue
-            raw = _codec.unpack(payload)
-            if raw[0] == "retry":
-                _, inv_id, plain = raw
-                out.append(items.Item(kind=items.Kind.RETRY, id=inv_id,
-                                      message=_envelope.Message.from_plain(plain), timer_key=tkey))
-            else:
-                _, function, plain = raw
-                out.append(items.Item(kind=items.Kind.DELAYED_SEND, id=tkey.decode(),
-                                      message=_envelope.Message.from_plain(plain), timer_key=tkey,
-                                      target_function=function))
-        return out
 
     # ---- execute and commit ----
     async def _process(self, batch: list[items.Item]) -> None:
@@ -330,10 +269,9 @@ class PartitionWorker:
         self._chan_out.update(eff.chan_out)
         self._trimmed_upto.update(eff.trimmed)
         for tkey in eff.timers_removed:
-            self._timer_payloads.pop(tkey, None)
+            self._timers.remove(tkey)
         for due, tkey, payload in eff.timers_added:
-            self._timer_payloads[tkey] = payload
-            heapq.heappush(self._timers, (due, tkey))
+            self._timers.add(due, tkey, payload)
         for idem, record in eff.idem_records.items():
             self._remember(idem, record)
         for entry in eff.entries:
@@ -398,7 +336,3 @@ class PartitionWorker:
     @property
     def outbox_backlog(self) -> int:
         return sum(p.backlog for p in self._publishers.values())
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -1,0 +1,97 @@
+"""Turning pulled NATS messages into items, dropping what was applied already.
+
+Ingress copies are answered from the owner's recent idempotency records (or, within one batch,
+from the first copy's outcome); a channel's bundles are taken densely in order, duplicates
+dropped and an early bundle held back (NAK with a delay) until the missing one comes back;
+an undecodable message becomes a dead item, never an exception.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from statefn import _constants, _envelope, _naming
+from statefn_sidecar import items
+
+_log = logging.getLogger("statefn.intake")
+Watermark = tuple[int, int, int]  # (bundle seq, next message index, bundle size)
+
+
+class Intake:
+    def __init__(self, pid: _naming.PartitionId, nc: NatsClient, chan_in: dict[str, Watermark],
+                 recent: collections.OrderedDict[str, bytes], stats: collections.Counter[str],
+                 gap_retry_delay: float) -> None:
+        self._pid = pid
+        self._nc = nc
+        self._chan_in = chan_in   # the owner's committed watermarks (shared, updated after commits)
+        self._recent = recent     # the owner's recent idempotency records (shared)
+        self._stats = stats
+        self._gap_retry_delay = gap_retry_delay
+
+    async def decode(self, msgs: list[Msg]) -> list[items.Item]:
+        out: list[items.Item] = []
+        first_by_idem: dict[str, items.Item] = {}
+        wm_batch: dict[str, Watermark] = {}
+        for msg in msgs:
+            headers = msg.headers or {}
+            kind = headers.get(_constants.HEADER_KIND, _constants.KIND_INVOKE)
+            seq = msg.metadata.sequence.stream
+            try:
+                if kind == _constants.KIND_BUNDLE:
+                    out += await self._bundle_items(msg, _envelope.decode_bundle(msg.data), wm_batch)
+                    continue
+                message = _envelope.decode_invoke(msg.data, headers)
+            except Exception as exc:
+                out.append(items.Item(kind=items.Kind.DEAD, id=f"seq:{seq}", source=items.Source(msg, 1),
+                                      dead={"raw": msg.data[:4096], "reason": f"{type(exc).__name__}: {exc}",
+                                            "reply_to": headers.get(_constants.HEADER_REPLY_TO)}))
+                continue
+            if not message.idempotency_key:
+                message.idempotency_key = headers.get(_constants.HEADER_MSG_ID) or f"seq:{seq}"
+            idem = message.idempotency_key
+            recent = self._recent.get(idem)
+            if recent is not None:
+                self._stats["duplicates"] += 1
+                if message.reply_to:
+                    await self._nc.publish(message.reply_to, recent)
+                await msg.ack()
+                continue
+            first = first_by_idem.get(idem)
+            if first is not None:
+                self._stats["duplicates"] += 1
+                first.dups.append((msg, message.reply_to))
+                continue
+            item = items.Item(kind=items.Kind.INGRESS, id=idem, message=message, source=items.Source(msg, 1))
+            first_by_idem[idem] = item
+            out.append(item)
+        return out
+
+    async def _bundle_items(self, msg: Msg, bundle: _envelope.Bundle,
+                            wm_batch: dict[str, Watermark]) -> list[items.Item]:
+        n, nxt, total = wm_batch.get(bundle.sender) or self._chan_in.get(bundle.sender, (0, 0, 0))
+        size = len(bundle.messages)
+        if bundle.seq < n or (bundle.seq == n and nxt >= total):
+            self._stats["duplicates"] += 1
+            await msg.ack()
+            return []
+        if bundle.seq == n:
+            start = nxt
+        elif bundle.seq == n + 1 and nxt >= total:
+            start = 0
+        else:
+            _log.info("%s: bundle %d from %s arrived before %d; holding it back", self._pid, bundle.seq,
+                      bundle.sender, n + 1 if nxt >= total else n)
+            self._stats["gaps"] += 1
+            await msg.nak(delay=self._gap_retry_delay)
+            return []
+        wm_batch[bundle.sender] = (bundle.seq, size, size)
+        source = items.Source(msg, size - start)
+        return [
+            items.Item(kind=items.Kind.CHANNEL, id=f"{bundle.sender}:{bundle.seq}:{i}", message=m,
+                       source=source, sender=bundle.sender, bundle_seq=bundle.seq, index=i, bundle_size=size)
+            for i, m in enumerate(bundle.messages) if i >= start
+        ]

@@ -1,0 +1,59 @@
+"""The owner's in-memory view of its partition's timers (retries and delayed sends).
+
+The timers themselves are etcd keys written and deleted in fenced commits; this heap is only
+the owner's index of them, rebuilt from etcd when a partition is taken.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+from statefn import _codec, _envelope
+from statefn_sidecar import items
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class TimerHeap:
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, bytes]] = []
+        self._payloads: dict[bytes, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._payloads)
+
+    def add(self, due_ms: int, key: bytes, payload: bytes) -> None:
+        self._payloads[key] = payload
+        heapq.heappush(self._heap, (due_ms, key))
+
+    def remove(self, key: bytes) -> None:
+        self._payloads.pop(key, None)  # its heap entry is skipped when it comes up
+
+    def next_due_ms(self) -> int | None:
+        while self._heap and self._heap[0][1] not in self._payloads:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, limit: int) -> list[items.Item]:
+        """Due timers as items; each stays in etcd until the commit that applies it deletes it."""
+        now = now_ms()
+        out: list[items.Item] = []
+        while self._heap and self._heap[0][0] <= now and len(out) < limit:
+            _, key = heapq.heappop(self._heap)
+            payload = self._payloads.get(key)
+            if payload is None:
+                continue
+            raw = _codec.unpack(payload)
+            if raw[0] == "retry":
+                _, inv_id, plain = raw
+                out.append(items.Item(kind=items.Kind.RETRY, id=inv_id,
+                                      message=_envelope.Message.from_plain(plain), timer_key=key))
+            else:
+                _, function, plain = raw
+                out.append(items.Item(kind=items.Kind.DELAYED_SEND, id=key.decode(),
+                                      message=_envelope.Message.from_plain(plain), timer_key=key,
+                                      target_function=function))
+        return out
