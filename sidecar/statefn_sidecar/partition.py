@@ -39,6 +39,7 @@ _log = logging.getLogger("statefn.partition")
 _RECENT_IDEM = 20_000
 _IDEM_LEASE_BUCKET_S = 600
 _STOP_GRACE_S = 10.0
+_LOST_GRACE_S = 5.0
 
 
 class PartitionWorker:
@@ -123,17 +124,20 @@ class PartitionWorker:
         self._task = asyncio.create_task(self._run(), name=f"partition {self.pid}")
 
     async def stop(self, *, graceful: bool) -> None:
-        """Graceful: finish the batch, flush the outbox, trim, then hand the partition back."""
+        """Stop after the batch in hand; graceful: also flush the outbox, trim, hand the partition back.
+
+        Not graceful (the partition is lost): the batch in hand is not cancelled but runs to its
+        commit, which the fence refuses; nothing of it is acked. Cancelling mid-commit would only
+        add an outcome nobody reads.
+        """
         self._stopping = True
         if self._task is not None:
-            if not graceful:
-                self._task.cancel()
             try:
                 # A batch stuck on an unreachable function server or etcd must not block a
                 # shutdown: past the grace period it is abandoned (nothing acked, redelivered).
-                await asyncio.wait_for(asyncio.shield(self._task), _STOP_GRACE_S)
+                await asyncio.wait_for(asyncio.shield(self._task), _STOP_GRACE_S if graceful else _LOST_GRACE_S)
             except TimeoutError:
-                _log.warning("%s: batch still running after %ss; abandoning it", self.pid, _STOP_GRACE_S)
+                _log.warning("%s: batch still running at stop; abandoning it", self.pid)
                 graceful = False
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -5,6 +5,7 @@ The namespace comes from ``STATEFN_TEST_NS`` so each test gets its own function 
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import statefn
@@ -30,6 +31,14 @@ async def ordered(ctx: Context, seq: int) -> int:
     if seq != ctx[last_seq] + 1:
         ctx[violations].append(f"got {seq} after {ctx[last_seq]}")
     ctx[last_seq] = max(seq, ctx[last_seq])
+    ctx[count] += 1
+    return ctx[count]
+
+
+@counter.handler
+async def slow_increment(ctx: Context, seconds: float) -> int:
+    """Holds a batch in hand long enough for a test to pause the process mid-invocation."""
+    await asyncio.sleep(seconds)
     ctx[count] += 1
     return ctx[count]
 
