@@ -268,3 +268,30 @@ async def test_new_owner_finishes_the_outbox(servers, namespace) -> None:
                 assert await counts(c, fn, [f"src{i}" for i in range(10)]) == {f"src{i}": 1 for i in range(10)}
     finally:
         stuck.cleanup()
+
+
+async def test_timers_survive_the_owner(servers, namespace) -> None:
+    """Delayed sends committed by an owner killed before they fire are fired once by the next owner."""
+    fn = f"{namespace}/counter"
+    first = procs.SidecarProcess(APP, namespace, *servers).start()
+    try:
+        first.wait_ready()
+        async with client(servers) as c:
+            await wait_for_partitions(first, list(range(8)))
+            for i in range(20):
+                await c.invoke(fn, f"sender{i}", "increment_later", target=f"late{i % 5}", delay=4.0,
+                               idempotency_key=f"later-{i}")
+            first.kill()  # the timers are only in etcd now
+            with sidecars(1, namespace, servers) as (heir,):
+                await wait_for_partitions(heir, list(range(8)))
+                targets = [f"late{i}" for i in range(5)]
+                deadline = time.monotonic() + 30
+                got: dict[str, int] = {}
+                while got != dict.fromkeys(targets, 4):
+                    assert time.monotonic() < deadline, got
+                    await asyncio.sleep(0.2)
+                    got = await counts(c, fn, targets)
+                await asyncio.sleep(1.0)
+                assert await counts(c, fn, targets) == dict.fromkeys(targets, 4)
+    finally:
+        first.cleanup()

@@ -44,6 +44,12 @@ async def slow_increment(ctx: Context, seconds: float) -> int:
 
 
 @counter.handler
+async def increment_later(ctx: Context, target: str, delay: float) -> None:
+    """A delayed send: a timer in the sender's partition until it fires."""
+    ctx.send(ctx.function, target, "increment", delay=delay, by=1)
+
+
+@counter.handler
 async def fan_out(ctx: Context, keys: list[str]) -> None:
     """One message to each key: exercises channels and the outbox."""
     ctx[count] += 1
