@@ -1,4 +1,5 @@
 """The statefn control plane (kopf operator): CRD handlers, pod templates, autoscaling.
 
-Not built yet: see the Kubernetes issue. The package exists so the layering contracts hold.
+So far: the pure builders of what a StatefulFunction becomes (``manifests``). The kopf handlers,
+stream provisioning and the autoscaler come next (see the Kubernetes issue).
 """
