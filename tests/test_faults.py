@@ -6,19 +6,15 @@ import asyncio
 import collections
 
 import statefn
-from statefn import Context, StatefulFunction
+from statefn import Context
 from statefn_sidecar import config, faults, invoker, sidecar
-from tests import helpers
+from tests import helpers, test_smoke
 
 
 def make_app(ns: str) -> statefn.App:
-    counter = StatefulFunction(f"{ns}/counter")
-    count = counter.state("count", int, default=0)
-
-    @counter.handler
-    async def increment(ctx: Context, by: int = 1) -> int:
-        ctx[count] += by
-        return ctx[count]
+    app = test_smoke.make_app(ns)
+    counter = app.functions[f"{ns}/counter"]
+    count = counter.states["count"]
 
     @counter.handler
     async def fan_out(ctx: Context, keys: list[str]) -> None:
@@ -27,7 +23,7 @@ def make_app(ns: str) -> statefn.App:
         for k in keys:
             ctx.send(f"{ctx.function}", k, "increment", by=1)
 
-    return statefn.App(counter)
+    return app
 
 
 async def test_unknown_outcomes_never_apply_twice(nats_server, etcd_server, namespace) -> None:
