@@ -8,7 +8,7 @@ import json
 import pytest
 
 from e2e import harness
-from statefn_operator import manifests
+from statefn_operator import manifests, settings
 
 NS = "psa-restricted"
 BODY = {"metadata": {"name": "counter", "namespace": NS},
@@ -29,7 +29,7 @@ def _apply(cluster: harness.ControlPlane, obj: dict[str, object]) -> tuple[int, 
 
 
 def test_function_pod_template_is_admitted_as_restricted(restricted: harness.ControlPlane) -> None:
-    dep = manifests.deployment(BODY, manifests.Settings("nats://nats:4222", "etcd:2379"))
+    dep = manifests.deployment(BODY, settings.Settings(nats_url="nats://nats:4222", etcd_endpoint="etcd:2379"), 1)
     assert _apply(restricted, manifests.service_account(BODY)) == (0, "")
     code, warnings = _apply(restricted, dep)
     assert code == 0 and "PodSecurity" not in warnings, warnings
@@ -37,7 +37,7 @@ def test_function_pod_template_is_admitted_as_restricted(restricted: harness.Con
 
 def test_the_check_can_fail(restricted: harness.ControlPlane) -> None:
     """A template without the hardening is reported by the same admission (the test is not vacuous)."""
-    dep = copy.deepcopy(manifests.deployment(BODY, manifests.Settings("n", "e")))
+    dep = copy.deepcopy(manifests.deployment(BODY, settings.Settings(nats_url="n", etcd_endpoint="e"), 1))
     del dep["spec"]["template"]["spec"]["initContainers"][0]["securityContext"]
     code, warnings = _apply(restricted, dep)
     assert code == 0 and 'would violate PodSecurity "restricted:latest"' in warnings, warnings

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from statefn_operator import manifests
+import pytest
+
+import statefn
+from statefn_operator import manifests, settings
 
 BODY: dict[str, Any] = {
     "apiVersion": "statefn.dev/v1alpha1", "kind": "StatefulFunction",
@@ -13,31 +16,34 @@ BODY: dict[str, Any] = {
              "maxStateBytes": 65536, "scaling": {"minReplicas": 2, "maxReplicas": 4},
              "env": [{"name": "MODE", "value": "prod"}], "resources": {"limits": {"memory": "256Mi"}}},
 }
-SETTINGS = manifests.Settings(nats_url="nats://nats:4222", etcd_endpoint="etcd:2379")
+SETTINGS = settings.Settings(nats_url="nats://nats:4222", etcd_endpoint="etcd:2379")
 
 
 def test_deployment_runs_function_and_native_sidecar() -> None:
-    dep = manifests.deployment(BODY, SETTINGS)
+    dep = manifests.deployment(BODY, SETTINGS, 2)
     assert dep["metadata"]["name"] == "sfn-counter" and dep["metadata"]["namespace"] == "shop"
     assert dep["spec"]["replicas"] == 2
     pod = dep["spec"]["template"]["spec"]
     (function,) = pod["containers"]
     (sidecar,) = pod["initContainers"]
     assert function["command"] == ["statefn", "serve", "shop.app:app", "--host", "127.0.0.1", "--port", "9000"]
+    assert function["ports"] == [{"name": "function", "containerPort": 9000}]
     assert function["env"] == [{"name": "MODE", "value": "prod"}]
     assert function["resources"] == {"limits": {"memory": "256Mi"}}
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["image"] == "registry.local/shop:1.2"
-    assert sidecar["command"] == ["statefn", "sidecar", "--remote", "http://127.0.0.1:9000", "--health-port", "8081",
-                                  "--partitions", "8", "--max-state-bytes", "65536"]
+    assert sidecar["command"] == ["statefn", "sidecar", "--remote", "http://127.0.0.1:9000",
+                                  "--function", "shop/counter", "--health-host", "$(POD_IP)", "--health-port", "8081",
+                                  "--partitions", "8", "--max-attempts", "5", "--max-state-bytes", "65536"]
     assert {e["name"]: e.get("value") for e in sidecar["env"]} == {
-        "STATEFN_NATS": "nats://nats:4222", "STATEFN_ETCD": "etcd:2379", "STATEFN_MEMBER_ID": None}
+        "POD_IP": None, "STATEFN_NATS": "nats://nats:4222", "STATEFN_ETCD": "etcd:2379", "STATEFN_MEMBER_ID": None}
+    assert sidecar["env"][0]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert pod["serviceAccountName"] == "sfn-counter" and pod["automountServiceAccountToken"] is False
 
 
 def test_pod_template_is_restricted() -> None:
-    pod = manifests.deployment(BODY, SETTINGS)["spec"]["template"]["spec"]
+    pod = manifests.deployment(BODY, SETTINGS, 2)["spec"]["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     for c in pod["containers"] + pod["initContainers"]:
         sc = c["securityContext"]
@@ -47,7 +53,7 @@ def test_pod_template_is_restricted() -> None:
 
 
 def test_labels_and_immutable_selector() -> None:
-    dep = manifests.deployment(BODY, SETTINGS)
+    dep = manifests.deployment(BODY, SETTINGS, 2)
     assert dep["spec"]["selector"]["matchLabels"] == {
         "app.kubernetes.io/instance": "sfn-counter", "statefn.dev/function": "shop.counter"}
     assert dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "function"
@@ -58,9 +64,28 @@ def test_labels_and_immutable_selector() -> None:
 
 def test_defaults_when_optional_fields_are_absent() -> None:
     body = {"metadata": {"name": "c", "namespace": "d"}, "spec": {"image": "i", "app": "m:a"}}
-    dep = manifests.deployment(body, manifests.Settings("n", "e", sidecar_image="statefn:1"))
+    dep = manifests.deployment(body, settings.Settings(nats_url="n", etcd_endpoint="e", sidecar_image="statefn:1"), 1)
     pod = dep["spec"]["template"]["spec"]
     assert dep["spec"]["replicas"] == 1
+    assert "ownerReferences" not in dep["metadata"]  # no uid: not created by the API server yet
     assert pod["initContainers"][0]["image"] == "statefn:1"
     assert "--partitions" in pod["initContainers"][0]["command"]
     assert pod["initContainers"][0]["command"][pod["initContainers"][0]["command"].index("--partitions") + 1] == "16"
+
+
+def test_owned_by_the_function_and_named_by_spec_function() -> None:
+    body = {**BODY, "spec": {**BODY["spec"], "function": "demo/counter"}}
+    dep = manifests.deployment(body, SETTINGS, 0)
+    assert dep["spec"]["replicas"] == 0
+    (owner,) = dep["metadata"]["ownerReferences"]
+    assert owner == {"apiVersion": "statefn.dev/v1alpha1", "kind": "StatefulFunction", "name": "counter",
+                     "uid": "u-1", "controller": True, "blockOwnerDeletion": True}
+    assert manifests.service_account(body)["metadata"]["ownerReferences"] == [owner]
+    command = dep["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    assert command[command.index("--function") + 1] == "demo/counter"
+
+
+def test_an_invalid_function_type_is_refused_with_the_rule() -> None:
+    body = {**BODY, "spec": {**BODY["spec"], "function": "Demo_Counter"}}
+    with pytest.raises(statefn.StatefnError, match="expected 'namespace/name'"):
+        manifests.function_type(body)

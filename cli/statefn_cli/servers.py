@@ -25,6 +25,11 @@ def sidecar_cmd(
     etcd: common.EtcdOpt = common.DEFAULT_ETCD,
     partitions: Annotated[int | None, typer.Option(envvar="STATEFN_PARTITIONS",
                                                    help="for a new function; fixed once created")] = None,
+    functions: Annotated[list[str] | None, typer.Option(
+        "--function", help="host only this function type (repeatable); default: all the app defines")] = None,
+    max_attempts: Annotated[int | None, typer.Option(envvar="STATEFN_MAX_ATTEMPTS",
+                                                     help="override the functions' retry limit")] = None,
+    health_host: Annotated[str, typer.Option(envvar="STATEFN_HEALTH_HOST")] = "127.0.0.1",
     health_port: Annotated[int, typer.Option(envvar="STATEFN_HEALTH_PORT")] = 8081,
     lease_ttl: Annotated[int, typer.Option(envvar="STATEFN_LEASE_TTL")] = 10,
     ack_wait: Annotated[float, typer.Option(envvar="STATEFN_ACK_WAIT")] = 30.0,
@@ -43,10 +48,11 @@ def sidecar_cmd(
                                    else invoker.RemoteInvoker(str(remote)))
         settings: dict[str, object] = {
             "nats_url": nats_url, "etcd_endpoint": etcd, "partitions": partitions, "lease_ttl": lease_ttl,
-            "ack_wait": ack_wait, "batch_size": batch_size, "max_state_bytes": max_state_bytes}
+            "ack_wait": ack_wait, "batch_size": batch_size, "max_state_bytes": max_state_bytes,
+            "functions": tuple(functions or ()), "max_attempts": max_attempts}
         if member_id:
             settings["member_id"] = member_id
-        await sidecar.Sidecar(config.SidecarConfig.model_validate(settings), runner).serve(health_port)
+        await sidecar.Sidecar(config.SidecarConfig.model_validate(settings), runner).serve(health_port, health_host)
 
     common.run(main())
 

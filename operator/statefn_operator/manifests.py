@@ -7,27 +7,43 @@ without a cluster and the kopf handlers stay thin. The pod template meets Pod Se
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from statefn import _constants
+from statefn import _constants, _naming
+from statefn_operator import settings as settings_mod
 
 FUNCTION_PORT = 9000
 HEALTH_PORT = 8081
 RUN_AS_USER = 65532  # "nonroot" in distroless-style images
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Where the data plane's services are, as the operator was told (chart values)."""
-
-    nats_url: str
-    etcd_endpoint: str
-    sidecar_image: str | None = None  # None: the function's own image also runs the sidecar
-
-
 def name_of(body: dict[str, Any]) -> str:
     return f"sfn-{body['metadata']['name']}"
+
+
+def function_type(body: dict[str, Any]) -> _naming.FunctionType:
+    """spec.function, or the resource's own namespace/name (validated the same way either way)."""
+    meta = body["metadata"]
+    return _naming.FunctionType.parse(body["spec"].get("function") or f"{meta['namespace']}/{meta['name']}")
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    """The Deployment and ServiceAccount belong to the StatefulFunction (garbage-collected with it)."""
+    return {
+        "apiVersion": f"{_constants.API_GROUP}/{_constants.API_VERSION}",
+        "kind": "StatefulFunction",
+        "name": body["metadata"]["name"],
+        "uid": body["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(body: dict[str, Any]) -> dict[str, Any]:
+    meta = {"name": name_of(body), "namespace": body["metadata"]["namespace"], "labels": labels(body)}
+    if body["metadata"].get("uid"):
+        meta["ownerReferences"] = [owner_reference(body)]
+    return meta
 
 
 def labels(body: dict[str, Any]) -> dict[str, str]:
@@ -36,7 +52,7 @@ def labels(body: dict[str, Any]) -> dict[str, str]:
         "app.kubernetes.io/name": meta["name"],
         "app.kubernetes.io/instance": name_of(body),
         _constants.LABEL_COMPONENT: "function",
-        "app.kubernetes.io/managed-by": "statefn-operator",
+        "app.kubernetes.io/managed-by": _constants.MANAGED_BY,
         _constants.LABEL_FUNCTION: f"{meta['namespace']}.{meta['name']}",
     }
 
@@ -65,21 +81,23 @@ def service_account(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": {"name": name_of(body), "namespace": body["metadata"]["namespace"], "labels": labels(body)},
+        "metadata": _metadata(body),
         # Neither the handlers nor the sidecar talk to the Kubernetes API.
         "automountServiceAccountToken": False,
     }
 
 
-def deployment(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def deployment(body: dict[str, Any], settings: settings_mod.Settings, replicas: int) -> dict[str, Any]:
+    """The function's Deployment at ``replicas`` (the autoscaler's, not the spec's, decision)."""
     spec = body["spec"]
-    meta = body["metadata"]
-    scaling = spec.get("scaling", {})
     env = [{"name": e["name"], "value": e.get("value", "")} for e in spec.get("env", [])]
+    pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
     function = {
         "name": "function",
+        # Listens on the pod's loopback only: nothing outside the pod can invoke handlers directly.
         "image": spec["image"],
         "command": ["statefn", "serve", spec["app"], "--host", "127.0.0.1", "--port", str(FUNCTION_PORT)],
+        "ports": [{"name": "function", "containerPort": FUNCTION_PORT}],
         "env": env,
         "resources": spec.get("resources", {}),
         "securityContext": _restricted(),
@@ -92,9 +110,14 @@ def deployment(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
         # after the function container, so it can release its partitions on SIGTERM.
         "restartPolicy": "Always",
         "command": ["statefn", "sidecar", "--remote", f"http://127.0.0.1:{FUNCTION_PORT}",
-                    "--health-port", str(HEALTH_PORT), "--partitions", str(spec.get("partitions", 16)),
+                    "--function", str(function_type(body)),
+                    # Probes come from outside the pod, so health listens on the pod's address.
+                    "--health-host", "$(POD_IP)", "--health-port", str(HEALTH_PORT),
+                    "--partitions", str(spec.get("partitions", _constants.DEFAULT_PARTITIONS)),
+                    "--max-attempts", str(spec.get("maxAttempts", _constants.DEFAULT_MAX_ATTEMPTS)),
                     "--max-state-bytes", str(spec.get("maxStateBytes", _constants.DEFAULT_MAX_STATE_BYTES))],
         "env": [
+            pod_ip,
             {"name": "STATEFN_NATS", "value": settings.nats_url},
             {"name": "STATEFN_ETCD", "value": settings.etcd_endpoint},
             {"name": "STATEFN_MEMBER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -107,9 +130,9 @@ def deployment(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name_of(body), "namespace": meta["namespace"], "labels": labels(body)},
+        "metadata": _metadata(body),
         "spec": {
-            "replicas": scaling.get("minReplicas", 1),
+            "replicas": replicas,
             "selector": {"matchLabels": selector(body)},
             "template": {
                 "metadata": {"labels": labels(body)},

@@ -50,3 +50,17 @@ API_GROUP = "statefn.dev"
 API_VERSION = "v1alpha1"
 LABEL_FUNCTION = "statefn.dev/function"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+FINALIZER = "statefn.dev/finalizer"
+ANNOTATION_PREFIX = "statefn.dev"  # kopf's progress and last-handled-configuration annotations
+FIELD_MANAGER = "statefn-operator"
+MANAGED_BY = "statefn-operator"
+DEFAULT_AUTOSCALE_INTERVAL_S = 5.0
+# Events and conditions use these reasons; tests and dashboards match on them.
+REASON_PROVISIONED = "Provisioned"
+REASON_PROVISION_FAILED = "ProvisionFailed"
+REASON_SCALED = "Scaled"
+REASON_SCALED_TO_ZERO = "ScaledToZero"
+REASON_AVAILABLE = "Available"
+REASON_PROGRESSING = "Progressing"
+REASON_MISSING_FUNCTION = "MissingFunction"
+REASON_PUBLISHED = "Published"

@@ -120,6 +120,11 @@ class PartitionId:
         return cls(FunctionType(ns, name), int(p))
 
 
+def workflow_key(namespace: str, name: str) -> str:
+    """Where the operator publishes a Workflow's definition for the orchestrator."""
+    return f"{_constants.ETCD_ROOT}/workflows/{namespace}/{name}"
+
+
 def escape_key(key: str) -> str:
     """Keys are arbitrary strings; escape '/' so one key's prefix never covers another key."""
     return urllib.parse.quote(key, safe="")

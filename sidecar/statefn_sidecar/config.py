@@ -15,6 +15,11 @@ class SidecarConfig(pydantic.BaseModel):
     nats_url: str = "nats://127.0.0.1:4222"
     etcd_endpoint: str = "127.0.0.1:2379"
     member_id: str = pydantic.Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Empty: every function the app defines. A Deployment hosts one function type, so it can
+    # scale on that function's own lag even when the image's app defines several.
+    functions: tuple[str, ...] = ()
+    # None: each function's own policy from its code (StatefulFunction(max_attempts=...)).
+    max_attempts: int | None = pydantic.Field(default=None, ge=1)
     # None: the count the function was created with (or the default for a new function).
     partitions: int | None = pydantic.Field(default=None, ge=1, le=_constants.MAX_PARTITIONS)
     lease_ttl: int = pydantic.Field(default=_constants.DEFAULT_LEASE_TTL_S, ge=1)

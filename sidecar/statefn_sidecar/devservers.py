@@ -21,16 +21,13 @@ from pathlib import Path
 CONF_DIR = Path(__file__).parent / "serverconf"
 
 
-def free_port() -> int:
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def find_binary(name: str) -> str:
@@ -45,12 +42,15 @@ def find_binary(name: str) -> str:
 
 
 class _Server:
+    """A local server on a free port of ``host`` (any 127.x.y.z address is loopback on Linux)."""
+
     name = ""
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, host: str = LOOPBACK) -> None:
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"statefn-{self.name}-"))
-        self.port = free_port()
+        self.host = host
+        self.port = free_port(host)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / f"{self.name}.log"
 
@@ -106,21 +106,21 @@ class _Server:
 class NatsServer(_Server):
     name = "nats"
 
-    def __init__(self, workdir: Path | None = None) -> None:
-        super().__init__(workdir)
-        self.monitor_port = free_port()
+    def __init__(self, workdir: Path | None = None, host: str = LOOPBACK) -> None:
+        super().__init__(workdir, host)
+        self.monitor_port = free_port(host)
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        return [find_binary("nats-server"), "-c", str(CONF_DIR / "nats-server.conf"), "-a", "127.0.0.1",
+        return [find_binary("nats-server"), "-c", str(CONF_DIR / "nats-server.conf"), "-a", self.host,
                 "-p", str(self.port), "-m", str(self.monitor_port), "-sd", str(self.workdir / "js")]
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true",
+            with urllib.request.urlopen(f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true",
                                         timeout=0.5) as r:
                 return bool(r.status == 200)
         except OSError:
@@ -130,19 +130,19 @@ class NatsServer(_Server):
 class EtcdServer(_Server):
     name = "etcd"
 
-    def __init__(self, workdir: Path | None = None) -> None:
-        super().__init__(workdir)
-        self.peer_port = free_port()
+    def __init__(self, workdir: Path | None = None, host: str = LOOPBACK) -> None:
+        super().__init__(workdir, host)
+        self.peer_port = free_port(host)
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         flags = [line.strip() for line in (CONF_DIR / "etcd.flags").read_text().splitlines()
                  if line.strip() and not line.startswith("#")]
-        client = f"http://127.0.0.1:{self.port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"http://{self.host}:{self.port}"
+        peer = f"http://{self.host}:{self.peer_port}"
         return [find_binary("etcd"), "--name", "statefn-dev", "--data-dir", str(self.workdir / "data"),
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
@@ -150,7 +150,7 @@ class EtcdServer(_Server):
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=0.5) as r:
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=0.5) as r:
                 return b'"health":"true"' in r.read()
         except OSError:
             return False

@@ -18,7 +18,7 @@ import nats
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from statefn import _client, _naming, _signals
+from statefn import _client, _errors, _naming, _signals
 from statefn_sidecar import commit, config, execution, faults, host, invoker, topology
 
 _log = logging.getLogger("statefn.sidecar")
@@ -52,6 +52,17 @@ async def connect_etcd(endpoint: str) -> aetcd.Client:
             delay = min(delay * 2, 5.0)
 
 
+def hosted(description: dict[str, Any], wanted: tuple[str, ...]) -> dict[str, Any]:
+    """The functions this sidecar runs: those asked for, or all the app defines."""
+    if not wanted:
+        return description
+    missing = [w for w in wanted if w not in description]
+    if missing:
+        raise _errors.UnknownFunction(
+            f"the app does not define {', '.join(missing)}; it defines {', '.join(sorted(description)) or 'nothing'}")
+    return {name: description[name] for name in wanted}
+
+
 class Sidecar:
     def __init__(self, cfg: config.SidecarConfig, runner: invoker.Invoker,
                  fault_injection: faults.Faults | None = None) -> None:
@@ -72,8 +83,10 @@ class Sidecar:
         self._etcd = await connect_etcd(self.cfg.etcd_endpoint)
         js = self._nc.jetstream(timeout=10)
         router = topology.Router(self._etcd)
-        description = await self.invoker.describe()
+        description = hosted(await self.invoker.describe(), self.cfg.functions)
         for name, desc in description.items():
+            if self.cfg.max_attempts is not None:
+                desc = dict(desc, max_attempts=self.cfg.max_attempts)
             fn = _naming.FunctionType.parse(name)
             count = await topology.provision(js, self._etcd, fn, desc, self.cfg.partitions,
                                              ack_wait=self.cfg.ack_wait, batch_size=self.cfg.batch_size)
@@ -165,10 +178,10 @@ class Sidecar:
                 "stats": dict(stats), "faults": dict(self.faults.fired)}
 
     # ---- process entry ----
-    async def serve(self, health_port: int | None = None) -> None:
+    async def serve(self, health_port: int | None = None, health_host: str = "127.0.0.1") -> None:
         runner = None
         if health_port is not None:
-            runner = await start_health(self, health_port)
+            runner = await start_health(self, health_host, health_port)
         stopped = asyncio.create_task(_signals.until_stopped())
         await asyncio.sleep(0)  # the handlers are in place before startup, which may wait for NATS/etcd
         await self.start()
@@ -179,7 +192,7 @@ class Sidecar:
             await runner.cleanup()
 
 
-async def start_health(sidecar: Sidecar, port: int) -> web.AppRunner:
+async def start_health(sidecar: Sidecar, host: str, port: int) -> web.AppRunner:
     """/healthz (alive), /readyz (connected and provisioned), /status (partitions, counters)."""
 
     async def healthz(_: web.Request) -> web.Response:
@@ -195,5 +208,5 @@ async def start_health(sidecar: Sidecar, port: int) -> web.AppRunner:
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, host, port).start()
     return runner

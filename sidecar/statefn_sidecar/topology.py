@@ -6,6 +6,7 @@ every key lives in, so changing it later would move keys away from their state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
@@ -74,6 +75,59 @@ async def ensure_consumers(js: JetStreamContext, fn: _naming.FunctionType, parti
         ))
 
 
+def max_ack_pending(batch_size: int) -> int:
+    """Enough in flight for a few batches; the operator and the sidecar must agree on it."""
+    return max(batch_size * 4, 256)
+
+
+async def reserve(etcd: aetcd.Client, fn: _naming.FunctionType, partitions: int) -> None:
+    """Fix the partition count before any pod runs (the operator's registration).
+
+    Creates the registration if absent and leaves an existing one alone, so a running sidecar's
+    description (handlers, states) is never overwritten by this placeholder.
+    """
+    key = fn.meta_key.encode()
+    t = etcd.transactions
+    placeholder = {"type": str(fn), "partitions": partitions, "handlers": {}, "states": []}
+    ok, resp = await etcd.transaction(
+        compare=[t.version(key) == 0],
+        success=[t.put(key, json.dumps(placeholder).encode())],
+        failure=[t.get(key)],
+    )
+    if not ok:
+        count = int(json.loads(resp[0][0][0])["partitions"])
+        if count != partitions:
+            raise PartitionMismatch(
+                f"{fn} was created with {count} partitions; the partition count is fixed at creation "
+                f"(asked for {partitions})"
+            )
+
+
+async def remove(js: JetStreamContext, etcd: aetcd.Client, fn: _naming.FunctionType, *, delete_data: bool) -> None:
+    """Deregister a function; with ``delete_data`` also drop its stream (queued messages) and state."""
+    await etcd.delete(fn.meta_key.encode())
+    if delete_data:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(fn.stream)
+        await etcd.delete_prefix(f"{fn.etcd_prefix}/".encode())
+    _log.info("removed %s%s", fn, " with its stream and state" if delete_data else "")
+
+
+async def lag(js: JetStreamContext, fn: _naming.FunctionType) -> int:
+    """Messages not yet processed: pending delivery plus delivered-but-unacked, over all partitions.
+
+    One request per function (the consumer list), however many partitions it has.
+    """
+    total = 0
+    offset = 0
+    while True:
+        page = await js.consumers_info(fn.stream, offset=offset)
+        total += sum(int(c.num_pending or 0) + int(c.num_ack_pending or 0) for c in page)
+        if len(page) < 256:
+            return total
+        offset += len(page)
+
+
 async def register(etcd: aetcd.Client, fn: _naming.FunctionType, description: dict[str, Any],
                    partitions: int | None) -> int:
     """Publish the function's metadata; returns the partition count in force."""
@@ -112,7 +166,7 @@ async def provision(js: JetStreamContext, etcd: aetcd.Client, fn: _naming.Functi
     count = partitions or _constants.DEFAULT_PARTITIONS
     if existing is not None:
         count = int(json.loads(existing.value)["partitions"])
-    await ensure_consumers(js, fn, count, ack_wait=ack_wait, max_ack_pending=max(batch_size * 4, 256))
+    await ensure_consumers(js, fn, count, ack_wait=ack_wait, max_ack_pending=max_ack_pending(batch_size))
     return await register(etcd, fn, description, partitions)
 
 

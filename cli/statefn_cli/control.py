@@ -1,0 +1,42 @@
+"""``statefn operator``: the control plane process."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from statefn import _constants
+from statefn_cli import common
+from statefn_operator import runner, settings
+
+app = typer.Typer()
+
+
+@app.command("operator")
+def operator_cmd(
+    nats_url: common.NatsOpt = common.DEFAULT_NATS,
+    etcd: common.EtcdOpt = common.DEFAULT_ETCD,
+    namespace: Annotated[list[str] | None, typer.Option(
+        "--namespace", "-n", help="watch this namespace (repeatable); default: all namespaces")] = None,
+    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A", help="watch every namespace")] = False,
+    peering: Annotated[str | None, typer.Option(
+        envvar="STATEFN_PEERING", help="kopf peering name: replicas elect one active leader")] = None,
+    standalone: Annotated[bool, typer.Option(help="no leader election (one replica only)")] = False,
+    sidecar_image: Annotated[str | None, typer.Option(envvar="STATEFN_SIDECAR_IMAGE")] = None,
+    autoscale_interval: Annotated[float, typer.Option(envvar="STATEFN_AUTOSCALE_INTERVAL")] = (
+        _constants.DEFAULT_AUTOSCALE_INTERVAL_S),
+    health_host: Annotated[str, typer.Option(envvar="STATEFN_HEALTH_HOST")] = "127.0.0.1",
+    health_port: Annotated[int | None, typer.Option(envvar="STATEFN_HEALTH_PORT", help="serve /healthz")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Turn StatefulFunctions and Workflows into Deployments, streams and registrations; autoscale them."""
+    if all_namespaces and namespace:
+        raise common.fail("give --all-namespaces or --namespace, not both")
+    if (peering is None) == (not standalone):
+        raise common.fail("give --peering NAME (leader election among replicas) or --standalone (one replica)")
+    common.setup_logging(verbose)
+    cfg = settings.Settings(nats_url=nats_url, etcd_endpoint=etcd, sidecar_image=sidecar_image,
+                            autoscale_interval=autoscale_interval)
+    liveness = f"http://{health_host}:{health_port}/healthz" if health_port else None
+    common.run(runner.run(cfg, namespaces=list(namespace or []), peering=peering, liveness_endpoint=liveness))

@@ -1,0 +1,57 @@
+"""The operator's one connection to NATS and etcd, shared by every handler.
+
+The operator provisions streams, consumers and registrations ahead of any pod (so messages can
+queue while a function is scaled to zero, and lag can be read before the first pod starts), and
+removes them on deletion. It uses the sidecar's own topology code: one definition of a stream's
+shape, not two that could drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import aetcd
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js.client import JetStreamContext
+
+from statefn import _constants, _naming
+from statefn_sidecar import sidecar, topology
+
+_log = logging.getLogger("statefn.operator.dataplane")
+
+
+@dataclasses.dataclass
+class DataPlane:
+    nc: NatsClient
+    js: JetStreamContext
+    etcd: aetcd.Client
+
+    @classmethod
+    async def connect(cls, nats_url: str, etcd_endpoint: str) -> DataPlane:
+        nc = await sidecar.connect_nats(nats_url, "statefn-operator")
+        etcd = await sidecar.connect_etcd(etcd_endpoint)
+        return cls(nc, nc.jetstream(timeout=10), etcd)
+
+    async def close(self) -> None:
+        await self.nc.close()
+        await self.etcd.close()
+
+    async def provision(self, fn: _naming.FunctionType, partitions: int) -> None:
+        """Stream, dead-letter stream, one consumer per partition, then the registration."""
+        await topology.ensure_stream(self.js, fn)
+        await topology.ensure_dlq_stream(self.js)
+        await topology.ensure_consumers(self.js, fn, partitions, ack_wait=_constants.DEFAULT_ACK_WAIT_S,
+                                        max_ack_pending=topology.max_ack_pending(_constants.DEFAULT_BATCH_SIZE))
+        await topology.reserve(self.etcd, fn, partitions)
+
+    async def remove(self, fn: _naming.FunctionType, *, delete_data: bool) -> None:
+        await topology.remove(self.js, self.etcd, fn, delete_data=delete_data)
+
+    async def lag(self, fn: _naming.FunctionType) -> int | None:
+        """None when the stream does not exist (yet, or any more)."""
+        try:
+            return await topology.lag(self.js, fn)
+        except nats.js.errors.NotFoundError:
+            return None

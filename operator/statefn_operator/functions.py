@@ -1,0 +1,148 @@
+"""kopf handlers for StatefulFunction: provision, roll out, autoscale, clean up.
+
+Create, update and resume all run one idempotent reconcile (what exists is converged, not
+re-created). A daemon per function reads its lag, decides replicas and keeps the status
+current; it is the only place that scales, so decisions cannot race each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import kopf
+
+from statefn import _constants, _errors
+from statefn_operator import autoscaling, conditions, manifests, runtime
+from statefn_sidecar import commit, topology
+
+PLURAL = "statefulfunctions"
+RESOURCE = (_constants.API_GROUP, _constants.API_VERSION, PLURAL)
+PROVISIONED = "Provisioned"
+READY = "Ready"
+
+
+def _initial_replicas(spec: dict[str, Any], existing: int | None) -> int:
+    """Keep what the autoscaler decided, within the (possibly edited) bounds."""
+    policy = autoscaling.Policy.from_spec(spec)
+    if existing is None:
+        return policy.min_replicas
+    return min(max(existing, policy.min_replicas), policy.ceiling)
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE)
+async def reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any,
+                    logger: kopf.Logger, **_: Any) -> None:
+    rt = runtime.of(memo)
+    writer = runtime.status_writer(memo, PLURAL, body)
+    generation = int(meta.get("generation") or 0)
+    raw = dict(body)
+    try:
+        fn = manifests.function_type(raw)
+        await rt.dataplane.provision(fn, int(spec.get("partitions", _constants.DEFAULT_PARTITIONS)))
+    except (_errors.InvalidFunctionType, topology.PartitionMismatch) as exc:
+        await _refuse(body, writer, generation, str(exc))
+        raise kopf.PermanentError(str(exc)) from exc
+    except Exception as exc:
+        if not commit.is_transient(exc) and not isinstance(exc, (OSError, TimeoutError)):
+            raise
+        await writer.update(generation, [conditions.Condition(
+            PROVISIONED, False, _constants.REASON_PROVISION_FAILED, f"NATS or etcd unavailable: {exc}")])
+        raise kopf.TemporaryError(f"data plane unavailable: {exc}", delay=5) from exc
+
+    name, namespace = manifests.name_of(raw), str(meta["namespace"])
+    current = await rt.kube.deployment(namespace, name)
+    replicas = _initial_replicas(dict(spec), current.spec.replicas if current is not None else None)
+    await rt.kube.apply(manifests.service_account(raw))
+    await rt.kube.apply(manifests.deployment(raw, rt.settings, replicas))
+    memo["applied_generation"] = generation
+    changed = await writer.update(
+        generation,
+        [conditions.Condition(PROVISIONED, True, _constants.REASON_PROVISIONED,
+                              f"stream {fn.stream} with {spec.get('partitions')} partition consumers; "
+                              f"Deployment {name}")],
+        observedGeneration=generation, function=str(fn), selector=manifests.selector_string(raw))
+    verb = "Created" if current is None else "Updated"
+    kopf.info(body, reason=verb, message=f"{verb} Deployment {name} ({replicas} replicas) for {fn}")
+    if changed:
+        kopf.info(body, reason=_constants.REASON_PROVISIONED, message=changed[0].message)
+    logger.info("reconciled %s generation %d", fn, generation)
+
+
+async def _refuse(body: kopf.Body, writer: Any, generation: int, message: str) -> None:
+    """A spec the operator cannot run: say why in status and in an Event, then stop retrying."""
+    refused = conditions.Condition(PROVISIONED, False, _constants.REASON_PROVISION_FAILED, message)
+    await writer.update(generation, [refused, conditions.Condition(READY, False, _constants.REASON_PROVISION_FAILED,
+                                                                   message)], observedGeneration=generation)
+    kopf.warn(body, reason=_constants.REASON_PROVISION_FAILED, message=message)
+
+
+@kopf.on.delete(*RESOURCE)
+async def remove(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any, **_: Any) -> None:
+    rt = runtime.of(memo)
+    raw = dict(body)
+    await rt.kube.delete_children(str(meta["namespace"]), manifests.name_of(raw))
+    try:
+        fn = manifests.function_type(raw)
+    except _errors.InvalidFunctionType:
+        return  # never provisioned
+    delete_data = spec.get("deletionPolicy") == "Delete"
+    await rt.dataplane.remove(fn, delete_data=delete_data)
+    kept = "stream and state deleted" if delete_data else "stream and state kept (deletionPolicy Retain)"
+    kopf.info(body, reason="Deleted", message=f"Deployment and registration of {fn} removed; {kept}")
+
+
+@kopf.daemon(*RESOURCE, cancellation_timeout=10)
+async def autoscale(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any,
+                    stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any) -> None:
+    """Every interval: read lag, decide replicas, scale, and refresh status (Ready, Lag, Replicas)."""
+    rt = runtime.of(memo)
+    while not stopped:
+        try:
+            await _tick(body, spec, meta, memo)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("autoscaling tick failed: %s", exc)
+        await stopped.wait(rt.settings.autoscale_interval)
+
+
+async def _tick(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any) -> None:
+    rt = runtime.of(memo)
+    raw = dict(body)
+    if "applied_generation" not in memo:
+        return  # the reconcile has not run (or has refused this spec)
+    fn = manifests.function_type(raw)
+    name, namespace = manifests.name_of(raw), str(meta["namespace"])
+    lag = await rt.dataplane.lag(fn)
+    dep = await rt.kube.deployment(namespace, name)
+    if lag is None or dep is None:
+        return
+    current = int(dep.spec.replicas or 0)
+    now = time.monotonic()
+    history = memo.get("history")
+    if not isinstance(history, autoscaling.History):
+        history = memo["history"] = autoscaling.History(now, current)
+    decision = autoscaling.decide(autoscaling.Policy.from_spec(dict(spec)), lag, current, history, now)
+    writer = runtime.status_writer(memo, PLURAL, body)
+    fields: dict[str, Any] = {"lag": lag, "desiredReplicas": decision.replicas}
+    if decision.replicas != current:
+        await rt.kube.scale(namespace, name, decision.replicas)
+        reason = _constants.REASON_SCALED_TO_ZERO if decision.replicas == 0 else _constants.REASON_SCALED
+        kopf.info(body, reason=reason, message=decision.reason)
+        fields.update(lastScaleTime=conditions.now(), lastScaleReason=decision.reason)
+    ready_pods = int(dep.status.ready_replicas or 0) if dep.status else 0
+    fields.update(replicas=int(dep.status.replicas or 0) if dep.status else 0, readyReplicas=ready_pods)
+    await writer.update(int(memo["applied_generation"]), [_readiness(decision.replicas, ready_pods)], **fields)
+
+
+def _readiness(desired: int, ready_pods: int) -> conditions.Condition:
+    if desired == 0:
+        return conditions.Condition(READY, True, _constants.REASON_SCALED_TO_ZERO,
+                                    "scaled to zero; messages queue and the first one brings a replica back")
+    if ready_pods > 0:
+        return conditions.Condition(READY, True, _constants.REASON_AVAILABLE, f"{ready_pods}/{desired} replicas ready")
+    return conditions.Condition(READY, False, _constants.REASON_PROGRESSING, f"0/{desired} replicas ready")

@@ -1,0 +1,48 @@
+"""Running the operator: kopf's settings, the shared runtime, and the reactor.
+
+kopf keeps its bookkeeping in annotations under our own prefix (not in ``status``: our
+status schema is structural and would prune it) and uses our finalizer name, so what users
+see on their resources says statefn, not kopf.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from statefn import _constants
+from statefn_operator import dataplane, functions, kube, runtime, settings, workflows
+
+HANDLER_MODULES = (functions, workflows)  # imported for their kopf registrations
+_log = logging.getLogger("statefn.operator")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = _constants.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=_constants.ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=_constants.ANNOTATION_PREFIX, key="last-handled-configuration")
+    settings.posting.level = logging.INFO
+    # Handler failures that are not our own Temporary/Permanent errors: retry, but not in a hot loop.
+    settings.execution.max_workers = 20
+    settings.batching.error_delays = (1, 2, 5, 10, 30, 60)
+
+
+async def run(cfg: settings.Settings, *, namespaces: list[str], peering: str | None,
+              liveness_endpoint: str | None) -> None:
+    """Connect to the data plane and the API, then hand over to kopf until a signal stops it."""
+    await kube.load_config()
+    plane = await dataplane.DataPlane.connect(cfg.nats_url, cfg.etcd_endpoint)
+    try:
+        async with kube.Kube() as api:
+            memo = kopf.Memo({runtime.RUNTIME: runtime.Runtime(cfg, plane, api)})
+            _log.info("statefn operator: nats %s, etcd %s, %s", cfg.nats_url, cfg.etcd_endpoint,
+                      f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces")
+            await kopf.operator(
+                clusterwide=not namespaces, namespaces=namespaces, memo=memo,
+                standalone=peering is None, peering_name=peering, liveness_endpoint=liveness_endpoint)
+    finally:
+        await plane.close()

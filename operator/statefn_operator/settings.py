@@ -1,0 +1,22 @@
+"""What the operator is told at start: where the data plane is, and how it scales.
+
+One frozen object, built from flags and ``STATEFN_*`` variables (the chart sets them), handed
+to every handler through kopf's memo so no handler reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import pydantic
+
+from statefn import _constants
+
+
+class Settings(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    nats_url: str
+    etcd_endpoint: str
+    # None: a function's own image also runs its sidecar (the one statefn image does both).
+    sidecar_image: str | None = None
+    # How often each function's lag is read and its replicas decided.
+    autoscale_interval: float = pydantic.Field(default=_constants.DEFAULT_AUTOSCALE_INTERVAL_S, gt=0)
