@@ -114,3 +114,17 @@ def test_load_app_errors(spec: str, message: str) -> None:
 
 def test_load_app() -> None:
     assert sorted(_serve.load_app("examples.counter.app:app").functions) == ["bank/account", "demo/counter"]
+
+
+async def test_sidecar_started_before_the_function_server_waits_for_it(nats_server, etcd_server, namespace) -> None:
+    """In a pod the native sidecar starts first; it must wait, not crash-loop."""
+    app, _ = test_semantics.make_app(namespace)
+    port = devservers.free_port()
+    remote = invoker.RemoteInvoker(f"http://127.0.0.1:{port}")
+    starting = asyncio.create_task(sidecar.describe_when_up(remote))
+    await asyncio.sleep(0.5)
+    assert not starting.done()
+    async with function_server(app, port):
+        description = await asyncio.wait_for(starting, 10)
+    await remote.close()
+    assert list(description) == [f"{namespace}/account"]

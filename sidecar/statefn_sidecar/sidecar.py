@@ -52,6 +52,18 @@ async def connect_etcd(endpoint: str) -> aetcd.Client:
             delay = min(delay * 2, 5.0)
 
 
+async def describe_when_up(runner: invoker.Invoker) -> dict[str, Any]:
+    """The app's functions, waiting for its server: in a pod the sidecar starts first."""
+    delay = 0.1
+    while True:
+        try:
+            return await runner.describe()
+        except invoker.InvokerUnavailable as exc:
+            _log.info("waiting for the function server (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 def hosted(description: dict[str, Any], wanted: tuple[str, ...]) -> dict[str, Any]:
     """The functions this sidecar runs: those asked for, or all the app defines."""
     if not wanted:
@@ -79,11 +91,12 @@ class Sidecar:
         self._etcd: aetcd.Client | None = None
 
     async def start(self) -> None:
+        # What to host is settled before connecting: a wrong --function fails without a leak.
+        description = hosted(await describe_when_up(self.invoker), self.cfg.functions)
         self._nc = await connect_nats(self.cfg.nats_url, f"statefn-sidecar-{self.cfg.member_id}")
         self._etcd = await connect_etcd(self.cfg.etcd_endpoint)
         js = self._nc.jetstream(timeout=10)
         router = topology.Router(self._etcd)
-        description = hosted(await self.invoker.describe(), self.cfg.functions)
         for name, desc in description.items():
             if self.cfg.max_attempts is not None:
                 desc = dict(desc, max_attempts=self.cfg.max_attempts)
