@@ -1,0 +1,152 @@
+"""``python -m bench.k8s``: the operator's costs on the e2e harness's real API server.
+
+Reconcile cost: N StatefulFunctions applied at once, time until every one is Provisioned and
+the operator's CPU per reconcile, against the floor: the same provisioning (stream, consumers,
+registration) and the same two server-side applies done directly, one function after another,
+with the same clients. Then the operator's idle CPU with N functions, each autoscaler ticking.
+
+Writes ``bench/results/k8s.json`` shaped like latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from bench import report
+from e2e import harness, operator_proc
+from statefn_operator import dataplane, kube, manifests, settings
+from statefn_sidecar import devservers
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "k8s.json"
+NS = "bench"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def function(name: str, partitions: int) -> dict[str, Any]:
+    return {"apiVersion": "statefn.dev/v1alpha1", "kind": "StatefulFunction",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"function": f"{NS}/{name}", "image": "statefn:dev", "app": "examples.counter.app:app",
+                     "partitions": partitions, "scaling": {"minReplicas": 1, "maxReplicas": 2}}}
+
+
+async def floor(cluster: harness.ControlPlane, plane: operator_proc.DataPlane, n: int,
+                partitions: int) -> list[float]:
+    """Per function: provision + apply ServiceAccount + apply Deployment, directly, sequentially."""
+    os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
+    await kube.load_config()
+    cfg = settings.Settings(nats_url=plane.nats.url, etcd_endpoint=plane.etcd.endpoint)
+    dp = await dataplane.DataPlane.connect(cfg.nats_url, cfg.etcd_endpoint)
+    latencies = []
+    try:
+        async with kube.Kube() as api:
+            for i in range(n):
+                body = function(f"floor-{i}", partitions)
+                body["metadata"]["uid"] = ""
+                started = time.perf_counter()
+                await dp.provision(manifests.function_type(body), partitions)
+                await api.apply(manifests.service_account(body))
+                await api.apply(manifests.deployment(body, cfg, 1))
+                latencies.append(time.perf_counter() - started)
+    finally:
+        await dp.close()
+    return latencies
+
+
+def provisioned(cluster: harness.ControlPlane) -> int:
+    out = cluster.kubectl("get", "sfn", "-n", NS, "-o", "json", check=False)
+    if out.returncode != 0:
+        return 0
+    items = json.loads(out.stdout)["items"]
+    return sum(1 for o in items if o.get("metadata", {}).get("name", "").startswith("op-") and any(
+        c["type"] == "Provisioned" and c["status"] == "True" for c in o.get("status", {}).get("conditions", [])))
+
+
+def run(n: int, partitions: int, idle_seconds: float, console: Console) -> dict[str, Any]:
+    cluster = harness.ControlPlane(harness.k8s_bin_dir())
+    cluster.start()
+    plane = operator_proc.DataPlane(cluster.workdir / "dataplane")
+    plane.start()
+    op: operator_proc.Operator | None = None
+    try:
+        cluster.kubectl("apply", "-f", str(harness.ROOT / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/statefulfunctions.statefn.dev")
+        cluster.kubectl("create", "namespace", NS)
+        console.print(f"floor: {n} functions provisioned and applied directly, one at a time")
+        floor_lat = asyncio.run(floor(cluster, plane, n, partitions))
+        floor_total = sum(floor_lat)
+
+        op = operator_proc.Operator(cluster, plane, "--namespace", NS)
+        op.wait_for_log("statefn operator:")
+        time.sleep(2)  # the operator's start-up (watch setup) is not part of a reconcile
+        cpu0 = cpu_seconds(op.proc.pid)
+        docs = "\n---\n".join(json.dumps(function(f"op-{i}", partitions)) for i in range(n))
+        console.print(f"operator: {n} StatefulFunctions applied at once")
+        started = time.perf_counter()
+        cluster.kubectl("apply", "-f", "-", stdin=docs)
+        while (done := provisioned(cluster)) < n:
+            if time.perf_counter() - started > 600:
+                raise TimeoutError(f"only {done}/{n} provisioned after 600 s")
+            time.sleep(0.25)
+        elapsed = time.perf_counter() - started
+        cpu_reconcile = cpu_seconds(op.proc.pid) - cpu0
+        console.print(f"idle: {idle_seconds:.0f} s with {n} functions, autoscalers ticking")
+        cpu1 = cpu_seconds(op.proc.pid)
+        time.sleep(idle_seconds)
+        idle_cpu = (cpu_seconds(op.proc.pid) - cpu1) / idle_seconds
+    finally:
+        if op is not None:
+            op.stop()
+        plane.stop()
+        cluster.stop()
+    floor_p50 = sorted(floor_lat)[len(floor_lat) // 2]
+    return {
+        "machine": report.machine(devservers.find_binary("nats-server"), devservers.find_binary("etcd"),
+                                  "JetStream sync_interval always") + f", kube-apiserver {cluster.bins.name}",
+        "workloads": {
+            "floor_provision_apply": {"throughput": round(n / floor_total, 1), "p50_ms": round(floor_p50 * 1000, 1),
+                                      "p99_ms": round(sorted(floor_lat)[int(len(floor_lat) * 0.99) - 1] * 1000, 1)},
+            "operator_reconcile": {"throughput": round(n / elapsed, 1),
+                                   "wall_ms_per_function": round(elapsed / n * 1000, 1),
+                                   "all_provisioned_s": round(elapsed, 2),
+                                   "cpu_ms_per_reconcile": round(cpu_reconcile / n * 1000, 1),
+                                   "idle_cpu_percent": round(idle_cpu * 100, 2)},
+        },
+        "ratios": {"operator_reconcile": {"throughput": round((n / elapsed) / (n / floor_total), 2)}},
+        "notes": (f"{n} functions x {partitions} partitions, all applied at once; floor = the same provisioning "
+                  f"and applies done directly, one function at a time; idle CPU with each function's autoscaler "
+                  f"ticking every {settings.Settings.model_fields['autoscale_interval'].default} s"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.k8s", description=__doc__.splitlines()[0])
+    parser.add_argument("--functions", type=int, default=100)
+    parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    console = Console(width=160)
+    doc = run(args.functions, args.partitions, args.idle_seconds, console)
+    console.print_json(json.dumps(doc))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    console.print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
