@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 ETCD_VERSION := 3.4.23
 
-.PHONY: install demo test test-fast test-crash e2e lint bench clean
+.PHONY: install demo test test-fast test-crash e2e lint bench bench-k8s clean
 
 install: $(VENV)/.installed .etcd-installed
 
@@ -46,6 +46,10 @@ demo: install
 
 bench: install
 	$(PY) -m bench
+
+# The operator on the e2e harness (real kube-apiserver): reconcile cost, scaling reaction.
+bench-k8s: install
+	$(PY) -m bench.k8s
 
 clean:
 	rm -rf $(VENV) .etcd-installed .pytest_cache .mypy_cache .ruff_cache

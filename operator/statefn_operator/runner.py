@@ -8,7 +8,6 @@ see on their resources says statefn, not kopf.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import kopf
 
@@ -19,16 +18,21 @@ HANDLER_MODULES = (functions, workflows)  # imported for their kopf registration
 _log = logging.getLogger("statefn.operator")
 
 
-@kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def kopf_settings(peering: str | None) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
     settings.persistence.finalizer = _constants.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=_constants.ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=_constants.ANNOTATION_PREFIX, key="last-handled-configuration")
     settings.posting.level = logging.INFO
-    # Handler failures that are not our own Temporary/Permanent errors: retry, but not in a hot loop.
     settings.execution.max_workers = 20
+    # Handler failures that are not our own Temporary/Permanent errors: retry, but not in a hot loop.
     settings.batching.error_delays = (1, 2, 5, 10, 30, 60)
+    if peering is not None:
+        # Without its peering object a replica must not act: two active operators would both scale.
+        settings.peering.mandatory = True
+        settings.peering.lifetime = 30
+    return settings
 
 
 async def run(cfg: settings.Settings, *, namespaces: list[str], peering: str | None,
@@ -42,7 +46,7 @@ async def run(cfg: settings.Settings, *, namespaces: list[str], peering: str | N
             _log.info("statefn operator: nats %s, etcd %s, %s", cfg.nats_url, cfg.etcd_endpoint,
                       f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces")
             await kopf.operator(
-                clusterwide=not namespaces, namespaces=namespaces, memo=memo,
+                settings=kopf_settings(peering), clusterwide=not namespaces, namespaces=namespaces, memo=memo,
                 standalone=peering is None, peering_name=peering, liveness_endpoint=liveness_endpoint)
     finally:
         await plane.close()
