@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated
 
 import typer
@@ -22,7 +23,13 @@ def operator_cmd(
     all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A", help="watch every namespace")] = False,
     peering: Annotated[str | None, typer.Option(
         envvar="STATEFN_PEERING", help="kopf peering name: replicas elect one active leader")] = None,
+    priority: Annotated[int | None, typer.Option(
+        envvar="STATEFN_PEERING_PRIORITY",
+        help="peering priority; the highest is active (default: random, so replicas never tie and pause)")] = None,
     standalone: Annotated[bool, typer.Option(help="no leader election (one replica only)")] = False,
+    stream_replicas: Annotated[int, typer.Option(
+        envvar="STATEFN_STREAM_REPLICAS", min=1, max=5,
+        help="JetStream replicas of each function's stream (3 on a 3-server NATS cluster)")] = 1,
     sidecar_image: Annotated[str | None, typer.Option(envvar="STATEFN_SIDECAR_IMAGE")] = None,
     autoscale_interval: Annotated[float, typer.Option(envvar="STATEFN_AUTOSCALE_INTERVAL")] = (
         _constants.DEFAULT_AUTOSCALE_INTERVAL_S),
@@ -37,6 +44,9 @@ def operator_cmd(
         raise common.fail("give --peering NAME (leader election among replicas) or --standalone (one replica)")
     common.setup_logging(verbose)
     cfg = settings.Settings(nats_url=nats_url, etcd_endpoint=etcd, sidecar_image=sidecar_image,
-                            autoscale_interval=autoscale_interval)
+                            autoscale_interval=autoscale_interval, stream_replicas=stream_replicas)
+    if priority is None and peering is not None:
+        priority = secrets.randbelow(2**31)  # kopf pauses every peer when priorities tie
     liveness = f"http://{health_host}:{health_port}/healthz" if health_port else None
-    common.run(runner.run(cfg, namespaces=list(namespace or []), peering=peering, liveness_endpoint=liveness))
+    common.run(runner.run(cfg, namespaces=list(namespace or []), peering=peering, priority=priority or 0,
+                          liveness_endpoint=liveness))

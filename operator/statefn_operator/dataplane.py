@@ -38,10 +38,10 @@ class DataPlane:
         await self.nc.close()
         await self.etcd.close()
 
-    async def provision(self, fn: _naming.FunctionType, partitions: int) -> None:
+    async def provision(self, fn: _naming.FunctionType, partitions: int, *, stream_replicas: int = 1) -> None:
         """Stream, dead-letter stream, one consumer per partition, then the registration."""
-        await topology.ensure_stream(self.js, fn)
-        await topology.ensure_dlq_stream(self.js)
+        await topology.ensure_stream(self.js, fn, replicas=stream_replicas)
+        await topology.ensure_dlq_stream(self.js, replicas=stream_replicas)
         await topology.ensure_consumers(self.js, fn, partitions, ack_wait=_constants.DEFAULT_ACK_WAIT_S,
                                         max_ack_pending=topology.max_ack_pending(_constants.DEFAULT_BATCH_SIZE))
         await topology.reserve(self.etcd, fn, partitions)

@@ -42,7 +42,8 @@ async def reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any
     raw = dict(body)
     try:
         fn = manifests.function_type(raw)
-        await rt.dataplane.provision(fn, int(spec.get("partitions", _constants.DEFAULT_PARTITIONS)))
+        await rt.dataplane.provision(fn, int(spec.get("partitions", _constants.DEFAULT_PARTITIONS)),
+                                     stream_replicas=rt.settings.stream_replicas)
     except (_errors.InvalidFunctionType, topology.PartitionMismatch) as exc:
         await _refuse(body, writer, generation, str(exc))
         raise kopf.PermanentError(str(exc)) from exc

@@ -35,7 +35,7 @@ def kopf_settings(peering: str | None) -> kopf.OperatorSettings:
     return settings
 
 
-async def run(cfg: settings.Settings, *, namespaces: list[str], peering: str | None,
+async def run(cfg: settings.Settings, *, namespaces: list[str], peering: str | None, priority: int = 0,
               liveness_endpoint: str | None) -> None:
     """Connect to the data plane and the API, then hand over to kopf until a signal stops it."""
     await kube.load_config()
@@ -47,6 +47,7 @@ async def run(cfg: settings.Settings, *, namespaces: list[str], peering: str | N
                       f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces")
             await kopf.operator(
                 settings=kopf_settings(peering), clusterwide=not namespaces, namespaces=namespaces, memo=memo,
-                standalone=peering is None, peering_name=peering, liveness_endpoint=liveness_endpoint)
+                standalone=peering is None, peering_name=peering, priority=priority,
+                liveness_endpoint=liveness_endpoint)
     finally:
         await plane.close()

@@ -18,5 +18,7 @@ class Settings(pydantic.BaseModel):
     etcd_endpoint: str
     # None: a function's own image also runs its sidecar (the one statefn image does both).
     sidecar_image: str | None = None
+    # JetStream replicas of the streams the operator creates (the NATS cluster's size, up to 5).
+    stream_replicas: int = pydantic.Field(default=1, ge=1, le=5)
     # How often each function's lag is read and its replicas decided.
     autoscale_interval: float = pydantic.Field(default=_constants.DEFAULT_AUTOSCALE_INTERVAL_S, gt=0)

@@ -26,8 +26,12 @@ class PartitionMismatch(_errors.StatefnError):
     pass
 
 
-async def ensure_stream(js: JetStreamContext, fn: _naming.FunctionType) -> None:
-    """WorkQueue retention: a message stays until its partition's owner acks it, then it is gone."""
+async def ensure_stream(js: JetStreamContext, fn: _naming.FunctionType, *, replicas: int = 1) -> None:
+    """WorkQueue retention: a message stays until its partition's owner acks it, then it is gone.
+
+    Created if missing, never changed: in a cluster the operator creates it first, with as many
+    replicas as the NATS cluster has servers.
+    """
     cfg = api.StreamConfig(
         name=fn.stream,
         subjects=fn.stream_subjects,
@@ -36,6 +40,7 @@ async def ensure_stream(js: JetStreamContext, fn: _naming.FunctionType) -> None:
         allow_direct=True,
         duplicate_window=DUPLICATE_WINDOW_S,
         discard=api.DiscardPolicy.NEW,
+        num_replicas=replicas,
     )
     try:
         await js.stream_info(fn.stream)
@@ -44,7 +49,7 @@ async def ensure_stream(js: JetStreamContext, fn: _naming.FunctionType) -> None:
         _log.info("created stream %s", fn.stream)
 
 
-async def ensure_dlq_stream(js: JetStreamContext) -> None:
+async def ensure_dlq_stream(js: JetStreamContext, *, replicas: int = 1) -> None:
     """Dead letters are kept until replayed or deleted (limits retention, no expiry)."""
     try:
         await js.stream_info(_constants.DLQ_STREAM)
@@ -56,6 +61,7 @@ async def ensure_dlq_stream(js: JetStreamContext) -> None:
             storage=api.StorageType.FILE,
             allow_direct=True,
             duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=replicas,
         ))
 
 
