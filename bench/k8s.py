@@ -89,7 +89,7 @@ def run(n: int, partitions: int, idle_seconds: float, console: Console) -> dict[
         floor_lat = asyncio.run(floor(cluster, plane, n, partitions))
         floor_total = sum(floor_lat)
 
-        op = operator_proc.Operator(cluster, plane, "--namespace", NS)
+        op = operator_proc.Operator(cluster, plane, "--standalone", "--namespace", NS)
         op.wait_for_log("statefn operator:")
         time.sleep(2)  # the operator's start-up (watch setup) is not part of a reconcile
         cpu0 = cpu_seconds(op.proc.pid)

@@ -35,16 +35,16 @@ class DataPlane:
 
 
 class Operator:
-    """``statefn operator`` as a user runs it outside the cluster: kubeconfig, one namespace."""
+    """``statefn operator`` as a user runs it outside the cluster, with a kubeconfig."""
 
-    def __init__(self, cluster: harness.ControlPlane, plane: DataPlane, *args: str) -> None:
+    def __init__(self, cluster: harness.ControlPlane, plane: DataPlane, *args: str, name: str = "operator") -> None:
         self.cluster = cluster
-        self.log_path = cluster.workdir / "operator.log"
+        self.log_path = cluster.workdir / f"{name}.log"
         env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), STATEFN_NATS=plane.nats.url,
                    STATEFN_ETCD=plane.etcd.endpoint)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "statefn"), "operator", "--standalone", "--verbose", *args],
+                [str(Path(sys.executable).parent / "statefn"), "operator", "--verbose", *args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=harness.ROOT)
 
     def log(self) -> str:

@@ -8,8 +8,7 @@ functions that actually serve.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aetcd
@@ -17,7 +16,8 @@ import nats
 import pytest
 
 import statefn
-from e2e import harness, operator_proc
+from e2e import harness, objects, operator_proc
+from e2e.objects import condition, wait_for
 from statefn import _naming
 from statefn_sidecar import topology
 
@@ -35,7 +35,7 @@ def plane(cluster: harness.ControlPlane) -> Iterator[operator_proc.DataPlane]:
 @pytest.fixture(scope="module")
 def operator(crds: harness.ControlPlane, plane: operator_proc.DataPlane) -> Iterator[operator_proc.Operator]:
     crds.kubectl("create", "namespace", NS)
-    op = operator_proc.Operator(crds, plane, "--namespace", NS, "--autoscale-interval", "1")
+    op = operator_proc.Operator(crds, plane, "--standalone", "--namespace", NS, "--autoscale-interval", "1")
     op.wait_for_log("statefn operator:")
     yield op
     op.stop()
@@ -49,34 +49,15 @@ async def etcd(plane: operator_proc.DataPlane) -> AsyncIterator[aetcd.Client]:
 
 
 def get(cluster: harness.ControlPlane, *what: str) -> dict[str, Any]:
-    out = cluster.kubectl("get", "-n", NS, *what, "-o", "json", check=False)
-    return json.loads(out.stdout) if out.returncode == 0 else {}
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise TimeoutError(f"timed out waiting for {what or check}")
-
-
-def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), {})
+    return objects.get(cluster, NS, *what)
 
 
 def apply_function(cluster: harness.ControlPlane, name: str, **spec: Any) -> None:
-    body = {"apiVersion": "statefn.dev/v1alpha1", "kind": "StatefulFunction",
-            "metadata": {"name": name, "namespace": NS},
-            "spec": {"image": "statefn:dev", "app": "examples.counter.app:app", **spec}}
-    cluster.kubectl("apply", "-f", "-", stdin=json.dumps(body))
+    cluster.kubectl("apply", "-f", "-", stdin=objects.function(name, NS, **spec))
 
 
 def events(cluster: harness.ControlPlane, name: str) -> list[tuple[str, str, str]]:
-    items = get(cluster, "events", "--field-selector", f"involvedObject.name={name}").get("items", [])
-    return [(e["type"], e["reason"], e["message"]) for e in items]
+    return objects.events(cluster, NS, name)
 
 
 async def test_function_becomes_deployment_stream_and_registration(

@@ -1,0 +1,58 @@
+"""Two operator replicas with kopf peering: one acts, the other takes over when it stops."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from e2e import harness, objects, operator_proc
+from e2e.objects import condition, wait_for
+
+NS = "op-peering"
+
+
+@pytest.fixture(scope="module")
+def plane(cluster: harness.ControlPlane) -> Iterator[operator_proc.DataPlane]:
+    dp = operator_proc.DataPlane(cluster.workdir / "dataplane-peering")
+    dp.start()
+    yield dp
+    dp.stop()
+
+
+def apply(cluster: harness.ControlPlane, name: str) -> None:
+    manifest = objects.function(name, NS, partitions=2, scaling={"minReplicas": 1, "maxReplicas": 2})
+    cluster.kubectl("apply", "-f", "-", stdin=manifest)
+
+
+def provisioned(cluster: harness.ControlPlane, name: str) -> bool:
+    obj = objects.get(cluster, NS, "sfn", name)
+    return condition(obj, "Provisioned").get("status") == "True"
+
+
+def test_only_the_leader_acts_and_a_standby_takes_over(crds: harness.ControlPlane,
+                                                       plane: operator_proc.DataPlane) -> None:
+    cluster = crds
+    cluster.kubectl("create", "namespace", NS)
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "statefn", "namespace": NS}}
+    cluster.kubectl("apply", "-f", "-", stdin=json.dumps(peering))
+    common = ("--namespace", NS, "--peering", "statefn")
+    low = operator_proc.Operator(cluster, plane, *common, "--priority", "10", name="operator-low")
+    high = operator_proc.Operator(cluster, plane, *common, "--priority", "20", name="operator-high")
+    try:
+        low.wait_for_log("statefn operator:")
+        high.wait_for_log("statefn operator:")
+        apply(cluster, "first")
+        wait_for(lambda: provisioned(cluster, "first"), what="first Provisioned")
+        assert "reconciled op-peering/first" in high.log()
+        assert "reconciled op-peering/first" not in low.log()
+        assert "Pausing operations" in low.log()
+
+        high.stop()  # SIGTERM: it leaves the peering, the standby resumes
+        apply(cluster, "second")
+        wait_for(lambda: provisioned(cluster, "second"), timeout=60, what="second Provisioned by the standby")
+        assert "reconciled op-peering/second" in low.log()
+    finally:
+        high.stop()
+        low.stop()
