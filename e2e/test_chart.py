@@ -191,8 +191,8 @@ def test_operator_and_gateway_follow_the_pod_contract(helm: Helm) -> None:
     assert op["image"] == gw["image"] == image
     assert env(op) == {"STATEFN_NATS": "nats://nats.invalid:4222", "STATEFN_ETCD": "etcd.invalid:2379",
                        "POD_IP": {"fieldRef": {"fieldPath": "status.podIP"}}, "STATEFN_SIDECAR_IMAGE": image,
-                       "STATEFN_STREAM_REPLICAS": "1"}
-    operator_only = ("STATEFN_SIDECAR_IMAGE", "STATEFN_STREAM_REPLICAS")
+                       "STATEFN_STREAM_REPLICAS": "1", "STATEFN_AUTOSCALE_INTERVAL": "5"}
+    operator_only = ("STATEFN_SIDECAR_IMAGE", "STATEFN_STREAM_REPLICAS", "STATEFN_AUTOSCALE_INTERVAL")
     assert env(gw) == {k: v for k, v in env(op).items() if k not in operator_only}
     assert [(p["httpGet"]["path"], p["httpGet"]["port"]) for p in (op["livenessProbe"], op["readinessProbe"])] == [
         ("/healthz", "health"), ("/healthz", "health")]
