@@ -1,7 +1,7 @@
-"""A real Kubernetes control plane for e2e tests: etcd + kube-apiserver (+ controllers later).
+"""A real Kubernetes control plane for e2e tests: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
 
 Binaries come from ``scripts/build-k8s.sh`` (built once from the pinned Go modules into a
-cache outside the clone). Only the kubelet is missing; nothing here is a mock.
+cache outside the clone). Only the kubelet is missing (``e2e.agent`` stands in for it); nothing here is a mock.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class ControlPlane:
         self.etcd = devservers.EtcdServer(self.workdir / "etcd")
         self.port = devservers.free_port()
         self.apiserver: subprocess.Popen[bytes] | None = None
+        self.controllers: dict[str, subprocess.Popen[bytes]] = {}
         self.kubeconfig = self.workdir / "kubeconfig"
 
     @property
@@ -70,6 +71,30 @@ class ControlPlane:
             "users": [{"name": "admin", "user": {"token": TOKEN}}],
             "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "admin", "namespace": "default"}}],
         }))
+        kc = f"--kubeconfig={self.kubeconfig}"
+        self._spawn("kube-controller-manager", kc, "--controllers=*", "--leader-elect=false",
+                    f"--service-account-private-key-file={sa_key}", f"--root-ca-file={certs / 'apiserver.crt'}",
+                    "--use-service-account-credentials", "--secure-port=0")
+        self._spawn("kube-scheduler", kc, "--leader-elect=false", "--secure-port=0")
+        self._wait_default_service_account()
+
+    def _spawn(self, name: str, *flags: str) -> None:
+        """Start a control-plane component in its own session, logging to ``workdir/<name>.log``."""
+        with open(self.workdir / f"{name}.log", "ab") as log:
+            self.controllers[name] = subprocess.Popen([str(self.bins / name), *flags], stdout=log,
+                                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _wait_default_service_account(self, timeout: float = 60) -> None:
+        """The controller-manager is up once it has made ``default/default``; pods need that SA to be admitted."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.controllers.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited:\n" + self.log(name)[-3000:])
+            if self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0:
+                return
+            time.sleep(0.3)
+        raise TimeoutError("no default ServiceAccount:\n" + self.log("kube-controller-manager")[-3000:])
 
     def _wait_ready(self, timeout: float = 90) -> None:
         ctx = ssl.create_default_context()
@@ -90,8 +115,8 @@ class ControlPlane:
             time.sleep(0.3)
         raise TimeoutError("kube-apiserver not ready:\n" + self.log()[-3000:])
 
-    def log(self) -> str:
-        return (self.workdir / "kube-apiserver.log").read_text(errors="replace")
+    def log(self, component: str = "kube-apiserver") -> str:
+        return (self.workdir / f"{component}.log").read_text(errors="replace")
 
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         out = subprocess.run([str(self.bins / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
@@ -101,13 +126,15 @@ class ControlPlane:
         return out
 
     def stop(self) -> None:
-        if self.apiserver is not None and self.apiserver.poll() is None:
-            self.apiserver.terminate()
-            try:
-                self.apiserver.wait(20)
-            except subprocess.TimeoutExpired:
-                self.apiserver.kill()
-                self.apiserver.wait()
+        """Controllers first (so they do not spin on a vanished API server), then the API server, then etcd."""
+        for proc in [*self.controllers.values(), self.apiserver]:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self.etcd.stop()
         if not os.environ.get("STATEFN_KEEP_DATA"):
             shutil.rmtree(self.workdir, ignore_errors=True)
