@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e import harness
+from e2e import harness, helmcli, operator_proc
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -31,6 +31,15 @@ def crds(cluster: harness.ControlPlane) -> harness.ControlPlane:
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                     "crd/statefulfunctions.statefn.dev", "crd/workflows.statefn.dev")
     return cluster
+
+
+@pytest.fixture(scope="module")
+def plane(cluster: harness.ControlPlane, request: pytest.FixtureRequest) -> Iterator[operator_proc.DataPlane]:
+    """nats-server and etcd per test module: stream and key names never clash between suites."""
+    dp = operator_proc.DataPlane(cluster.workdir / f"dataplane-{request.module.__name__.rsplit('.', 1)[-1]}")
+    dp.start()
+    yield dp
+    dp.stop()
 
 
 NODE = "e2e-node-1"
@@ -60,3 +69,8 @@ def node(cluster: harness.ControlPlane) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             agent.kill()
             agent.wait()
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> helmcli.Helm:
+    return helmcli.Helm(harness.k8s_bin_dir(), tmp_path_factory.mktemp("helm"))

@@ -35,8 +35,13 @@ def events(cluster: harness.ControlPlane, namespace: str, name: str) -> list[tup
     return [(e["type"], e["reason"], e["message"]) for e in items]
 
 
-def function(name: str, namespace: str, **spec: Any) -> str:
+# An image the test agent refuses to run (ErrImagePull): for suites about the operator alone, whose Deployments must
+# not get running pods even when the session's agent node is up.
+NO_PODS_IMAGE = "registry.invalid/not-run:0"
+
+
+def function(name: str, namespace: str, image: str = "statefn:dev", **spec: Any) -> str:
     """A StatefulFunction manifest running the counter example's app."""
     return json.dumps({"apiVersion": "statefn.dev/v1alpha1", "kind": "StatefulFunction",
                        "metadata": {"name": name, "namespace": namespace},
-                       "spec": {"image": "statefn:dev", "app": "examples.counter.app:app", **spec}})
+                       "spec": {"image": image, "app": "examples.counter.app:app", **spec}})

@@ -1,8 +1,9 @@
-"""The Helm chart: lint, schema, labels, Pod Security admission, and a real install.
+"""The helmcli.Helm chart: lint, schema, labels, Pod Security admission, and a real install.
 
 helm and kubectl are the real binaries of the pinned Kubernetes build and the API server is the
-session's real kube-apiserver. No pod runs (there is no kubelet): the install tests check what the
-chart creates and what its ServiceAccounts are allowed to do, not that the pods become ready.
+session's real kube-apiserver. The install tests check what the chart creates and what its ServiceAccounts are
+allowed to do; their operator pods may start on the agent node but reach no data plane (reserved .invalid names).
+test_platform runs the chart against a real data plane.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e import harness
+from e2e import harness, helmcli
 from statefn_sidecar import devservers
 
-CHART = harness.ROOT / "charts" / "statefn"
-VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
-APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
-CHART_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+VALUES = yaml.safe_load((helmcli.CHART / "values.yaml").read_text())
+APP_VERSION = yaml.safe_load((helmcli.CHART / "Chart.yaml").read_text())["appVersion"]
+CHART_VERSION = yaml.safe_load((helmcli.CHART / "Chart.yaml").read_text())["version"]
 IN_CHART = ("--set", "nats.enabled=true", "--set", "etcd.enabled=true")
 NAMESPACED = ("--set", "operator.watchNamespaces={team-a,team-b}")
 # "Anywhere": reserved names that never resolve, so operator pods that a test agent might start just retry.
@@ -34,34 +34,6 @@ VARIANTS = {"default": (), "in-chart": IN_CHART, "namespaced": NAMESPACED + IN_C
 STATEFN_CRDS = ("statefulfunctions.statefn.dev", "workflows.statefn.dev")
 PEERING_CRDS = ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 WORKLOADS = ("Deployment", "StatefulSet")
-
-
-class Helm:
-    """The helm binary with its own config/cache/data dirs (nothing from the user's ~/.config/helm)."""
-
-    def __init__(self, bins: Path, home: Path) -> None:
-        self.path = bins / "helm"
-        # A helm built from source without version ldflags assumes Kubernetes v1.20 when no cluster
-        # is asked (lint, template) and then refuses the chart's kubeVersion; give it the real one.
-        self.kube_version = bins.name.removeprefix("k8s-")
-        self.env = {**os.environ, "HELM_CONFIG_HOME": str(home / "config"), "HELM_CACHE_HOME": str(home / "cache"),
-                    "HELM_DATA_HOME": str(home / "data")}
-
-    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run([str(self.path), *args], capture_output=True, text=True, timeout=120, env=self.env)
-        if check and out.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed:\n{out.stderr}")
-        return out
-
-    def template(self, *args: str, namespace: str = "statefn-system", release: str = "sfn") -> list[dict[str, Any]]:
-        out = self("template", release, str(CHART), "--namespace", namespace, "--kube-version", self.kube_version,
-                   *args)
-        return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
-
-
-@pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    return Helm(harness.k8s_bin_dir(), tmp_path_factory.mktemp("helm"))
 
 
 def pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -81,8 +53,8 @@ def env(c: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_lint_strict(helm: Helm, variant: str) -> None:
-    out = helm("lint", "--strict", str(CHART), "--kube-version", helm.kube_version, *VARIANTS[variant])
+def test_lint_strict(helm: helmcli.Helm, variant: str) -> None:
+    out = helm("lint", "--strict", str(helmcli.CHART), "--kube-version", helm.kube_version, *VARIANTS[variant])
     assert "1 chart(s) linted, 0 chart(s) failed" in out.stdout, out.stdout
 
 
@@ -97,9 +69,9 @@ def test_lint_strict(helm: Helm, variant: str) -> None:
     ],
     ids=["top", "operator", "nats-storage", "gateway-pdb", "resources"],
 )
-def test_unknown_keys_are_rejected(helm: Helm, setting: str, where: str, key: str) -> None:
+def test_unknown_keys_are_rejected(helm: helmcli.Helm, setting: str, where: str, key: str) -> None:
     """A typo fails the install instead of being ignored, and the error names the key."""
-    for command in (("template", "x", str(CHART)), ("lint", str(CHART))):
+    for command in (("template", "x", str(helmcli.CHART)), ("lint", str(helmcli.CHART))):
         out = helm(*command, "--kube-version", helm.kube_version, "--set", setting, check=False)
         assert out.returncode != 0, out.stdout
         assert f"at {where}: additional properties '{key}' not allowed" in out.stdout + out.stderr, out.stderr
@@ -116,8 +88,8 @@ def test_unknown_keys_are_rejected(helm: Helm, setting: str, where: str, key: st
     ],
     ids=["no-nats", "no-etcd", "bad-sync", "bad-pull-policy", "service-monitor"],
 )
-def test_invalid_values_are_refused(helm: Helm, settings: tuple[str, ...], message: str) -> None:
-    out = helm("template", "x", str(CHART), "--kube-version", helm.kube_version, *settings, check=False)
+def test_invalid_values_are_refused(helm: helmcli.Helm, settings: tuple[str, ...], message: str) -> None:
+    out = helm("template", "x", str(helmcli.CHART), "--kube-version", helm.kube_version, *settings, check=False)
     assert out.returncode != 0 and message in out.stderr, out.stderr
 
 
@@ -127,7 +99,7 @@ def test_schema_is_closed_everywhere() -> None:
     Maps (nodeSelector) give ``additionalProperties`` a schema; objects that are handed to the API
     server unchanged (affinity terms) say so in a ``$comment`` and are validated there.
     """
-    schema = json.loads((CHART / "values.schema.json").read_text())
+    schema = json.loads((helmcli.CHART / "values.schema.json").read_text())
     open_objects: list[str] = []
 
     def walk(node: Any, path: str) -> None:
@@ -145,7 +117,7 @@ def test_schema_is_closed_everywhere() -> None:
     assert schema["additionalProperties"] is False
 
 
-def test_every_object_carries_the_standard_labels(helm: Helm) -> None:
+def test_every_object_carries_the_standard_labels(helm: helmcli.Helm) -> None:
     docs = helm.template(*VARIANTS["namespaced"], "--set", "gateway.pdb.enabled=true")
     expected = {"helm.sh/chart": f"statefn-{CHART_VERSION}", "app.kubernetes.io/name": "statefn",
                 "app.kubernetes.io/instance": "sfn", "app.kubernetes.io/version": APP_VERSION,
@@ -165,14 +137,14 @@ def test_every_object_carries_the_standard_labels(helm: Helm) -> None:
                      "Service", "StatefulSet", "ConfigMap", "PodDisruptionBudget", "KopfPeering"}
 
 
-def test_crds_ship_with_the_chart(helm: Helm) -> None:
+def test_crds_ship_with_the_chart(helm: helmcli.Helm) -> None:
     """crds/ at the repo root points into the chart, so kubectl and helm install the same files."""
-    chart_crds = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    chart_crds = sorted(p.name for p in (helmcli.CHART / "crds").glob("*.yaml"))
     root = harness.ROOT / "crds"
     assert sorted(p.name for p in root.glob("*.yaml")) == chart_crds
-    assert all((root / n).resolve() == (CHART / "crds" / n).resolve() for n in chart_crds)
+    assert all((root / n).resolve() == (helmcli.CHART / "crds" / n).resolve() for n in chart_crds)
     # `helm show crds` concatenates the files as they are: each starts with "---" or two would merge.
-    shown = [d for d in yaml.safe_load_all(helm("show", "crds", str(CHART)).stdout) if d]
+    shown = [d for d in yaml.safe_load_all(helm("show", "crds", str(helmcli.CHART)).stdout) if d]
     assert sorted(d["metadata"]["name"] for d in shown) == sorted(STATEFN_CRDS + PEERING_CRDS)
     scopes = {d["spec"]["names"]["kind"]: d["spec"]["scope"] for d in shown if d["spec"]["group"] == "kopf.dev"}
     assert scopes == {"ClusterKopfPeering": "Cluster", "KopfPeering": "Namespaced"}
@@ -181,7 +153,7 @@ def test_crds_ship_with_the_chart(helm: Helm) -> None:
         STATEFN_CRDS + PEERING_CRDS)
 
 
-def test_operator_and_gateway_follow_the_pod_contract(helm: Helm) -> None:
+def test_operator_and_gateway_follow_the_pod_contract(helm: helmcli.Helm) -> None:
     docs = helm.template(*EXTERNAL)
     op, gw = container(docs, "sfn-statefn-operator"), container(docs, "sfn-statefn-gateway")
     assert op["command"] == ["statefn", "operator", "--peering", "sfn-statefn", "--all-namespaces",
@@ -218,7 +190,7 @@ def test_operator_and_gateway_follow_the_pod_contract(helm: Helm) -> None:
     assert not [d for d in tagged if d["kind"] == "ClusterKopfPeering"]
 
 
-def test_in_chart_data_plane_is_durable_by_default(helm: Helm, tmp_path: Path) -> None:
+def test_in_chart_data_plane_is_durable_by_default(helm: helmcli.Helm, tmp_path: Path) -> None:
     docs = helm.template(*IN_CHART)
     op = container(docs, "sfn-statefn-operator")
     assert env(op)["STATEFN_NATS"] == "nats://sfn-statefn-nats.statefn-system.svc.cluster.local:4222"
@@ -266,7 +238,7 @@ def _dry_run(cluster: harness.ControlPlane, obj: dict[str, Any]) -> tuple[int, s
     return out.returncode, out.stderr
 
 
-def test_every_pod_template_is_admitted_as_restricted(helm: Helm, restricted: harness.ControlPlane) -> None:
+def test_every_pod_template_is_admitted_as_restricted(helm: helmcli.Helm, restricted: harness.ControlPlane) -> None:
     docs = helm.template(*IN_CHART, namespace=PSA_NS)
     workloads = [d for d in docs if d["kind"] in WORKLOADS]
     assert sorted(d["metadata"]["name"] for d in workloads) == [
@@ -289,10 +261,10 @@ GATEWAY_SA = f"system:serviceaccount:{RELEASE_NS}:sfn-statefn-gateway"
 
 
 @pytest.fixture(scope="module")
-def installed(helm: Helm, cluster: harness.ControlPlane) -> Iterator[subprocess.CompletedProcess[str]]:
+def installed(helm: helmcli.Helm, cluster: harness.ControlPlane) -> Iterator[subprocess.CompletedProcess[str]]:
     """The chart installed as a user would, with the data plane somewhere else (nothing runs)."""
     kube = ("--kubeconfig", str(cluster.kubeconfig))
-    out = helm("install", "sfn", str(CHART), "--namespace", RELEASE_NS, "--create-namespace", *EXTERNAL, *kube)
+    out = helm("install", "sfn", str(helmcli.CHART), "--namespace", RELEASE_NS, "--create-namespace", *EXTERNAL, *kube)
     yield out
     helm("uninstall", "sfn", "--namespace", RELEASE_NS, "--wait", *kube)
 
@@ -311,7 +283,7 @@ def test_install_creates_crds_deployments_and_rbac(
     assert "kubectl apply -f examples/counter/k8s/counter.yaml" in installed.stdout
     for crd in STATEFN_CRDS + PEERING_CRDS:
         crd_obj = json.loads(cluster.kubectl("get", "crd", crd, "-o", "json").stdout)
-        # Helm's crds/ directory creates, never owns: kubectl apply -f crds/ keeps working next to it.
+        # helmcli.Helm's crds/ directory creates, never owns: kubectl apply -f crds/ keeps working next to it.
         assert "meta.helm.sh/release-name" not in crd_obj["metadata"].get("annotations", {})
     deps = json.loads(cluster.kubectl("get", "deployments", "-n", RELEASE_NS, "-o", "json").stdout)["items"]
     assert {d["metadata"]["name"]: d["spec"]["replicas"] for d in deps} == {
@@ -364,12 +336,12 @@ def test_gateway_has_no_rights(installed: subprocess.CompletedProcess[str], clus
 
 
 def test_namespaced_release_gets_roles_only_where_it_watches(
-    helm: Helm, cluster: harness.ControlPlane, installed: subprocess.CompletedProcess[str],
+    helm: helmcli.Helm, cluster: harness.ControlPlane, installed: subprocess.CompletedProcess[str],
 ) -> None:
     """A second release watching one namespace: Role + KopfPeering there, nothing elsewhere."""
     kube = ("--kubeconfig", str(cluster.kubeconfig))
     cluster.kubectl("create", "namespace", "team-a")
-    helm("install", "scoped", str(CHART), "--namespace", RELEASE_NS, *EXTERNAL, *kube,
+    helm("install", "scoped", str(helmcli.CHART), "--namespace", RELEASE_NS, *EXTERNAL, *kube,
          "--set", "operator.watchNamespaces={team-a}", "--set", "gateway.enabled=false")
     try:
         who = f"system:serviceaccount:{RELEASE_NS}:scoped-statefn-operator"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 
@@ -18,6 +19,13 @@ spec: SPEC
 
 def manifest(name: str, spec: dict[str, object]) -> str:
     return VALID.replace("NAME", name).replace("SPEC", json.dumps(spec))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def leave_default_empty(crds: harness.ControlPlane) -> Iterator[None]:
+    """These tests write to ``default``, where test_platform later runs the example for real."""
+    yield
+    crds.kubectl("delete", "sfn,workflows", "--all", "-n", "default", "--wait=false")
 
 
 def test_example_applies_with_defaults_and_columns(crds: harness.ControlPlane) -> None:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-
-import pytest
 
 from e2e import harness, objects, operator_proc
 from e2e.objects import condition, wait_for
@@ -13,16 +10,9 @@ from e2e.objects import condition, wait_for
 NS = "op-peering"
 
 
-@pytest.fixture(scope="module")
-def plane(cluster: harness.ControlPlane) -> Iterator[operator_proc.DataPlane]:
-    dp = operator_proc.DataPlane(cluster.workdir / "dataplane-peering")
-    dp.start()
-    yield dp
-    dp.stop()
-
-
 def apply(cluster: harness.ControlPlane, name: str) -> None:
-    manifest = objects.function(name, NS, partitions=2, scaling={"minReplicas": 1, "maxReplicas": 2})
+    manifest = objects.function(name, NS, image=objects.NO_PODS_IMAGE, partitions=2,
+                                scaling={"minReplicas": 1, "maxReplicas": 2})
     cluster.kubectl("apply", "-f", "-", stdin=manifest)
 
 

@@ -1,8 +1,8 @@
 """The operator against a real API server: provisioning, status, events, autoscaling up, deletion.
 
 Runs ``statefn operator`` as a process (as a user would outside the cluster) on a namespace of
-its own, with a real nats-server and etcd. No pods run here: the test agent's suite covers
-functions that actually serve.
+its own, with a real nats-server and etcd. No pods run here (an image the test agent will not run):
+test_platform covers functions that actually serve.
 """
 
 from __future__ import annotations
@@ -22,14 +22,6 @@ from statefn import _naming
 from statefn_sidecar import topology
 
 NS = "op-e2e"
-
-
-@pytest.fixture(scope="module")
-def plane(cluster: harness.ControlPlane) -> Iterator[operator_proc.DataPlane]:
-    dp = operator_proc.DataPlane(cluster.workdir / "dataplane")
-    dp.start()
-    yield dp
-    dp.stop()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +45,7 @@ def get(cluster: harness.ControlPlane, *what: str) -> dict[str, Any]:
 
 
 def apply_function(cluster: harness.ControlPlane, name: str, **spec: Any) -> None:
-    cluster.kubectl("apply", "-f", "-", stdin=objects.function(name, NS, **spec))
+    cluster.kubectl("apply", "-f", "-", stdin=objects.function(name, NS, image=objects.NO_PODS_IMAGE, **spec))
 
 
 def events(cluster: harness.ControlPlane, name: str) -> list[tuple[str, str, str]]:

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
 
 import statefn
-from statefn import Context, StatefulFunction
-from statefn_sidecar import devservers, gateway
+from statefn import Context, StatefulFunction, _naming
+from statefn_sidecar import devservers, gateway, topology
 from tests import helpers
 
 
@@ -153,3 +154,42 @@ async def test_openapi_health_and_listing(gw) -> None:
 async def _known(http: aiohttp.ClientSession, base: str) -> str:
     async with http.get(f"{base}/v1/functions") as resp:
         return ", ".join(f["type"] for f in (await resp.json())["functions"])
+
+
+async def test_a_registered_function_no_pod_has_described_yet_takes_invocations(
+        nats_server, etcd_server, namespace) -> None:
+    """minReplicas 0 and never run: the operator's registration has no handlers; the first call must get through
+    (it is what brings a pod up), and the sidecar that starts validates and runs it."""
+    app, calls = make_app(namespace)
+    fn = _naming.FunctionType.parse(f"{namespace}/account")
+    nc = await nats.connect(nats_server.url)
+    try:
+        await topology.ensure_stream(nc.jetstream(), fn)
+        await topology.ensure_consumers(nc.jetstream(), fn, 4, ack_wait=30,
+                                        max_ack_pending=topology.max_ack_pending(32))
+    finally:
+        await nc.close()
+    port = devservers.free_port()
+    async with helpers.client(nats_server, etcd_server, timeout=20) as c:
+        await topology.reserve(c.etcd, fn, 4)
+        runner = await gateway.start_gateway(c, "127.0.0.1", port)
+        try:
+            async with aiohttp.ClientSession() as http:
+                url = f"http://127.0.0.1:{port}/v1/functions/{namespace}/account/zed"
+                assert await _post(http, f"{url}/deposit?async=true", {"amount": 3},
+                                   headers={"Idempotency-Key": "early"}) == (202, {"invocation_id": "early"})
+                assert await _post(http, f"{url}/nope?async=true", {}, headers={"Idempotency-Key": "bad"}) == (
+                    202, {"invocation_id": "bad"})
+                async with helpers.running_sidecar(app, nats_server, etcd_server):
+                    for _ in range(100):
+                        if calls["deposit"]:
+                            break
+                        await asyncio.sleep(0.1)
+                    await asyncio.sleep(gateway._META_TTL_S)  # the cached placeholder expires
+                    # described now: the gateway validates again
+                    assert (await _post(http, f"{url}/nope", {}))[0] == 404
+                    async with http.get(f"{url}/state") as resp:
+                        assert (await resp.json()) == {"state": {"balance": 3}}
+        finally:
+            await runner.cleanup()
+    assert calls["deposit"] == 1

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -114,6 +117,16 @@ def test_load_app_errors(spec: str, message: str) -> None:
 
 def test_load_app() -> None:
     assert sorted(_serve.load_app("examples.counter.app:app").functions) == ["bank/account", "demo/counter"]
+
+
+def test_serve_imports_from_the_working_directory(tmp_path: Path) -> None:
+    """As the console script runs it (sys.path starts at bin/, not the cwd): the user's app.py is found."""
+    (tmp_path / "userapp.py").write_text("import statefn\nf = statefn.StatefulFunction('u/f')\n"
+                                         "@f.handler\nasync def h(ctx):\n    return 1\napp = statefn.App(f)\n")
+    code = ("import sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+            "from statefn import _serve; print(sorted(_serve.load_app('userapp:app').functions))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['u/f']"
 
 
 async def test_sidecar_started_before_the_function_server_waits_for_it(nats_server, etcd_server, namespace) -> None:

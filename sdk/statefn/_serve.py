@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 
 from aiohttp import web
 
@@ -19,7 +21,13 @@ CONTENT_TYPE = "application/x-msgpack"
 
 
 def load_app(spec: str) -> _function.App:
-    """Resolve ``package.module:attribute`` to an App, with errors a user can act on."""
+    """Resolve ``package.module:attribute`` to an App, with errors a user can act on.
+
+    The working directory is importable, as with uvicorn and gunicorn: a console script's sys.path starts at its own
+    bin directory, so ``statefn serve app:app`` would otherwise not find the ``app.py`` next to it.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise _errors.DefinitionError(f"expected MODULE:ATTRIBUTE (e.g. examples.counter.app:app), got {spec!r}")

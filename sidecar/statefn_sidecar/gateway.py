@@ -99,7 +99,10 @@ async def invoke(request: web.Request) -> web.Response:
     function, meta = resolved
     handler, key = request.match_info["handler"], request.match_info["key"]
     handlers = meta.get("handlers", {})
-    if handler not in handlers:
+    # A function the operator registered but no pod has described yet (minReplicas 0, never run): its handlers are
+    # unknown here, so the invocation goes through and the sidecar that wakes up validates it.
+    described = meta.get("described", True)
+    if described and handler not in handlers:
         return _error(404, _errors.KIND_UNKNOWN_HANDLER,
                       f"{function} has no handler {handler!r}; known handlers: {', '.join(sorted(handlers))}")
     raw = await request.read()
@@ -110,7 +113,7 @@ async def invoke(request: web.Request) -> web.Response:
     if not isinstance(args, dict):
         return _error(400, _errors.KIND_INVALID_ARGUMENT,
                       f"the body must be a JSON object of {handler}'s arguments, not {type(args).__name__}")
-    problem = _schema_errors(handlers[handler]["parameters"], args)
+    problem = _schema_errors(handlers[handler]["parameters"], args) if handler in handlers else None
     if problem:
         return _error(400, _errors.KIND_INVALID_ARGUMENT, f"{function}.{handler}: {problem}")
     client = request.app[CLIENT_KEY]

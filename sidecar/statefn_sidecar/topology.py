@@ -94,7 +94,8 @@ async def reserve(etcd: aetcd.Client, fn: _naming.FunctionType, partitions: int)
     """
     key = fn.meta_key.encode()
     t = etcd.transactions
-    placeholder = {"type": str(fn), "partitions": partitions, "handlers": {}, "states": []}
+    # "described": false until a sidecar publishes the handlers: callers must not take "no handlers" for an answer.
+    placeholder = {"type": str(fn), "partitions": partitions, "handlers": {}, "states": [], "described": False}
     ok, resp = await etcd.transaction(
         compare=[t.version(key) == 0],
         success=[t.put(key, json.dumps(placeholder).encode())],

@@ -1,0 +1,205 @@
+"""The whole platform as a user gets it: helm install, kubectl apply, invoke, autoscale, lose pods.
+
+The chart is installed into a real control plane (API server, controller-manager, scheduler) whose
+node is the test agent: the operator, the gateway and every function pod run as processes of this
+checkout, each pod with its own address and its ServiceAccount's token. NATS and etcd are real
+servers outside the cluster (``nats.external`` / ``etcd.external``), as with a managed data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+import statefn
+from e2e import harness, helmcli, objects, operator_proc
+from e2e.objects import condition, wait_for
+from statefn import _constants
+
+NS = "default"  # where the example's manifests put their functions
+RELEASE, RELEASE_NS = "platform", "statefn-platform"
+GATEWAY = f"{RELEASE}-statefn-gateway"
+
+
+@pytest.fixture(scope="module")
+def platform(crds: harness.ControlPlane, node: str, plane: operator_proc.DataPlane,
+             helm: helmcli.Helm) -> Iterator[harness.ControlPlane]:
+    kube = ("--kubeconfig", str(crds.kubeconfig))
+    helm("install", RELEASE, str(helmcli.CHART), "--namespace", RELEASE_NS, "--create-namespace", *kube,
+         "--set", "image.repository=statefn", "--set", "image.tag=dev",
+         "--set", f"nats.external.url={plane.nats.url}", "--set", f"etcd.external.endpoints={{{plane.etcd.endpoint}}}",
+         "--set", "operator.watchNamespaces={default}", "--set", "operator.autoscaleInterval=1",
+         "--set", "gateway.replicas=1", "--wait", "--timeout=100s")
+    yield crds
+    crds.kubectl("delete", "sfn", "--all", "-n", NS, "--timeout=60s", check=False)
+    helm("uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait", *kube)
+
+
+def get(cluster: harness.ControlPlane, *what: str) -> dict[str, Any]:
+    return objects.get(cluster, NS, *what)
+
+
+def gateway_url(cluster: harness.ControlPlane) -> str:
+    """A ready pod behind the gateway Service, found by the Service's own selector.
+
+    Not through the EndpointSlice: the API server refuses loopback addresses in endpoints, and the test agent's pod
+    addresses are 127.x.y.z (no Service routing here, no kube-proxy either).
+    """
+    service = objects.get(cluster, RELEASE_NS, "service", GATEWAY)
+    selector = ",".join(f"{k}={v}" for k, v in service["spec"]["selector"].items())
+
+    def ready_address() -> str | None:
+        for pod in objects.get(cluster, RELEASE_NS, "pods", "-l", selector).get("items", []):
+            if condition(pod, "Ready").get("status") == "True" and not pod["metadata"].get("deletionTimestamp"):
+                return str(pod["status"]["podIP"])
+        return None
+    return f"http://{wait_for(ready_address, what='a ready gateway pod')}:8080"
+
+
+def ready(cluster: harness.ControlPlane, name: str) -> bool:
+    return condition(get(cluster, "sfn", name), "Ready").get("status") == "True"
+
+
+def replicas(cluster: harness.ControlPlane, name: str) -> tuple[int, int]:
+    """(spec.replicas, readyReplicas) of the function's Deployment."""
+    dep = get(cluster, "deployment", f"sfn-{name}")
+    return int(dep["spec"]["replicas"]), int(dep.get("status", {}).get("readyReplicas") or 0)
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+               key: str | None = None) -> tuple[int, dict[str, Any]]:
+    headers = {"Idempotency-Key": key} if key else {}
+    async with session.post(url, json=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_the_example_runs_on_the_platform(platform: harness.ControlPlane) -> None:
+    cluster = platform
+    cluster.kubectl("apply", "-f", str(harness.ROOT / "examples" / "counter" / "k8s"))
+    for name in ("counter", "account"):
+        wait_for(lambda n=name: ready(cluster, n), timeout=90, what=f"{name} Ready")
+    table = cluster.kubectl("get", "sfn", "-n", NS).stdout
+    print(table)
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    assert rows["counter"][1] == "True" and rows["account"][1] == "True", table
+
+    base = f"{gateway_url(cluster)}/v1/functions"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40)) as session:
+        assert await post(session, f"{base}/demo/counter/k1/increment", {"by": 2}) == (200, {"result": 2})
+        # The same Idempotency-Key is the same invocation: the original reply, nothing applied twice.
+        for _ in range(2):
+            assert await post(session, f"{base}/demo/counter/k1/increment", {"by": 3}, key="once") == (
+                200, {"result": 5})
+        assert await post(session, f"{base}/bank/account/alice/deposit", {"amount": 100}) == (200, {"result": 100})
+        assert await post(session, f"{base}/bank/account/alice/transfer", {"to": "bob", "amount": 30}) == (
+            200, {"result": 70})
+        status, body = await post(session, f"{base}/bank/account/alice/withdraw", {"amount": 1000})
+        assert (status, body["error"]["kind"]) == (500, "handler_error"), body
+        assert "insufficient funds: balance 70, withdrawal 1000" in body["error"]["message"]
+        deadline = time.monotonic() + 20
+        while True:  # the transfer's deposit is a one-way message: it lands shortly after the reply
+            async with session.get(f"{base}/bank/account/bob/state") as resp:
+                state = await resp.json()
+            if state.get("state", {}).get("balance") == 30 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.3)
+        assert state["state"]["balance"] == 30, state
+
+
+SLOW_SCALING = {"minReplicas": 0, "maxReplicas": 3, "targetLagPerReplica": 20,
+                "scaleDownStabilizationSeconds": 5, "scaleToZeroAfterSeconds": 8}
+
+
+async def wake_from_zero(session: aiohttp.ClientSession, url: str, key: str) -> tuple[float, dict[str, Any]]:
+    """One synchronous call to a function at zero replicas: its lag brings a pod up, the reply comes from it.
+
+    A 504 (the gateway gave up waiting) is retried with the same Idempotency-Key: the same invocation, applied once.
+    """
+    started = time.monotonic()
+    for _ in range(3):
+        status, body = await post(session, url, {"ms": 1}, key=key)
+        if status != 504:
+            assert status == 200, body
+            return time.monotonic() - started, body
+    raise AssertionError(f"no reply within three gateway timeouts: {body}")
+
+
+async def test_autoscaling_from_zero_up_under_lag_and_back_to_zero(platform: harness.ControlPlane,
+                                                                   plane: operator_proc.DataPlane) -> None:
+    cluster = platform
+    cluster.kubectl("apply", "-f", "-", stdin=objects.function(
+        "slow", NS, function="demo/slow", app="e2e.apps:app", partitions=4, scaling=SLOW_SCALING))
+    wait_for(lambda: condition(get(cluster, "sfn", "slow"), "Provisioned").get("status") == "True",
+             what="slow Provisioned")
+    assert replicas(cluster, "slow") == (0, 0)  # minReplicas 0 and nothing queued: no pod at all
+    url = f"{gateway_url(cluster)}/v1/functions/demo/slow"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40)) as session:
+        # Never run before: the gateway knows the function only by its registration, and the call wakes it.
+        first, body = await wake_from_zero(session, f"{url}/w0/work", "wake-1")
+        print(f"zero -> first reply (never run): {first:.1f}s")
+        assert body == {"result": 1}
+
+        # A burst far above one replica's target lag: straight to maxReplicas (3 <= 4 partitions).
+        sends = {f"k{i}": 25 for i in range(12)}
+        async with statefn.Client(nats=plane.nats.url, etcd=plane.etcd.endpoint) as client:
+            burst = time.monotonic()
+            await asyncio.gather(*(client.send("demo/slow", key, "work", idempotency_key=f"{key}-{n}", ms=300)
+                                   for key, count in sends.items() for n in range(count)))
+            wait_for(lambda: replicas(cluster, "slow") == (3, 3), timeout=60, what="3 ready replicas")
+            print(f"lag -> 3 replicas ready: {time.monotonic() - burst:.1f}s")
+            obj = get(cluster, "sfn", "slow")
+            assert "scaling up" in obj["status"]["lastScaleReason"], obj["status"]
+
+            async def all_done() -> bool:
+                states = await asyncio.gather(*(client.get_state("demo/slow", key) for key in sends))
+                return all(s.get("count") == sends[key] for s, key in zip(states, sends, strict=True))
+            deadline = time.monotonic() + 90
+            while not await all_done():
+                assert time.monotonic() < deadline, "the burst was not processed within 90s"
+                await asyncio.sleep(0.5)
+
+            # Idle: down after the stabilization window, then to zero after scaleToZeroAfterSeconds.
+            wait_for(lambda: replicas(cluster, "slow")[0] == 0, timeout=60, what="scaled to zero")
+            assert any(r == "ScaledToZero" for _, r, _ in objects.events(cluster, NS, "slow"))
+            assert condition(get(cluster, "sfn", "slow"), "Ready").get("status") == "True"  # 0/0 is what it wants
+            states = await asyncio.gather(*(client.get_state("demo/slow", key) for key in sends))
+            assert [s.get("count") for s in states] == list(sends.values())  # nothing doubled by rebalancing
+
+        again, body = await wake_from_zero(session, f"{url}/w0/work", "wake-2")
+        print(f"zero -> first reply (scaled down before): {again:.1f}s")
+        assert body == {"result": 2}
+
+
+async def test_force_deleted_pods_lose_and_double_nothing(platform: harness.ControlPlane,
+                                                          plane: operator_proc.DataPlane) -> None:
+    """kill -9 of a whole pod (kubectl delete --force) under load: its partitions move on, every count is exact."""
+    cluster = platform
+    wait_for(lambda: ready(cluster, "counter"), timeout=90, what="counter Ready")
+    selector = f"{_constants.LABEL_FUNCTION}=default.counter"
+    keys = [f"f{i}" for i in range(40)]
+    per_key = 25
+    async with statefn.Client(nats=plane.nats.url, etcd=plane.etcd.endpoint) as client:
+        sent = [client.send("demo/counter", key, "increment", idempotency_key=f"{key}-{n}")
+                for n in range(per_key) for key in keys]
+        await asyncio.gather(*sent[: len(sent) // 2])
+        victims = [p["metadata"]["name"] for p in objects.get(cluster, NS, "pods", "-l", selector)["items"]]
+        assert victims
+        cluster.kubectl("delete", "pods", "-n", NS, "--grace-period=0", "--force", victims[0])
+        await asyncio.gather(*sent[len(sent) // 2:])
+        deadline = time.monotonic() + 120
+        while True:
+            states = await asyncio.gather(*(client.get_state("demo/counter", key) for key in keys))
+            counts = [s.get("count", 0) for s in states]
+            if all(c >= per_key for c in counts) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert counts == [per_key] * len(keys), counts
+        await asyncio.sleep(3)  # redeliveries of the killed pod's in-flight messages must not add anything
+        states = await asyncio.gather(*(client.get_state("demo/counter", key) for key in keys))
+        assert [s.get("count", 0) for s in states] == [per_key] * len(keys)
+    assert victims[0] not in [p["metadata"]["name"] for p in objects.get(cluster, NS, "pods", "-l", selector)["items"]]
