@@ -1,5 +1,8 @@
 """``python -m bench.k8s``: the operator's costs on the e2e harness's real API server.
 
+Scaling reaction (``bench.k8s_scaling``, on an agent node): lag appearing -> new replicas ready,
+and zero replicas -> first reply, each against the same Deployment scaled directly.
+
 Reconcile cost: N StatefulFunctions applied at once, time until every one is Provisioned and
 the operator's CPU per reconcile, against the floor: the same provisioning (stream, consumers,
 registration) and the same two server-side applies done directly, one function after another,
@@ -21,8 +24,9 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import report
+from bench import k8s_scaling, report
 from e2e import harness, operator_proc
+from e2e import node as agent_node
 from statefn_operator import dataplane, kube, manifests, settings
 from statefn_sidecar import devservers
 
@@ -75,7 +79,29 @@ def provisioned(cluster: harness.ControlPlane) -> int:
         c["type"] == "Provisioned" and c["status"] == "True" for c in o.get("status", {}).get("conditions", [])))
 
 
-def run(n: int, partitions: int, idle_seconds: float, console: Console) -> dict[str, Any]:
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def scaling(cluster: harness.ControlPlane, plane: operator_proc.DataPlane, rounds: int,
+            console: Console) -> dict[str, list[float]]:
+    """Both scaling measurements with one agent node up; the node (and every pod) is gone afterwards."""
+    with agent_node.running(cluster, "bench-node"):
+        cluster.kubectl("create", "namespace", k8s_scaling.NS)
+        console.print(f"scaling floor: the same Deployment scaled directly, {rounds} rounds")
+        floor_wake, floor_up = asyncio.run(k8s_scaling.direct(cluster, plane, rounds, console))
+        op = operator_proc.Operator(cluster, plane, "--standalone", "--namespace", k8s_scaling.NS,
+                                    "--autoscale-interval", "1", name="operator-scaling")
+        try:
+            op.wait_for_log("statefn operator:")
+            console.print(f"scaling by the operator's autoscaler (interval 1 s), {rounds} rounds")
+            auto_wake, auto_up = asyncio.run(k8s_scaling.autoscaled(cluster, plane, rounds, console))
+        finally:
+            op.stop()
+    return {"floor_wake": floor_wake, "floor_up": floor_up, "auto_wake": auto_wake, "auto_up": auto_up}
+
+
+def run(n: int, partitions: int, idle_seconds: float, rounds: int, console: Console) -> dict[str, Any]:
     cluster = harness.ControlPlane(harness.k8s_bin_dir())
     cluster.start()
     plane = operator_proc.DataPlane(cluster.workdir / "dataplane")
@@ -84,6 +110,7 @@ def run(n: int, partitions: int, idle_seconds: float, console: Console) -> dict[
     try:
         cluster.kubectl("apply", "-f", str(harness.ROOT / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/statefulfunctions.statefn.dev")
+        scaled = scaling(cluster, plane, rounds, console)
         cluster.kubectl("create", "namespace", NS)
         console.print(f"floor: {n} functions provisioned and applied directly, one at a time")
         floor_lat = asyncio.run(floor(cluster, plane, n, partitions))
@@ -124,11 +151,22 @@ def run(n: int, partitions: int, idle_seconds: float, console: Console) -> dict[
                                    "all_provisioned_s": round(elapsed, 2),
                                    "cpu_ms_per_reconcile": round(cpu_reconcile / n * 1000, 1),
                                    "idle_cpu_percent": round(idle_cpu * 100, 2)},
+            **{f"{who}_{what}": {"p50_s": round(median(xs), 2), "max_s": round(max(xs), 2), "runs": len(xs)}
+               for who, label in (("floor", "floor"), ("operator", "auto"))
+               for what, key in (("zero_to_first_reply", "wake"), ("lag_to_replicas_ready", "up"))
+               for xs in [scaled[f"{label}_{key}"]]},
         },
-        "ratios": {"operator_reconcile": {"throughput": round((n / elapsed) / (n / floor_total), 2)}},
+        "ratios": {"operator_reconcile": {"throughput": round((n / elapsed) / (n / floor_total), 2)},
+                   "operator_zero_to_first_reply": {"p50": round(median(scaled["auto_wake"])
+                                                               / median(scaled["floor_wake"]), 2)},
+                   "operator_lag_to_replicas_ready": {"p50": round(median(scaled["auto_up"])
+                                                                 / median(scaled["floor_up"]), 2)}},
         "notes": (f"{n} functions x {partitions} partitions, all applied at once; floor = the same provisioning "
                   f"and applies done directly, one function at a time; idle CPU with each function's autoscaler "
-                  f"ticking every {settings.Settings.model_fields['autoscale_interval'].default} s"),
+                  f"ticking every {settings.Settings.model_fields['autoscale_interval'].default} s. Scaling: "
+                  f"{k8s_scaling.PARTITIONS} partitions, max {k8s_scaling.MAX_REPLICAS} replicas, a burst of "
+                  f"{k8s_scaling.BURST} x 300 ms; the floor scales the same Deployment directly when the need arises "
+                  f"(no lag detection); the operator's autoscaler runs every 1 s"),
     }
 
 
@@ -137,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--functions", type=int, default=100)
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--scaling-rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     console = Console(width=160)
-    doc = run(args.functions, args.partitions, args.idle_seconds, console)
+    doc = run(args.functions, args.partitions, args.idle_seconds, args.scaling_rounds, console)
     console.print_json(json.dumps(doc))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from e2e import harness, helmcli, operator_proc
+from e2e import node as agent_node
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -47,28 +45,9 @@ NODE = "e2e-node-1"
 
 @pytest.fixture(scope="session")
 def node(cluster: harness.ControlPlane) -> Iterator[str]:
-    """One Ready node run by ``e2e.agent`` (the kubelet stand-in); yields its name. Pod logs land in workdir."""
-    workdir = cluster.workdir / f"node-{NODE}"
-    with open(cluster.workdir / f"agent-{NODE}.log", "ab") as log:
-        agent = subprocess.Popen([sys.executable, "-m", "e2e.agent", "--kubeconfig", str(cluster.kubeconfig),
-                                  "--node", NODE, "--workdir", str(workdir)],
-                                 cwd=harness.ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while cluster.kubectl("get", "node", NODE, check=False).returncode != 0:
-            if agent.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("agent did not register its node:\n"
-                                   + (cluster.workdir / f"agent-{NODE}.log").read_text(errors="replace")[-3000:])
-            time.sleep(0.2)
-        cluster.kubectl("wait", "--for=condition=Ready", "--timeout=30s", f"node/{NODE}")
-        yield NODE
-    finally:
-        agent.terminate()
-        try:
-            agent.wait(15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+    """One Ready node run by ``e2e.agent`` (the kubelet stand-in); yields its name."""
+    with agent_node.running(cluster, NODE) as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

@@ -128,13 +128,20 @@ class ControlPlane:
     def stop(self) -> None:
         """Controllers first (so they do not spin on a vanished API server), then the API server, then etcd."""
         for proc in [*self.controllers.values(), self.apiserver]:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if proc is not None:
+                terminate(proc)
         self.etcd.stop()
         if not os.environ.get("STATEFN_KEEP_DATA"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def terminate(proc: subprocess.Popen[bytes], grace: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

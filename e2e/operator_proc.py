@@ -60,10 +60,4 @@ class Operator:
         raise TimeoutError(f"{text!r} not in the operator's log:\n" + self.log()[-3000:])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        harness.terminate(self.proc)

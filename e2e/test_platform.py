@@ -163,7 +163,8 @@ async def test_autoscaling_from_zero_up_under_lag_and_back_to_zero(platform: har
                 assert time.monotonic() < deadline, "the burst was not processed within 90s"
                 await asyncio.sleep(0.5)
 
-            # Idle: down after the stabilization window, then to zero after scaleToZeroAfterSeconds.
+            # Idle: nothing goes at once; down after the stabilization window, to zero after scaleToZeroAfterSeconds.
+            assert replicas(cluster, "slow")[0] > 0
             wait_for(lambda: replicas(cluster, "slow")[0] == 0, timeout=60, what="scaled to zero")
             assert any(r == "ScaledToZero" for _, r, _ in objects.events(cluster, NS, "slow"))
             assert condition(get(cluster, "sfn", "slow"), "Ready").get("status") == "True"  # 0/0 is what it wants
