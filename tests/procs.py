@@ -38,9 +38,10 @@ def wait_ready(proc: subprocess.Popen[Any], health_port: int, timeout: float = 3
 
 class SidecarProcess:
     def __init__(self, app: str, namespace: str, nats: devservers.NatsServer, etcd: devservers.EtcdServer,
-                 *, faults: str = "", **settings: Any) -> None:
+                 *, faults: str = "", env: dict[str, str] | None = None, **settings: Any) -> None:
         self.app = app
         self.faults = faults
+        self.env = env or {}
         self.namespace = namespace
         self.settings: dict[str, Any] = {
             "nats_url": nats.url, "etcd_endpoint": etcd.endpoint, "lease_ttl": 2, "ack_wait": 3.0,
@@ -55,7 +56,8 @@ class SidecarProcess:
         settings = dict(self.settings, health_port=self.health_port)
         log = Path(tempfile.mkstemp(prefix="sidecar-", suffix=".log")[1])
         self.logs.append(log)
-        env = dict(os.environ, STATEFN_TEST_NS=self.namespace, PYTHONPATH=str(ROOT), STATEFN_FAULTS=self.faults)
+        env = dict(os.environ, STATEFN_TEST_NS=self.namespace, PYTHONPATH=str(ROOT), STATEFN_FAULTS=self.faults,
+                   **self.env)
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "tests.run_sidecar", self.app, json.dumps(settings)],
                                          stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

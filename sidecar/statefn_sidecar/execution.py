@@ -15,10 +15,9 @@ from typing import Any, Protocol
 
 from statefn import _envelope, _errors, _naming, _wire
 from statefn_sidecar import invoker as invoker_mod
-from statefn_sidecar import items, planner, statecache
+from statefn_sidecar import items, metrics, observe, planner, statecache
 
 _log = logging.getLogger("statefn.execution")
-_RUNNABLE = (items.Kind.INGRESS, items.Kind.CHANNEL, items.Kind.RETRY)
 
 
 class Router(Protocol):
@@ -50,12 +49,15 @@ class Executor:
         self.policy = policy
         self._router = router
         self._max_state_bytes = max_state_bytes
+        self.metrics = metrics.FunctionMetrics(str(fn))
 
-    async def run(self, batch: list[items.Item], cache: statecache.StateCache) -> list[planner.Outcome]:
+    async def run(self, batch: list[items.Item], cache: statecache.StateCache,
+                  partition: int) -> list[planner.Outcome]:
         outcomes = [planner.Outcome(item=it) for it in batch]
+        observe.start_invocations(outcomes, str(self.fn), partition)
         by_key: dict[str, list[planner.Outcome]] = {}
         for oc in outcomes:
-            if oc.item.kind in _RUNNABLE:
+            if oc.item.kind in items.RUNNABLE:
                 assert oc.item.message is not None
                 by_key.setdefault(oc.item.message.key, []).append(oc)
         if by_key:
@@ -118,6 +120,8 @@ class Executor:
                     message = _envelope.Message(
                         key=s.key, handler=s.handler, args=s.args, origin=f"{self.fn}:{key}",
                         traceparent=s.traceparent or item.message.traceparent)
+                    if not s.traceparent:
+                        message.traceparent = observe.send_traceparent(oc, message, s.function, s.delay or 0.0)
                     if s.delay:
                         oc.delayed.append((int((time.time() + s.delay) * 1000), s.function, message))
                     else:

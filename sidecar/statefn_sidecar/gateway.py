@@ -18,9 +18,11 @@ from typing import Any
 
 import jsonschema
 from aiohttp import web
+from opentelemetry import trace
 
 import statefn
 from statefn import _codec, _errors, _naming, _signals
+from statefn_sidecar import metrics, tracing
 
 _META_TTL_S = 5.0
 _STATUS_BY_KIND = {
@@ -32,6 +34,8 @@ _STATUS_BY_KIND = {
     _errors.KIND_HANDLER: 500,
     _errors.KIND_RETRIES_EXHAUSTED: 500,
 }
+# Request-scoped: the function the path named, once known to exist.
+_FUNCTION: web.RequestKey[str] = web.RequestKey("function", str)
 CLIENT_KEY: web.AppKey[statefn.Client] = web.AppKey("client", statefn.Client)
 META_KEY: web.AppKey[dict[str, tuple[float, dict[str, Any]]]] = web.AppKey("meta", dict)
 
@@ -92,11 +96,40 @@ def _schema_errors(schema: dict[str, Any], args: dict[str, Any]) -> str | None:
     return "; ".join(parts)
 
 
+_INVOKE_ROUTE = "/v1/functions/{namespace}/{name}/{key}/{handler}"
+
+
 async def invoke(request: web.Request) -> web.Response:
+    """Times, counts and (when tracing) spans each invocation request around ``_invoke``."""
+    started = time.monotonic()
+    tracer = tracing.TRACER
+    if tracer is None:
+        response = await _invoke(request, request.headers.get("traceparent"))
+    else:
+        with tracer.start_as_current_span(
+                f"POST {_INVOKE_ROUTE}", context=tracing.extract(request.headers.get("traceparent")),
+                kind=trace.SpanKind.SERVER, record_exception=False,
+                attributes={"http.request.method": "POST", "http.route": _INVOKE_ROUTE, "url.path": request.path,
+                            tracing.KEY: request.match_info["key"],
+                            tracing.HANDLER: request.match_info["handler"]}) as span:
+            response = await _invoke(request, tracing.traceparent_of(span))
+            span.set_attribute("http.response.status_code", response.status)
+            span.set_attribute(tracing.FUNCTION, request.get(_FUNCTION, "unknown"))
+            if response.status >= 500:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"HTTP {response.status}"))
+    # Only functions that exist get their own series: paths are caller input, label values must be bounded.
+    function = request.get(_FUNCTION, "unknown")
+    metrics.GATEWAY_REQUESTS.labels(function, str(response.status)).inc()
+    metrics.GATEWAY_SECONDS.labels(function).observe(time.monotonic() - started)
+    return response
+
+
+async def _invoke(request: web.Request, traceparent: str | None) -> web.Response:
     resolved = await _resolve(request)
     if isinstance(resolved, web.Response):
         return resolved
     function, meta = resolved
+    request[_FUNCTION] = function
     handler, key = request.match_info["handler"], request.match_info["key"]
     handlers = meta.get("handlers", {})
     # A function the operator registered but no pod has described yet (minReplicas 0, never run): its handlers are
@@ -118,7 +151,6 @@ async def invoke(request: web.Request) -> web.Response:
         return _error(400, _errors.KIND_INVALID_ARGUMENT, f"{function}.{handler}: {problem}")
     client = request.app[CLIENT_KEY]
     idem = request.headers.get("Idempotency-Key") or uuid.uuid4().hex
-    traceparent = request.headers.get("traceparent")
     try:
         if request.query.get("async", "").lower() in ("1", "true", "yes"):
             await client.send(function, key, handler, idempotency_key=idem, traceparent=traceparent, **args)
@@ -216,12 +248,13 @@ def build_app(client: statefn.Client) -> web.Application:
     app[CLIENT_KEY] = client
     app[META_KEY] = {}
     app.add_routes([
-        web.post("/v1/functions/{namespace}/{name}/{key}/{handler}", invoke),
+        web.post(_INVOKE_ROUTE, invoke),
         web.get("/v1/functions/{namespace}/{name}/{key}/state", get_state),
         web.get("/v1/functions", list_functions),
         web.get("/openapi.json", openapi),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
+        web.get("/metrics", metrics.handle_metrics),
     ])
     return app
 
@@ -234,10 +267,12 @@ async def start_gateway(client: statefn.Client, host: str, port: int) -> web.App
 
 
 async def run_gateway(nats_url: str, etcd_endpoint: str, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve until SIGTERM/SIGINT."""
+    """Serve until SIGTERM/SIGINT (the process entry: tracing is configured here, from OTEL_*)."""
+    tracing.configure("statefn-gateway")
     async with statefn.Client(nats=nats_url, etcd=etcd_endpoint) as client:
         runner = await start_gateway(client, host, port)
         try:
             await _signals.until_stopped()
         finally:
             await runner.cleanup()
+            tracing.shutdown()

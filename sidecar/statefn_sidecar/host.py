@@ -70,6 +70,13 @@ class FunctionHost:
                 task.add_done_callback(self._release_tasks.discard)
         for p in sorted(wanted - set(self.workers) - set(owners)):
             await self._acquire(p, lease_id)
+        self.observe()
+
+    def observe(self) -> None:
+        """Partitions owned and outbox backlog, sampled on every rebalancing round."""
+        m = self._executor.metrics
+        m.partitions.set(len(self.workers))
+        m.backlog.set(sum(w.outbox_backlog for w in self.workers.values()))
 
     async def _acquire(self, p: int, lease_id: int) -> None:
         t = self._etcd.transactions
@@ -110,3 +117,4 @@ class FunctionHost:
         else:
             await asyncio.gather(*(w.stop(graceful=False) for w in self.workers.values()))
         self.workers.clear()
+        self.observe()

@@ -13,6 +13,7 @@ import logging
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from prometheus_client import Counter
 
 from statefn import _constants, _envelope, _naming
 from statefn_sidecar import items
@@ -24,13 +25,14 @@ Watermark = tuple[int, int, int]  # (bundle seq, next message index, bundle size
 class Intake:
     def __init__(self, pid: _naming.PartitionId, nc: NatsClient, chan_in: dict[str, Watermark],
                  recent: collections.OrderedDict[str, bytes], stats: collections.Counter[str],
-                 gap_retry_delay: float) -> None:
+                 gap_retry_delay: float, duplicates: Counter) -> None:
         self._pid = pid
         self._nc = nc
         self._chan_in = chan_in   # the owner's committed watermarks (shared, updated after commits)
         self._recent = recent     # the owner's recent idempotency records (shared)
         self._stats = stats
         self._gap_retry_delay = gap_retry_delay
+        self._duplicates = duplicates  # the function's statefn_duplicates_total
 
     async def decode(self, msgs: list[Msg]) -> list[items.Item]:
         out: list[items.Item] = []
@@ -55,14 +57,14 @@ class Intake:
             idem = message.idempotency_key
             recent = self._recent.get(idem)
             if recent is not None:
-                self._stats["duplicates"] += 1
+                self._duplicate()
                 if message.reply_to:
                     await self._nc.publish(message.reply_to, recent)
                 await msg.ack()
                 continue
             first = first_by_idem.get(idem)
             if first is not None:
-                self._stats["duplicates"] += 1
+                self._duplicate()
                 first.dups.append((msg, message.reply_to))
                 continue
             item = items.Item(kind=items.Kind.INGRESS, id=idem, message=message, source=items.Source(msg, 1))
@@ -70,12 +72,16 @@ class Intake:
             out.append(item)
         return out
 
+    def _duplicate(self) -> None:
+        self._stats["duplicates"] += 1
+        self._duplicates.inc()
+
     async def _bundle_items(self, msg: Msg, bundle: _envelope.Bundle,
                             wm_batch: dict[str, Watermark]) -> list[items.Item]:
         n, nxt, total = wm_batch.get(bundle.sender) or self._chan_in.get(bundle.sender, (0, 0, 0))
         size = len(bundle.messages)
         if bundle.seq < n or (bundle.seq == n and nxt >= total):
-            self._stats["duplicates"] += 1
+            self._duplicate()
             await msg.ack()
             return []
         if bundle.seq == n:

@@ -24,6 +24,9 @@ class Kind(enum.Enum):
     DROP_TIMER = "drop"      # a retry whose invocation turned out to be recorded: delete the timer
 
 
+RUNNABLE = frozenset({Kind.INGRESS, Kind.CHANNEL, Kind.RETRY})  # items that invoke a handler
+
+
 class Source:
     """A NATS message and how many of its items are still uncommitted."""
 

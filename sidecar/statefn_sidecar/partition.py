@@ -29,6 +29,7 @@ from statefn_sidecar import (
     intake,
     items,
     layout,
+    observe,
     outbox,
     planner,
     statecache,
@@ -82,7 +83,8 @@ class PartitionWorker:
         self._idem_lease: tuple[int, float] | None = None
         self._psub: Any = None
         self.stats: collections.Counter[str] = collections.Counter()
-        self._intake = intake.Intake(self.pid, nc, self._chan_in, self._recent, self.stats, cfg.gap_retry_delay)
+        self._intake = intake.Intake(self.pid, nc, self._chan_in, self._recent, self.stats, cfg.gap_retry_delay,
+                                     executor.metrics.duplicates)
         self.cache = statecache.StateCache(etcd, self.keys, cfg.max_cached_keys // partition_count)
 
     def __repr__(self) -> str:
@@ -226,7 +228,7 @@ class PartitionWorker:
             while pending:
                 if any(i.kind in (items.Kind.INGRESS, items.Kind.RETRY) for i in pending):
                     await self.ensure_idem_lease()
-                outcomes = await self._executor.run(pending, self.cache)
+                outcomes = await self._executor.run(pending, self.cache, self.partition)
                 plans = self._planner().plan(outcomes, self._pending_trims())
                 pending = await self._commit_plans(plans)
         except commit.Fenced:
@@ -240,14 +242,21 @@ class PartitionWorker:
         """Commit in order; on an idempotency conflict return the items to run again."""
         assert self._committer is not None
         for i, (txn, eff) in enumerate(plans):
-            result = await self._committer.commit(txn)
+            started_ns = time.time_ns()
+            try:
+                result = await self._committer.commit(txn)
+            except commit.Fenced:
+                observe.abandoned((oc for _, later in plans[i:] for oc in later.outcomes), "fenced")
+                raise
             if result.ok:
                 self.stats["commits"] += 1
+                observe.committed(self._executor.metrics, eff.outcomes, txn.size, txn.op_count, started_ns)
                 await self._apply(eff)
                 continue
             # Some ingress invocations were already recorded (a retry or redelivery that reached
             # us before its record did): answer them from the record, run the rest again.
             self.stats["idempotency_conflicts"] += 1
+            observe.abandoned((oc for _, later in plans[i:] for oc in later.outcomes), "recorded_already")
             existing = {k: v for k, v in result.existing.items()}
             redo: list[items.Item] = []
             for _, later in plans[i:]:
@@ -259,6 +268,7 @@ class PartitionWorker:
                         redo.append(item)
                         continue
                     self._remember(idem, record)  # type: ignore[arg-type]
+                    self._executor.metrics.duplicates.inc()
                     await self._answer(item, record)
                     if item.timer_key is not None:
                         redo.append(items.Item(kind=items.Kind.DROP_TIMER, id=item.id, timer_key=item.timer_key))

@@ -37,6 +37,15 @@ class Outcome:
     reply: _envelope.Reply | None = None       # the final reply (and idempotency record)
     retry_at_ms: int | None = None             # schedule another attempt
     dead_letter: dict[str, Any] | None = None
+    started: float = dataclasses.field(default_factory=time.monotonic)  # for the latency histogram
+    span: Any = None                           # the invocation's span while tracing is on
+
+    @property
+    def label(self) -> str:
+        """ok, retry or error (terminal: answered with the error and dead-lettered)."""
+        if self.retry_at_ms is not None:
+            return "retry"
+        return "error" if self.dead_letter is not None else "ok"
 
     def fail(self, error: _wire.ErrorInfo, dead_letter: dict[str, Any]) -> None:
         self.state.clear()

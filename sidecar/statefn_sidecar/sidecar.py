@@ -19,7 +19,7 @@ from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
 from statefn import _client, _errors, _naming, _signals
-from statefn_sidecar import commit, config, execution, faults, host, invoker, topology
+from statefn_sidecar import commit, config, execution, faults, host, invoker, metrics, topology, tracing
 
 _log = logging.getLogger("statefn.sidecar")
 
@@ -192,6 +192,8 @@ class Sidecar:
 
     # ---- process entry ----
     async def serve(self, health_port: int | None = None, health_host: str = "127.0.0.1") -> None:
+        """The process entry: tracing from OTEL_*, the health and metrics server, then run until a signal."""
+        tracing.configure("statefn-sidecar")
         runner = None
         if health_port is not None:
             runner = await start_health(self, health_host, health_port)
@@ -203,10 +205,11 @@ class Sidecar:
         await self.stop()
         if runner is not None:
             await runner.cleanup()
+        tracing.shutdown()
 
 
 async def start_health(sidecar: Sidecar, host: str, port: int) -> web.AppRunner:
-    """/healthz (alive), /readyz (connected and provisioned), /status (partitions, counters)."""
+    """/healthz (alive), /readyz (connected and provisioned), /status (partitions, counters), /metrics."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -218,7 +221,8 @@ async def start_health(sidecar: Sidecar, host: str, port: int) -> web.AppRunner:
         return web.json_response(sidecar.status())
 
     app = web.Application()
-    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status)])
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/status", status),
+                    web.get("/metrics", metrics.handle_metrics)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

@@ -1,0 +1,41 @@
+"""Two functions for the tracing test: ``front`` sends to ``back`` for each key it is given.
+
+Hosted by two sidecar processes (one function each), so a trace crosses processes.
+The namespace comes from ``STATEFN_TEST_NS``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import statefn
+from statefn import Context, StatefulFunction
+
+NAMESPACE = os.environ.get("STATEFN_TEST_NS", "chain")
+
+front = StatefulFunction(f"{NAMESPACE}/front")
+calls = front.state("calls", int, default=0)
+back = StatefulFunction(f"{NAMESPACE}/back")
+received = back.state("received", int, default=0)
+
+
+@front.handler
+async def spread(ctx: Context, keys: list[str]) -> int:
+    ctx[calls] += 1
+    for k in keys:
+        ctx.send(str(back.type), k, "record", origin=ctx.key)
+    return len(keys)
+
+
+@front.handler
+async def explode(ctx: Context) -> None:
+    raise ValueError("front refuses")
+
+
+@back.handler
+async def record(ctx: Context, origin: str) -> int:
+    ctx[received] += 1
+    return ctx[received]
+
+
+app = statefn.App(front, back)

@@ -1,0 +1,236 @@
+"""Tracing and metrics, observed from outside: spans as an OTLP receiver gets them, metrics as Prometheus scrapes.
+
+One chain crosses three processes: the gateway, a sidecar hosting ``front`` and a sidecar hosting
+``back``. Each is configured only by standard ``OTEL_*`` variables and exports over OTLP/HTTP to
+a receiver that decodes the protobuf, as a collector would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from statefn_sidecar import devservers, tracing
+from tests import otlp_receiver, procs
+
+APP = "tests.apps.chain:app"
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+def _otel_env(receiver: otlp_receiver.OtlpReceiver, service: str) -> dict[str, str]:
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": service,
+            "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+
+def _post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics page, by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+class Chain:
+    def __init__(self, receiver: otlp_receiver.OtlpReceiver, namespace: str, gateway_port: int,
+                 front: procs.SidecarProcess, back: procs.SidecarProcess) -> None:
+        self.receiver = receiver
+        self.namespace = namespace
+        self.gateway_port = gateway_port
+        self.front = front
+        self.back = back
+
+    def url(self, function: str, key: str, handler: str) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}/v1/functions/{self.namespace}/{function}/{key}/{handler}"
+
+
+@pytest.fixture(scope="module")
+def chain(nats_server: devservers.NatsServer, etcd_server: devservers.EtcdServer) -> Iterator[Chain]:
+    namespace = f"obs{os.getpid()}"
+    with otlp_receiver.OtlpReceiver() as receiver:
+        front = procs.SidecarProcess(APP, namespace, nats_server, etcd_server, partitions=2, max_attempts=1,
+                                     functions=[f"{namespace}/front"], env=_otel_env(receiver, "sidecar-front"))
+        back = procs.SidecarProcess(APP, namespace, nats_server, etcd_server, partitions=2,
+                                    functions=[f"{namespace}/back"], env=_otel_env(receiver, "sidecar-back"))
+        port = devservers.free_port()
+        log = Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])
+        gateway = None
+        try:
+            front.start()
+            back.start()
+            front.wait_ready()
+            back.wait_ready()
+            with open(log, "wb") as out:
+                gateway = subprocess.Popen(
+                    [str(Path(sys.executable).parent / "statefn"), "gateway", "--nats", nats_server.url,
+                     "--etcd", etcd_server.endpoint, "--port", str(port)],
+                    stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **_otel_env(receiver, "gateway")))
+            procs.wait_ready(gateway, port, log=log.read_text)
+            yield Chain(receiver, namespace, port, front, back)
+        finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(10)
+            for p in (front, back):
+                p.terminate()
+                p.cleanup()
+            log.unlink(missing_ok=True)
+
+
+def test_a_call_chain_is_one_trace_across_processes(chain: Chain) -> None:
+    caller = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    status, body = _post(chain.url("front", "f1", "spread"), {"keys": ["b1", "b2"]}, {"traceparent": caller})
+    assert (status, body) == (200, {"result": 2})
+
+    def complete(spans: list[otlp_receiver.ReceivedSpan]) -> bool:
+        ours = [s for s in spans if s.trace_id == CALLER_TRACE]
+        return sum(s.name == "commit" and s.service == "sidecar-back" for s in ours) == 2 and \
+            any(s.service == "gateway" for s in ours)
+
+    spans = [s for s in chain.receiver.wait_for(complete) if s.trace_id == CALLER_TRACE]
+    by_id = {s.span_id: s for s in spans}
+    children: dict[str, list[otlp_receiver.ReceivedSpan]] = {}
+    for s in spans:
+        children.setdefault(s.parent_id, []).append(s)
+
+    # The gateway continues the caller's trace.
+    (ingress,) = children[CALLER_SPAN]
+    assert (ingress.service, ingress.kind) == ("gateway", "SERVER")
+    assert ingress.name == "POST /v1/functions/{namespace}/{name}/{key}/{handler}"
+    assert ingress.attributes["http.response.status_code"] == 200
+    assert ingress.attributes[tracing.FUNCTION] == f"{chain.namespace}/front"
+
+    # The invocation in the front sidecar, its commit, and one send per key.
+    (invoke_front,) = children[ingress.span_id]
+    assert (invoke_front.service, invoke_front.kind) == ("sidecar-front", "CONSUMER")
+    assert invoke_front.name == f"invoke {chain.namespace}/front.spread"
+    attrs = invoke_front.attributes
+    assert (attrs[tracing.FUNCTION], attrs[tracing.KEY], attrs[tracing.HANDLER], attrs[tracing.ATTEMPT]) == \
+        (f"{chain.namespace}/front", "f1", "spread", 1)
+    assert attrs[tracing.PARTITION] in (0, 1)
+    assert attrs[tracing.OUTCOME] == "ok"
+    under_front = children[invoke_front.span_id]
+    (commit_front,) = [s for s in under_front if s.name == "commit"]
+    assert commit_front.attributes[tracing.COMMIT_INVOCATIONS] >= 1
+    assert commit_front.attributes[tracing.COMMIT_BYTES] > 0
+    assert commit_front.attributes[tracing.COMMIT_OPS] >= 3  # state, idempotency record, outbox entry
+    sends = [s for s in under_front if s.kind == "PRODUCER"]
+    assert sorted(s.attributes[tracing.TARGET_KEY] for s in sends) == ["b1", "b2"]
+    assert {s.name for s in sends} == {f"send {chain.namespace}/back"}
+
+    # Each send is the parent of the invocation it caused, in the other sidecar, with its own commit.
+    for send in sends:
+        (invoke_back,) = children[send.span_id]
+        assert (invoke_back.service, invoke_back.kind) == ("sidecar-back", "CONSUMER")
+        assert invoke_back.attributes[tracing.KEY] == send.attributes[tracing.TARGET_KEY]
+        assert invoke_back.attributes[tracing.HANDLER] == "record"
+        assert invoke_back.start_ns >= send.end_ns
+        (commit_back,) = children[invoke_back.span_id]
+        assert commit_back.name == "commit"
+        assert invoke_back.start_ns <= commit_back.start_ns <= commit_back.end_ns <= invoke_back.end_ns
+
+    # The whole tree and nothing else: 1 ingress + front (invoke, commit, 2 sends) + 2 x back (invoke, commit).
+    assert len(spans) == 1 + 4 + 4, [f"{s.service} {s.name}" for s in spans]
+    assert all(s.parent_id in by_id or s is ingress for s in spans)
+
+
+def test_a_failing_invocation_is_an_error_span_and_counted(chain: Chain) -> None:
+    status, body = _post(chain.url("front", "f2", "explode"), {})
+    assert status == 500 and body["error"]["kind"] == "handler_error"
+    spans = chain.receiver.wait_for(lambda spans: any(
+        s.name.endswith("front.explode") and s.attributes.get(tracing.KEY) == "f2" for s in spans))
+    (span,) = [s for s in spans if s.name.endswith("front.explode")]
+    assert span.attributes[tracing.OUTCOME] == "error"
+    assert span.status_code == 2  # STATUS_CODE_ERROR
+    # No traceparent from the caller: the gateway starts the trace.
+    (ingress,) = [s for s in spans if s.span_id == span.parent_id]
+    assert ingress.service == "gateway" and ingress.parent_id == ""
+
+
+def test_metrics_count_what_happened(chain: Chain) -> None:
+    front, back = f"{chain.namespace}/front", f"{chain.namespace}/back"
+    for i in range(5):
+        assert _post(chain.url("front", f"m{i}", "spread"), {"keys": [f"m{i}-a"]})[0] == 200
+    assert _post(chain.url("nosuch", "k", "h"), {})[0] == 404
+    # A re-sent request (same Idempotency-Key) is answered from its record, not run again.
+    again = {"Idempotency-Key": "same-request"}
+    assert _post(chain.url("front", "dup", "spread"), {"keys": []}, again) == (200, {"result": 0})
+    assert _post(chain.url("front", "dup", "spread"), {"keys": []}, again) == (200, {"result": 0})
+
+    deadline = time.monotonic() + 20
+    while True:
+        m_front, m_back = _scrape(chain.front.health_port), _scrape(chain.back.health_port)
+        back_ok = m_back.get(("statefn_invocations_total", (("function", back), ("outcome", "ok"))), 0)
+        if back_ok >= 7 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    fn = (("function", front),)
+    # Earlier tests of this module: spread f1 (ok), explode f2 (error); here 5 + 1 spreads.
+    assert m_front[("statefn_invocations_total", (("function", front), ("outcome", "ok")))] == 7
+    assert m_front[("statefn_invocations_total", (("function", front), ("outcome", "error")))] == 1
+    assert m_front[("statefn_dead_letters_total", fn)] == 1
+    assert m_front[("statefn_invocation_duration_seconds_count", fn)] == 8
+    assert m_front[("statefn_commit_batch_size_sum", fn)] == 8
+    assert m_front[("statefn_duplicates_total", fn)] >= 1
+    assert m_front[("statefn_partitions_owned", fn)] == 2
+    assert back_ok == 2 + 5
+    assert m_back[("statefn_partitions_owned", (("function", back),))] == 2
+
+    gw = _scrape(chain.gateway_port)
+    assert gw[("statefn_gateway_requests_total", (("code", "200"), ("function", front)))] == 1 + 5 + 2
+    assert gw[("statefn_gateway_requests_total", (("code", "500"), ("function", front)))] == 1
+    assert gw[("statefn_gateway_requests_total", (("code", "404"), ("function", "unknown")))] == 1
+    assert gw[("statefn_gateway_request_duration_seconds_count", (("function", front),))] == 1 + 5 + 2 + 1
+
+
+@pytest.mark.parametrize(("env", "on"), [
+    ({}, False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, True),
+    ({"OTEL_TRACES_EXPORTER": "console"}, True),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "true"}, False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_TRACES_EXPORTER": "none"}, False),
+])
+def test_tracing_is_on_only_when_the_environment_asks(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                       on: bool) -> None:
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        assert tracing.configure("test") is on
+        assert (tracing.TRACER is not None) is on
+    finally:
+        tracing.shutdown()
+    assert tracing.TRACER is None
+
+
+def test_an_unsupported_protocol_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    with pytest.raises(ValueError, match="http/json is not supported"):
+        tracing.configure("test")
+    assert tracing.TRACER is None
