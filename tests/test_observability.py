@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client.parser import text_string_to_metric_families
+
+import statefn
 
 from statefn_sidecar import devservers, tracing
 from tests import otlp_receiver, procs
@@ -203,6 +206,20 @@ def test_metrics_count_what_happened(chain: Chain) -> None:
     assert gw[("statefn_gateway_requests_total", (("code", "500"), ("function", front)))] == 1
     assert gw[("statefn_gateway_requests_total", (("code", "404"), ("function", "unknown")))] == 1
     assert gw[("statefn_gateway_request_duration_seconds_count", (("function", front),))] == 1 + 5 + 2 + 1
+
+
+async def test_a_traced_caller_of_the_client_continues_its_trace(
+        chain: Chain, nats_server: devservers.NatsServer, etcd_server: devservers.EtcdServer) -> None:
+    """A service with its own OpenTelemetry tracing calls statefn.Client: the invocation joins its trace."""
+    provider = TracerProvider()  # the caller's own tracing; nothing exported, only the context matters
+    with provider.get_tracer("caller").start_as_current_span("caller work") as span:
+        async with statefn.Client(nats=nats_server.url, etcd=etcd_server.endpoint) as client:
+            assert await client.invoke(f"{chain.namespace}/front", "c1", "spread", keys=[]) == 0
+        caller = span.get_span_context()
+    spans = chain.receiver.wait_for(lambda spans: any(s.attributes.get(tracing.KEY) == "c1" for s in spans))
+    (invoke,) = [s for s in spans if s.attributes.get(tracing.KEY) == "c1" and s.kind == "CONSUMER"]
+    assert (invoke.trace_id, invoke.parent_id) == (f"{caller.trace_id:032x}", f"{caller.span_id:016x}")
+    provider.shutdown()
 
 
 @pytest.mark.parametrize(("env", "on"), [

@@ -23,7 +23,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from statefn import _codec, _constants, _envelope, _errors, _naming
+from statefn import _codec, _constants, _envelope, _errors, _naming, _tracecontext
 
 _log = logging.getLogger("statefn.client")
 
@@ -143,7 +143,7 @@ class Client:
         """Enqueue a one-way invocation; returns its idempotency key once JetStream stored it."""
         idem = idempotency_key or uuid.uuid4().hex
         msg = _envelope.Message(key=key, handler=handler, args={k: _codec.to_plain(v) for k, v in args.items()},
-                                idempotency_key=idem, traceparent=traceparent)
+                                idempotency_key=idem, traceparent=traceparent or _tracecontext.current_traceparent())
         await self._publish(await self._subject(function, key), msg, 0)
         return idem
 
@@ -168,7 +168,8 @@ class Client:
         token = uuid.uuid4().hex
         msg = _envelope.Message(
             key=key, handler=handler, args={k: _codec.to_plain(v) for k, v in args.items()},
-            idempotency_key=idem, reply_to=f"{self._inbox}.{token}", traceparent=traceparent,
+            idempotency_key=idem, reply_to=f"{self._inbox}.{token}",
+            traceparent=traceparent or _tracecontext.current_traceparent(),
         )
         subject = await self._subject(function, key)
         fut: asyncio.Future[_envelope.Reply] = asyncio.get_running_loop().create_future()
