@@ -24,7 +24,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client.parser import text_string_to_metric_families
 
 import statefn
-
 from statefn_sidecar import devservers, tracing
 from tests import otlp_receiver, procs
 
