@@ -16,11 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pytest
 import yaml
 
 from e2e import harness, helmcli
+from statefn import _constants
+from statefn_operator import manifests
+from statefn_operator import metrics as operator_metrics
+from statefn_operator import settings as operator_settings
 from statefn_sidecar import devservers
+from statefn_sidecar import metrics as sidecar_metrics
 
 VALUES = yaml.safe_load((helmcli.CHART / "values.yaml").read_text())
 APP_VERSION = yaml.safe_load((helmcli.CHART / "Chart.yaml").read_text())["appVersion"]
@@ -34,6 +40,8 @@ VARIANTS = {"default": (), "in-chart": IN_CHART, "namespaced": NAMESPACED + IN_C
 STATEFN_CRDS = ("statefulfunctions.statefn.dev", "workflows.statefn.dev")
 PEERING_CRDS = ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 WORKLOADS = ("Deployment", "StatefulSet")
+MONITORING = ("--set", "metrics.serviceMonitor.enabled=true", "--set", "dashboards.enabled=true")
+MONITORING_KINDS = ("ServiceMonitor", "PodMonitor")
 
 
 def pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -66,8 +74,10 @@ def test_lint_strict(helm: helmcli.Helm, variant: str) -> None:
         ("nats.storage.sise=1Gi", "'/nats/storage'", "sise"),
         ("gateway.pdb.minAvailable=1", "'/gateway/pdb'", "minAvailable"),
         ("operator.resources.limits.gpu=1", "'/operator/resources/limits'", "gpu"),
+        ("metrics.serviceMonitor.enable=true", "'/metrics/serviceMonitor'", "enable"),
+        ("serviceMonitor.enabled=true", "''", "serviceMonitor"),  # the old placeholder, now metrics.serviceMonitor
     ],
-    ids=["top", "operator", "nats-storage", "gateway-pdb", "resources"],
+    ids=["top", "operator", "nats-storage", "gateway-pdb", "resources", "service-monitor", "old-service-monitor"],
 )
 def test_unknown_keys_are_rejected(helm: helmcli.Helm, setting: str, where: str, key: str) -> None:
     """A typo fails the install instead of being ignored, and the error names the key."""
@@ -84,9 +94,10 @@ def test_unknown_keys_are_rejected(helm: helmcli.Helm, setting: str, where: str,
         (("--set", "etcd.external.endpoints=null"), "at '/etcd/external'"),
         (("--set", "nats.syncInterval=sometimes"), "at '/nats/syncInterval'"),
         (("--set", "image.pullPolicy=Maybe"), "at '/image/pullPolicy'"),
-        (("--set", "serviceMonitor.enabled=true"), "ServiceMonitor template is not implemented yet"),
+        (("--set", "metrics.serviceMonitor.interval=often"), "at '/metrics/serviceMonitor/interval'"),
+        (("--set", "dashboards.namespace=Not_A_Namespace"), "at '/dashboards/namespace'"),
     ],
-    ids=["no-nats", "no-etcd", "bad-sync", "bad-pull-policy", "service-monitor"],
+    ids=["no-nats", "no-etcd", "bad-sync", "bad-pull-policy", "scrape-interval", "dashboard-namespace"],
 )
 def test_invalid_values_are_refused(helm: helmcli.Helm, settings: tuple[str, ...], message: str) -> None:
     out = helm("template", "x", str(helmcli.CHART), "--kube-version", helm.kube_version, *settings, check=False)
@@ -118,7 +129,7 @@ def test_schema_is_closed_everywhere() -> None:
 
 
 def test_every_object_carries_the_standard_labels(helm: helmcli.Helm) -> None:
-    docs = helm.template(*VARIANTS["namespaced"], "--set", "gateway.pdb.enabled=true")
+    docs = helm.template(*VARIANTS["namespaced"], *MONITORING, "--set", "gateway.pdb.enabled=true")
     expected = {"helm.sh/chart": f"statefn-{CHART_VERSION}", "app.kubernetes.io/name": "statefn",
                 "app.kubernetes.io/instance": "sfn", "app.kubernetes.io/version": APP_VERSION,
                 "app.kubernetes.io/part-of": "statefn", "app.kubernetes.io/managed-by": "Helm"}
@@ -132,9 +143,10 @@ def test_every_object_carries_the_standard_labels(helm: helmcli.Helm) -> None:
         for meta in labelled:
             labels = meta.get("labels", {})
             assert {k: labels.get(k) for k in expected} == expected, (doc["kind"], doc["metadata"]["name"])
-            assert labels.get("app.kubernetes.io/component") in {"operator", "gateway", "nats", "etcd"}
+            assert labels.get("app.kubernetes.io/component") in {"operator", "gateway", "nats", "etcd", "monitoring"}
     assert kinds >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment",
-                     "Service", "StatefulSet", "ConfigMap", "PodDisruptionBudget", "KopfPeering"}
+                     "Service", "StatefulSet", "ConfigMap", "PodDisruptionBudget", "KopfPeering", "ServiceMonitor",
+                     "PodMonitor"}
 
 
 def test_crds_ship_with_the_chart(helm: helmcli.Helm) -> None:
@@ -157,7 +169,8 @@ def test_operator_and_gateway_follow_the_pod_contract(helm: helmcli.Helm) -> Non
     docs = helm.template(*EXTERNAL)
     op, gw = container(docs, "sfn-statefn-operator"), container(docs, "sfn-statefn-gateway")
     assert op["command"] == ["statefn", "operator", "--peering", "sfn-statefn", "--all-namespaces",
-                             "--health-host", "$(POD_IP)", "--health-port", "8080"]
+                             "--health-host", "$(POD_IP)", "--health-port", "8080",
+                             "--metrics-host", "$(POD_IP)", "--metrics-port", str(_constants.OPERATOR_METRICS_PORT)]
     assert gw["command"] == ["statefn", "gateway", "--host", "$(POD_IP)", "--port", "8080"]
     image = f"{VALUES['image']['repository']}:{APP_VERSION}"
     assert op["image"] == gw["image"] == image
@@ -168,15 +181,17 @@ def test_operator_and_gateway_follow_the_pod_contract(helm: helmcli.Helm) -> Non
     assert env(gw) == {k: v for k, v in env(op).items() if k not in operator_only}
     assert [(p["httpGet"]["path"], p["httpGet"]["port"]) for p in (op["livenessProbe"], op["readinessProbe"])] == [
         ("/healthz", "health"), ("/healthz", "health")]
-    assert op["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert op["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"},
+                           {"name": "metrics", "containerPort": _constants.OPERATOR_METRICS_PORT, "protocol": "TCP"}]
     assert [gw["livenessProbe"]["httpGet"]["path"], gw["readinessProbe"]["httpGet"]["path"]] == ["/healthz", "/readyz"]
-    svc = next(d for d in docs if d["kind"] == "Service")
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "sfn-statefn-gateway")
     assert (svc["spec"]["type"], svc["spec"]["ports"][0]["port"], svc["spec"]["ports"][0]["targetPort"]) == (
         "ClusterIP", 80, "http")
     specs = pod_specs(docs)
     assert specs["sfn-statefn-gateway"]["automountServiceAccountToken"] is False
     assert {d["metadata"]["name"]: d["spec"]["replicas"] for d in docs if d["kind"] == "Deployment"} == {
         "sfn-statefn-operator": 2, "sfn-statefn-gateway": 2}
+    assert not [d for d in docs if d["kind"] in MONITORING_KINDS or d["metadata"]["name"] == "sfn-statefn-dashboard"]
     peering = [d for d in docs if d["kind"] == "ClusterKopfPeering"]
     assert [d["metadata"]["name"] for d in peering] == ["sfn-statefn"]
 
@@ -218,6 +233,121 @@ def test_in_chart_data_plane_is_durable_by_default(helm: helmcli.Helm, tmp_path:
         for i in range(3))) in args
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"} == {
         "sfn-statefn-nats", "sfn-statefn-etcd"}
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return bool(selector["matchLabels"]) and selector["matchLabels"].items() <= labels.items()
+
+
+def function_pod_template() -> dict[str, Any]:
+    """The pod template the operator gives a function (what the PodMonitor must select)."""
+    body = {"apiVersion": "statefn.dev/v1alpha1", "kind": "StatefulFunction",
+            "metadata": {"name": "counter", "namespace": "team-a", "uid": "u"},
+            "spec": {"image": "statefn:dev", "app": "examples.counter.app:app"}}
+    cfg = operator_settings.Settings(nats_url="nats://n:4222", etcd_endpoint="e:2379")
+    template: dict[str, Any] = manifests.deployment(body, cfg, 1)["spec"]["template"]
+    return template
+
+
+def test_monitors_select_the_metrics_ports(helm: helmcli.Helm) -> None:
+    docs = helm.template(*EXTERNAL, *MONITORING, "--set", "metrics.serviceMonitor.interval=15s",
+                         "--set", "metrics.serviceMonitor.labels.release=prometheus")
+    services, deployments = by_kind(docs, "Service"), by_kind(docs, "Deployment")
+    monitors, (pod_monitor,) = by_kind(docs, "ServiceMonitor"), by_kind(docs, "PodMonitor").values()
+    assert sorted(monitors) == ["sfn-statefn-gateway", "sfn-statefn-operator"]
+    for name, port in (("sfn-statefn-operator", "metrics"), ("sfn-statefn-gateway", "http")):
+        monitor, svc = monitors[name], services[name]
+        # The monitor picks this Service and no other; the Service picks this component's pods.
+        assert [n for n, other in services.items() if selects(monitor["spec"]["selector"], other["metadata"]["labels"])
+                ] == [name]
+        pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["statefn-system"]}
+        assert monitor["spec"]["endpoints"] == [{"port": port, "path": "/metrics", "interval": "15s"}]
+        # The endpoint names a Service port whose target is a named port of the container.
+        (svc_port,) = [p for p in svc["spec"]["ports"] if p["name"] == port]
+        container_ports = {p["name"]: p["containerPort"] for p in container(docs, name)["ports"]}
+        assert svc_port["targetPort"] in container_ports
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert services["sfn-statefn-operator"]["spec"]["ports"][0]["port"] == _constants.OPERATOR_METRICS_PORT
+
+    # Function pods are the operator's: the PodMonitor selects the labels manifests.py gives them, and scrapes
+    # the sidecar's named health port (which serves /metrics next to /healthz).
+    template = function_pod_template()
+    assert selects(pod_monitor["spec"]["selector"], template["metadata"]["labels"])
+    assert not any(selects(pod_monitor["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+                   for d in docs if d["kind"] in WORKLOADS)
+    sidecar_ports = [p["name"] for c in template["spec"]["initContainers"] for p in c.get("ports", [])]
+    assert pod_monitor["spec"]["podMetricsEndpoints"] == [{"port": "health", "path": "/metrics", "interval": "15s"}]
+    assert "health" in sidecar_ports
+    assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
+    assert pod_monitor["metadata"]["labels"]["release"] == "prometheus"
+
+    scoped = helm.template(*EXTERNAL, *MONITORING, *NAMESPACED, "--set", "gateway.enabled=false")
+    assert sorted(by_kind(scoped, "ServiceMonitor")) == ["sfn-statefn-operator"]
+    (pod_monitor,) = by_kind(scoped, "PodMonitor").values()
+    assert pod_monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def defined_metric_samples() -> set[str]:
+    """Every sample name the statefn processes can expose (counters end in _total, histograms in _bucket...)."""
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
+                "histogram": ("_bucket", "_sum", "_count", "_created")}
+    names = set()
+    for module in (sidecar_metrics, operator_metrics):
+        for value in vars(module).values():
+            if isinstance(value, prometheus_client.metrics.MetricWrapperBase):
+                for family in value.describe():
+                    names |= {family.name + suffix for suffix in suffixes[family.type]}
+    return names
+
+
+def test_dashboard_ships_in_a_configmap_and_names_real_metrics(helm: helmcli.Helm) -> None:
+    shipped = (helmcli.CHART / "dashboards" / "statefn.json").read_text()
+    dashboard = json.loads(shipped)
+    docs = helm.template(*EXTERNAL, "--set", "dashboards.enabled=true",
+                         "--set", "dashboards.annotations.grafana_folder=statefn")
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "statefn"}
+    assert cm["metadata"]["namespace"] == "statefn-system"
+    assert json.loads(cm["data"]["statefn.json"]) == dashboard
+    elsewhere = helm.template(*EXTERNAL, "--set", "dashboards.enabled=true", "--set", "dashboards.namespace=grafana")
+    assert [d["metadata"]["namespace"] for d in elsewhere if d["kind"] == "ConfigMap"] == ["grafana"]
+
+    assert dashboard["schemaVersion"] >= 36 and dashboard["uid"] and dashboard["title"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    assert variables["function"]["type"] == "query" and variables["function"]["multi"]
+    templated = {"type": "prometheus", "uid": "${datasource}"}
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    exprs = []
+    for panel in panels:
+        assert panel["datasource"] == templated, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == templated, panel["title"]
+            exprs.append(target["expr"])
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+    # Renaming a metric in statefn_sidecar.metrics or statefn_operator.metrics fails here until the dashboard follows.
+    referenced = set(re.findall(r"\bstatefn_[a-z0-9_]*[a-z0-9]", shipped))
+    assert referenced, "no metric found"
+    unknown = referenced - defined_metric_samples()
+    assert not unknown, f"the dashboard uses metrics nobody exposes: {sorted(unknown)}"
+    # The panels the dashboard promises, by the metric each one reads.
+    used = " ".join(exprs)
+    for name in ("statefn_invocations_total", "statefn_invocation_duration_seconds_bucket",
+                 "statefn_commit_batch_size_bucket", "statefn_function_lag", "statefn_function_desired_replicas",
+                 "statefn_function_ready_replicas", "statefn_retries_total", "statefn_dead_letters_total",
+                 "statefn_partitions_owned", "statefn_gateway_requests_total",
+                 "statefn_gateway_request_duration_seconds_bucket"):
+        assert name in used, name
+    assert all(re.search(r'function=~"\$function"', e) for e in exprs if "statefn_operator_reconcile" not in e)
 
 
 # ---- against the real API server ----------------------------------------------------------------
@@ -358,3 +488,57 @@ def test_namespaced_release_gets_roles_only_where_it_watches(
         helm("uninstall", "scoped", "--namespace", RELEASE_NS, "--wait", *kube)
     assert cluster.kubectl("get", "role", "scoped-statefn-operator", "-n", "team-a", check=False).returncode != 0
     cluster.kubectl("get", "crd", *STATEFN_CRDS)  # uninstalling never deletes the CRDs
+
+
+MON_NS = "monitoring-chart"
+PROMETHEUS_CRDS = ("servicemonitors.monitoring.coreos.com", "podmonitors.monitoring.coreos.com")
+
+
+@pytest.fixture(scope="module")
+def monitoring_crds(cluster: harness.ControlPlane) -> harness.ControlPlane:
+    """The Prometheus Operator's own CRDs (pinned, cached outside the clone by scripts/fetch-prometheus-crds.sh)."""
+    out = subprocess.run(["bash", str(harness.ROOT / "scripts" / "fetch-prometheus-crds.sh")], check=True,
+                         capture_output=True, text=True, timeout=600)
+    crd_dir = Path(out.stdout.strip().splitlines()[-1])
+    for crd in sorted(crd_dir.glob("*.yaml")):
+        cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{c}" for c in PROMETHEUS_CRDS))
+    return cluster
+
+
+def test_monitors_install_against_the_prometheus_operator_crds(
+    helm: helmcli.Helm, monitoring_crds: harness.ControlPlane,
+) -> None:
+    """The API server validates the chart's ServiceMonitors and PodMonitor with the real CRD schemas."""
+    cluster = monitoring_crds
+    kube = ("--kubeconfig", str(cluster.kubeconfig))
+    values = (*EXTERNAL, *MONITORING, "--set", "operator.replicas=1", "--set", "gateway.replicas=1",
+              "--set", "metrics.serviceMonitor.labels.release=prometheus")
+    out = helm("install", "mon", str(helmcli.CHART), "--namespace", MON_NS, "--create-namespace", *values, *kube)
+    try:
+        assert "PodMonitor mon-statefn-functions" in out.stdout and "ConfigMap mon-statefn-dashboard" in out.stdout
+        stored = json.loads(cluster.kubectl("get", "servicemonitors,podmonitors", "-n", MON_NS, "-o", "json").stdout)
+        rendered = [d for d in helm.template(*values, namespace=MON_NS, release="mon") if d["kind"] in MONITORING_KINDS]
+        assert sorted((d["kind"], d["metadata"]["name"]) for d in stored["items"]) == sorted(
+            (d["kind"], d["metadata"]["name"]) for d in rendered) == [
+            ("PodMonitor", "mon-statefn-functions"), ("ServiceMonitor", "mon-statefn-gateway"),
+            ("ServiceMonitor", "mon-statefn-operator")]
+        # Stored as rendered: no field was pruned as unknown to the schema.
+        by_name = {d["metadata"]["name"]: d["spec"] for d in stored["items"]}
+        for doc in rendered:
+            assert by_name[doc["metadata"]["name"]] == doc["spec"], doc["metadata"]["name"]
+        cm = json.loads(cluster.kubectl("get", "configmap", "mon-statefn-dashboard", "-n", MON_NS, "-o", "json").stdout)
+        assert json.loads(cm["data"]["statefn.json"])["uid"] == "statefn-overview"
+    finally:
+        helm("uninstall", "mon", "--namespace", MON_NS, "--wait", *kube)
+
+    # Not vacuous: the same schemas refuse a misspelt field and a malformed interval.
+    pod_monitor = next(d for d in rendered if d["kind"] == "PodMonitor")
+    typo = json.loads(json.dumps(pod_monitor))
+    typo["spec"]["podMetricsEndpoints"][0]["prot"] = "health"
+    bad_interval = json.loads(json.dumps(pod_monitor))
+    bad_interval["spec"]["podMetricsEndpoints"][0]["interval"] = "30 seconds"
+    for bad, message in ((typo, 'unknown field "spec.podMetricsEndpoints[0].prot"'), (bad_interval, "interval")):
+        out = cluster.kubectl("create", "--dry-run=server", "--validate=strict", "-f", "-", stdin=json.dumps(bad),
+                              check=False)
+        assert out.returncode != 0 and message in out.stderr, out.stderr

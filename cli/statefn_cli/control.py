@@ -35,6 +35,10 @@ def operator_cmd(
         _constants.DEFAULT_AUTOSCALE_INTERVAL_S),
     health_host: Annotated[str, typer.Option(envvar="STATEFN_HEALTH_HOST")] = "127.0.0.1",
     health_port: Annotated[int | None, typer.Option(envvar="STATEFN_HEALTH_PORT", help="serve /healthz")] = None,
+    metrics_host: Annotated[str, typer.Option(envvar="STATEFN_METRICS_HOST")] = "127.0.0.1",
+    metrics_port: Annotated[int | None, typer.Option(
+        envvar="STATEFN_METRICS_PORT", min=1, max=65535,
+        help=f"serve GET /metrics (Prometheus) here; the chart uses {_constants.OPERATOR_METRICS_PORT}")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Turn StatefulFunctions and Workflows into Deployments, streams and registrations; autoscale them."""
@@ -49,4 +53,5 @@ def operator_cmd(
         priority = secrets.randbelow(2**31)  # kopf pauses every peer when priorities tie
     liveness = f"http://{health_host}:{health_port}/healthz" if health_port else None
     common.run(runner.run(cfg, namespaces=list(namespace or []), peering=peering, priority=priority or 0,
-                          liveness_endpoint=liveness))
+                          liveness_endpoint=liveness,
+                          metrics_endpoint=(metrics_host, metrics_port) if metrics_port else None))

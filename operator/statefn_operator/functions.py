@@ -8,13 +8,14 @@ current; it is the only place that scales, so decisions cannot race each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
 import kopf
 
 from statefn import _constants, _errors
-from statefn_operator import autoscaling, conditions, manifests, runtime
+from statefn_operator import autoscaling, conditions, manifests, metrics, runtime
 from statefn_sidecar import commit, topology
 
 PLURAL = "statefulfunctions"
@@ -36,6 +37,11 @@ def _initial_replicas(spec: dict[str, Any], existing: int | None) -> int:
 @kopf.on.update(*RESOURCE)
 async def reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any,
                     logger: kopf.Logger, **_: Any) -> None:
+    with metrics.reconciling(metrics.KIND_FUNCTION):
+        await _reconcile(body, spec, meta, memo, logger)
+
+
+async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any, logger: kopf.Logger) -> None:
     rt = runtime.of(memo)
     writer = runtime.status_writer(memo, PLURAL, body)
     generation = int(meta.get("generation") or 0)
@@ -90,6 +96,7 @@ async def remove(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any, *
         fn = manifests.function_type(raw)
     except _errors.InvalidFunctionType:
         return  # never provisioned
+    metrics.forget_function(str(fn), _resource(meta))
     delete_data = spec.get("deletionPolicy") == "Delete"
     await rt.dataplane.remove(fn, delete_data=delete_data)
     kept = "stream and state deleted" if delete_data else "stream and state kept (deletionPolicy Retain)"
@@ -101,14 +108,23 @@ async def autoscale(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any
                     stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any) -> None:
     """Every interval: read lag, decide replicas, scale, and refresh status (Ready, Lag, Replicas)."""
     rt = runtime.of(memo)
-    while not stopped:
-        try:
-            await _tick(body, spec, meta, memo)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            logger.warning("autoscaling tick failed: %s", exc)
-        await stopped.wait(rt.settings.autoscale_interval)
+    try:
+        while not stopped:
+            try:
+                await _tick(body, spec, meta, memo)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("autoscaling tick failed: %s", exc)
+            await stopped.wait(rt.settings.autoscale_interval)
+    finally:
+        # Deleted, or this replica stood down: whoever runs the daemon next reports the function.
+        with contextlib.suppress(_errors.InvalidFunctionType):
+            metrics.forget_function(str(manifests.function_type(dict(body))), _resource(meta))
+
+
+def _resource(meta: kopf.Meta) -> str:
+    return f"{meta['namespace']}/{meta['name']}"
 
 
 async def _tick(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any) -> None:
@@ -132,11 +148,13 @@ async def _tick(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any) ->
     fields: dict[str, Any] = {"lag": lag, "desiredReplicas": decision.replicas}
     if decision.replicas != current:
         await rt.kube.scale(namespace, name, decision.replicas)
+        metrics.scaled(str(fn), current, decision.replicas)
         reason = _constants.REASON_SCALED_TO_ZERO if decision.replicas == 0 else _constants.REASON_SCALED
         kopf.info(body, reason=reason, message=decision.reason)
         fields.update(lastScaleTime=conditions.now(), lastScaleReason=decision.reason)
     ready_pods = int(dep.status.ready_replicas or 0) if dep.status else 0
     fields.update(replicas=int(dep.status.replicas or 0) if dep.status else 0, readyReplicas=ready_pods)
+    metrics.observe_function(str(fn), _resource(meta), lag=lag, desired=decision.replicas, ready=ready_pods)
     await writer.update(int(memo["applied_generation"]), [_readiness(decision.replicas, ready_pods)], **fields)
 
 

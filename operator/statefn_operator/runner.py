@@ -12,7 +12,7 @@ import logging
 import kopf
 
 from statefn import _constants
-from statefn_operator import dataplane, functions, kube, runtime, settings, workflows
+from statefn_operator import dataplane, functions, kube, metrics, runtime, settings, workflows
 
 HANDLER_MODULES = (functions, workflows)  # imported for their kopf registrations
 _log = logging.getLogger("statefn.operator")
@@ -36,18 +36,27 @@ def kopf_settings(peering: str | None) -> kopf.OperatorSettings:
 
 
 async def run(cfg: settings.Settings, *, namespaces: list[str], peering: str | None, priority: int = 0,
-              liveness_endpoint: str | None) -> None:
-    """Connect to the data plane and the API, then hand over to kopf until a signal stops it."""
-    await kube.load_config()
-    plane = await dataplane.DataPlane.connect(cfg.nats_url, cfg.etcd_endpoint)
+              liveness_endpoint: str | None, metrics_endpoint: tuple[str, int] | None = None) -> None:
+    """Serve /metrics, connect to the data plane and the API, then hand over to kopf until a signal stops it.
+
+    The metrics server starts first and stops last: reconcile errors while the data plane is
+    unreachable are exactly what a scrape should see.
+    """
+    metrics_server = await metrics.serve(*metrics_endpoint) if metrics_endpoint is not None else None
     try:
-        async with kube.Kube() as api:
-            memo = kopf.Memo({runtime.RUNTIME: runtime.Runtime(cfg, plane, api)})
-            _log.info("statefn operator: nats %s, etcd %s, %s", cfg.nats_url, cfg.etcd_endpoint,
-                      f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces")
-            await kopf.operator(
-                settings=kopf_settings(peering), clusterwide=not namespaces, namespaces=namespaces, memo=memo,
-                standalone=peering is None, peering_name=peering, priority=priority,
-                liveness_endpoint=liveness_endpoint)
+        await kube.load_config()
+        plane = await dataplane.DataPlane.connect(cfg.nats_url, cfg.etcd_endpoint)
+        try:
+            async with kube.Kube() as api:
+                memo = kopf.Memo({runtime.RUNTIME: runtime.Runtime(cfg, plane, api)})
+                _log.info("statefn operator: nats %s, etcd %s, %s", cfg.nats_url, cfg.etcd_endpoint,
+                          f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces")
+                await kopf.operator(
+                    settings=kopf_settings(peering), clusterwide=not namespaces, namespaces=namespaces, memo=memo,
+                    standalone=peering is None, peering_name=peering, priority=priority,
+                    liveness_endpoint=liveness_endpoint)
+        finally:
+            await plane.close()
     finally:
-        await plane.close()
+        if metrics_server is not None:
+            await metrics_server.cleanup()

@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from statefn import _constants, _errors, _naming
-from statefn_operator import conditions, functions, manifests, runtime
+from statefn_operator import conditions, functions, manifests, metrics, runtime
 
 PLURAL = "workflows"
 RESOURCE = (_constants.API_GROUP, _constants.API_VERSION, PLURAL)
@@ -40,10 +40,15 @@ def missing_functions(spec: dict[str, Any], known: kopf.Index[str, str]) -> list
 @kopf.timer(*RESOURCE, interval=RECHECK_INTERVAL_S, initial_delay=RECHECK_INTERVAL_S)
 async def check(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any, **kwargs: Any) -> None:
     """``kwargs["function_types"]`` is the index above (kopf passes indices by their name)."""
+    with metrics.reconciling(metrics.KIND_WORKFLOW):
+        await _check(body, spec, meta, memo, kwargs["function_types"])
+
+
+async def _check(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any, known: kopf.Index[str, str]) -> None:
     rt = runtime.of(memo)
     writer = runtime.status_writer(memo, PLURAL, body)
     generation = int(meta.get("generation") or 0)
-    missing = missing_functions(dict(spec), kwargs["function_types"])
+    missing = missing_functions(dict(spec), known)
     if missing:
         message = (f"no StatefulFunction runs {', '.join(missing)} (steps must name a function type "
                    "NAMESPACE/NAME that a StatefulFunction's spec.function declares)")

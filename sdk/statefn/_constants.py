@@ -55,6 +55,9 @@ ANNOTATION_PREFIX = "statefn.dev"  # kopf's progress and last-handled-configurat
 FIELD_MANAGER = "statefn-operator"
 MANAGED_BY = "statefn-operator"
 DEFAULT_AUTOSCALE_INTERVAL_S = 5.0
+# The operator's GET /metrics port in the chart (`statefn operator --metrics-port`; off unless given,
+# so two operators on one host never collide). 8080 is its /healthz, which kopf serves alone.
+OPERATOR_METRICS_PORT = 9090
 # Events and conditions use these reasons; tests and dashboards match on them.
 REASON_PROVISIONED = "Provisioned"
 REASON_PROVISION_FAILED = "ProvisionFailed"
