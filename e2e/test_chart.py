@@ -96,8 +96,11 @@ def test_unknown_keys_are_rejected(helm: helmcli.Helm, setting: str, where: str,
         (("--set", "image.pullPolicy=Maybe"), "at '/image/pullPolicy'"),
         (("--set", "metrics.serviceMonitor.interval=often"), "at '/metrics/serviceMonitor/interval'"),
         (("--set", "dashboards.namespace=Not_A_Namespace"), "at '/dashboards/namespace'"),
+        (("--set", "tracing.otlpEndpoint=collector:4318"), "at '/tracing/otlpEndpoint'"),
+        (("--set", "tracing.protocol=http/json"), "at '/tracing/protocol'"),
     ],
-    ids=["no-nats", "no-etcd", "bad-sync", "bad-pull-policy", "scrape-interval", "dashboard-namespace"],
+    ids=["no-nats", "no-etcd", "bad-sync", "bad-pull-policy", "scrape-interval", "dashboard-namespace",
+         "otlp-endpoint-without-scheme", "otlp-protocol"],
 )
 def test_invalid_values_are_refused(helm: helmcli.Helm, settings: tuple[str, ...], message: str) -> None:
     out = helm("template", "x", str(helmcli.CHART), "--kube-version", helm.kube_version, *settings, check=False)
@@ -194,6 +197,13 @@ def test_operator_and_gateway_follow_the_pod_contract(helm: helmcli.Helm) -> Non
     assert not [d for d in docs if d["kind"] in MONITORING_KINDS or d["metadata"]["name"] == "sfn-statefn-dashboard"]
     peering = [d for d in docs if d["kind"] == "ClusterKopfPeering"]
     assert [d["metadata"]["name"] for d in peering] == ["sfn-statefn"]
+
+    traced = helm.template(*EXTERNAL, "--set", "tracing.otlpEndpoint=http://collector.obs:4318",
+                           "--set", "tracing.sampler=parentbased_traceidratio", "--set", "tracing.samplerArg=0.25")
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.obs:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+    for name in ("sfn-statefn-operator", "sfn-statefn-gateway"):  # the operator forwards them to every sidecar
+        assert {k: v for k, v in env(container(traced, name)).items() if k.startswith("OTEL_")} == otel
 
     tagged = helm.template("--set", "image.tag=dev", "--set", "image.repository=statefn", *NAMESPACED)
     op = container(tagged, "sfn-statefn-operator")

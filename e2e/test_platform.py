@@ -20,6 +20,8 @@ import statefn
 from e2e import harness, helmcli, objects, operator_proc
 from e2e.objects import condition, wait_for
 from statefn import _constants
+from statefn_sidecar import tracing
+from tests import otlp_receiver
 
 NS = "default"  # where the example's manifests put their functions
 RELEASE, RELEASE_NS = "platform", "statefn-platform"
@@ -27,14 +29,22 @@ GATEWAY = f"{RELEASE}-statefn-gateway"
 
 
 @pytest.fixture(scope="module")
+def receiver() -> Iterator[otlp_receiver.OtlpReceiver]:
+    """Where the platform's traces go: an OTLP receiver outside the cluster, like the data plane."""
+    with otlp_receiver.OtlpReceiver(host=operator_proc.DATA_PLANE_HOST) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
 def platform(crds: harness.ControlPlane, node: str, plane: operator_proc.DataPlane,
-             helm: helmcli.Helm) -> Iterator[harness.ControlPlane]:
+             helm: helmcli.Helm, receiver: otlp_receiver.OtlpReceiver) -> Iterator[harness.ControlPlane]:
     kube = ("--kubeconfig", str(crds.kubeconfig))
     helm("install", RELEASE, str(helmcli.CHART), "--namespace", RELEASE_NS, "--create-namespace", *kube,
          "--set", "image.repository=statefn", "--set", "image.tag=dev",
          "--set", f"nats.external.url={plane.nats.url}", "--set", f"etcd.external.endpoints={{{plane.etcd.endpoint}}}",
          "--set", "operator.watchNamespaces={default}", "--set", "operator.autoscaleInterval=1",
-         "--set", "gateway.replicas=1", "--wait", "--timeout=100s")
+         "--set", "gateway.replicas=1", "--set", f"tracing.otlpEndpoint={receiver.endpoint}",
+         "--wait", "--timeout=100s")
     yield crds
     crds.kubectl("delete", "sfn", "--all", "-n", NS, "--timeout=60s", check=False)
     helm("uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait", *kube)
@@ -78,7 +88,8 @@ async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
         return resp.status, await resp.json()
 
 
-async def test_the_example_runs_on_the_platform(platform: harness.ControlPlane) -> None:
+async def test_the_example_runs_on_the_platform(platform: harness.ControlPlane,
+                                                receiver: otlp_receiver.OtlpReceiver) -> None:
     cluster = platform
     cluster.kubectl("apply", "-f", str(harness.ROOT / "examples" / "counter" / "k8s"))
     for name in ("counter", "account"):
@@ -109,6 +120,39 @@ async def test_the_example_runs_on_the_platform(platform: harness.ControlPlane) 
                 break
             await asyncio.sleep(0.3)
         assert state["state"]["balance"] == 30, state
+
+        # Traced (the chart's tracing.otlpEndpoint): the transfer, from the gateway pod through alice's pod to the
+        # deposit in bob's partition, is one trace; the sidecars report the function as their service.
+        def lineage(spans: list[otlp_receiver.ReceivedSpan]) -> list[otlp_receiver.ReceivedSpan] | None:
+            """Bob's deposit and its ancestors up to the root, once all of them arrived."""
+            by_id = {s.span_id: s for s in spans}
+            line = [s for s in spans
+                    if s.name == "invoke bank/account.deposit" and s.attributes.get(tracing.KEY) == "bob"]
+            while line and line[-1].parent_id:
+                if line[-1].parent_id not in by_id:
+                    return None
+                line.append(by_id[line[-1].parent_id])
+            return line or None
+        spans = receiver.wait_for(lambda spans: lineage(spans) is not None, timeout=30)
+        deposit, send, transfer, ingress = lineage(spans) or []
+        trace = {s.span_id: s for s in spans if s.trace_id == deposit.trace_id}
+        assert (send.kind, transfer.name, transfer.attributes[tracing.KEY]) == (
+            "PRODUCER", "invoke bank/account.transfer", "alice")
+        assert (ingress.kind, ingress.service, ingress.parent_id) == ("SERVER", "statefn-gateway", "")
+        assert deposit.service == transfer.service == "bank/account"
+        for invocation in (transfer, deposit):
+            assert [s.name for s in trace.values() if s.parent_id == invocation.span_id].count("commit") == 1
+
+        # Metrics, as the chart's PodMonitor and gateway ServiceMonitor scrape them: the pod's health port, the
+        # gateway's port.
+        pods = objects.get(cluster, NS, "pods", "-l", f"{_constants.LABEL_FUNCTION}={NS}.account")["items"]
+        scraped = ""
+        for pod in [p for p in pods if p["status"].get("podIP")]:
+            async with session.get(f"http://{pod['status']['podIP']}:8081/metrics") as resp:
+                scraped += await resp.text()
+        assert 'statefn_invocations_total{function="bank/account",outcome="ok"}' in scraped
+        async with session.get(f"{gateway_url(cluster)}/metrics") as resp:
+            assert 'statefn_gateway_requests_total{code="200",function="bank/account"} 2.0' in await resp.text()
 
 
 SLOW_SCALING = {"minReplicas": 0, "maxReplicas": 3, "targetLagPerReplica": 20,

@@ -89,3 +89,23 @@ def test_an_invalid_function_type_is_refused_with_the_rule() -> None:
     body = {**BODY, "spec": {**BODY["spec"], "function": "Demo_Counter"}}
     with pytest.raises(statefn.StatefnError, match="expected 'namespace/name'"):
         manifests.function_type(body)
+
+
+def test_tracing_settings_reach_the_sidecar_named_after_the_function() -> None:
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+               "OTEL_SERVICE_NAME": "statefn-operator", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod",
+               "PATH": "/usr/bin"}
+    traced = settings.Settings(nats_url="nats://nats:4222", etcd_endpoint="etcd:2379",
+                               otel_env=settings.Settings.otel_env_of(environ))
+    (sidecar,) = manifests.deployment(BODY, traced, 1)["spec"]["template"]["spec"]["initContainers"]
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert {k: v for k, v in env.items() if k.startswith("OTEL_")} == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+        "OTEL_SERVICE_NAME": "shop/counter",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,k8s.pod.name=$(STATEFN_MEMBER_ID),"
+                                    "k8s.namespace.name=shop"}
+    # $(STATEFN_MEMBER_ID) expands only if that variable comes first.
+    names = [e["name"] for e in sidecar["env"]]
+    assert names.index("STATEFN_MEMBER_ID") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    (untraced,) = manifests.deployment(BODY, SETTINGS, 1)["spec"]["template"]["spec"]["initContainers"]
+    assert not [e for e in untraced["env"] if e["name"].startswith("OTEL_")]

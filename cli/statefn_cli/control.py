@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from typing import Annotated
 
@@ -48,7 +49,8 @@ def operator_cmd(
         raise common.fail("give --peering NAME (leader election among replicas) or --standalone (one replica)")
     common.setup_logging(verbose)
     cfg = settings.Settings(nats_url=nats_url, etcd_endpoint=etcd, sidecar_image=sidecar_image,
-                            autoscale_interval=autoscale_interval, stream_replicas=stream_replicas)
+                            autoscale_interval=autoscale_interval, stream_replicas=stream_replicas,
+                            otel_env=settings.Settings.otel_env_of(dict(os.environ)))
     if priority is None and peering is not None:
         priority = secrets.randbelow(2**31)  # kopf pauses every peer when priorities tie
     liveness = f"http://{health_host}:{health_port}/healthz" if health_port else None

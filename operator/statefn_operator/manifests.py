@@ -87,6 +87,21 @@ def service_account(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _otel_env(body: dict[str, Any], settings: settings_mod.Settings) -> list[dict[str, str]]:
+    """Tracing for the sidecar: the operator's OTEL_* settings, named after the function and the pod.
+
+    Nothing when the operator has none: a pod template without OTEL_* traces nothing.
+    """
+    if not settings.otel_env:
+        return []
+    forwarded = dict(settings.otel_env)
+    ours = f"k8s.pod.name=$(STATEFN_MEMBER_ID),k8s.namespace.name={body['metadata']['namespace']}"
+    given = forwarded.pop("OTEL_RESOURCE_ATTRIBUTES", "")
+    return [*({"name": k, "value": v} for k, v in sorted(forwarded.items())),
+            {"name": "OTEL_SERVICE_NAME", "value": str(function_type(body))},
+            {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": f"{given},{ours}" if given else ours}]
+
+
 def deployment(body: dict[str, Any], settings: settings_mod.Settings, replicas: int) -> dict[str, Any]:
     """The function's Deployment at ``replicas`` (the autoscaler's, not the spec's, decision)."""
     spec = body["spec"]
@@ -121,6 +136,7 @@ def deployment(body: dict[str, Any], settings: settings_mod.Settings, replicas: 
             {"name": "STATEFN_NATS", "value": settings.nats_url},
             {"name": "STATEFN_ETCD", "value": settings.etcd_endpoint},
             {"name": "STATEFN_MEMBER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            *_otel_env(body, settings),
         ],
         "ports": [{"name": "health", "containerPort": HEALTH_PORT}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "health"}, "periodSeconds": 2},

@@ -22,3 +22,10 @@ class Settings(pydantic.BaseModel):
     stream_replicas: int = pydantic.Field(default=1, ge=1, le=5)
     # How often each function's lag is read and its replicas decided.
     autoscale_interval: float = pydantic.Field(default=_constants.DEFAULT_AUTOSCALE_INTERVAL_S, gt=0)
+    # The operator's own OTEL_* environment, forwarded to every sidecar so one chart setting traces
+    # every function (service name and resource attributes are set per function and pod).
+    otel_env: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def otel_env_of(environ: dict[str, str]) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((k, v) for k, v in environ.items() if k.startswith("OTEL_") and k != "OTEL_SERVICE_NAME"))
