@@ -109,7 +109,7 @@ def test_a_call_chain_is_one_trace_across_processes(chain: Chain) -> None:
     def complete(spans: list[otlp_receiver.ReceivedSpan]) -> bool:
         ours = [s for s in spans if s.trace_id == CALLER_TRACE]
         return sum(s.name == "commit" and s.service == "sidecar-back" for s in ours) == 2 and \
-            any(s.service == "gateway" for s in ours)
+            any(s.service == "gateway" for s in ours) and sum(s.service == "user-code" for s in ours) == 2
 
     spans = [s for s in chain.receiver.wait_for(complete) if s.trace_id == CALLER_TRACE]
     by_id = {s.span_id: s for s in spans}
@@ -149,20 +149,27 @@ def test_a_call_chain_is_one_trace_across_processes(chain: Chain) -> None:
         assert invoke_back.attributes[tracing.KEY] == send.attributes[tracing.TARGET_KEY]
         assert invoke_back.attributes[tracing.HANDLER] == "record"
         assert invoke_back.start_ns >= send.end_ns
-        (commit_back,) = children[invoke_back.span_id]
-        assert commit_back.name == "commit"
-        assert invoke_back.start_ns <= commit_back.start_ns <= commit_back.end_ns <= invoke_back.end_ns
+        # The handler's own span (its own tracer, its own exporter) nests under the invocation, before the commit.
+        (commit_back, lookup) = sorted(children[invoke_back.span_id], key=lambda s: s.name)
+        assert (commit_back.name, lookup.name, lookup.service) == ("commit", "lookup", "user-code")
+        assert lookup.attributes["origin"] == "f1"
+        assert invoke_back.start_ns <= lookup.start_ns <= lookup.end_ns <= commit_back.start_ns
+        assert commit_back.end_ns <= invoke_back.end_ns
 
-    # The whole tree and nothing else: 1 ingress + front (invoke, commit, 2 sends) + 2 x back (invoke, commit).
-    assert len(spans) == 1 + 4 + 4, [f"{s.service} {s.name}" for s in spans]
+    # The whole tree and nothing else: 1 ingress + front (invoke, commit, 2 sends) + 2 x back (invoke, lookup, commit).
+    assert len(spans) == 1 + 4 + 6, [f"{s.service} {s.name}" for s in spans]
     assert all(s.parent_id in by_id or s is ingress for s in spans)
 
 
 def test_a_failing_invocation_is_an_error_span_and_counted(chain: Chain) -> None:
     status, body = _post(chain.url("front", "f2", "explode"), {})
     assert status == 500 and body["error"]["kind"] == "handler_error"
-    spans = chain.receiver.wait_for(lambda spans: any(
-        s.name.endswith("front.explode") and s.attributes.get(tracing.KEY) == "f2" for s in spans))
+
+    def arrived(spans: list[otlp_receiver.ReceivedSpan]) -> bool:  # the invocation's span and its parent's
+        explode = [s for s in spans if s.name.endswith("front.explode")]
+        return bool(explode) and any(s.span_id == explode[0].parent_id for s in spans)
+
+    spans = chain.receiver.wait_for(arrived)
     (span,) = [s for s in spans if s.name.endswith("front.explode")]
     assert span.attributes[tracing.OUTCOME] == "error"
     assert span.status_code == 2  # STATUS_CODE_ERROR
@@ -215,7 +222,8 @@ async def test_a_traced_caller_of_the_client_continues_its_trace(
         async with statefn.Client(nats=nats_server.url, etcd=etcd_server.endpoint) as client:
             assert await client.invoke(f"{chain.namespace}/front", "c1", "spread", keys=[]) == 0
         caller = span.get_span_context()
-    spans = chain.receiver.wait_for(lambda spans: any(s.attributes.get(tracing.KEY) == "c1" for s in spans))
+    spans = chain.receiver.wait_for(
+        lambda spans: any(s.attributes.get(tracing.KEY) == "c1" and s.kind == "CONSUMER" for s in spans))
     (invoke,) = [s for s in spans if s.attributes.get(tracing.KEY) == "c1" and s.kind == "CONSUMER"]
     assert (invoke.trace_id, invoke.parent_id) == (f"{caller.trace_id:032x}", f"{caller.span_id:016x}")
     provider.shutdown()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pydantic
 
-from statefn import _codec, _context, _errors, _function, _wire
+from statefn import _codec, _context, _errors, _function, _tracecontext, _wire
 
 _log = logging.getLogger("statefn.runtime")
 
@@ -54,9 +54,10 @@ async def _invoke_one(
                            invocation_id=inv.id, attempt=inv.attempt)
     kwargs = {name: getattr(args, name) for name in type(args).model_fields}
     try:
-        out = spec.fn(ctx, **kwargs)
-        if spec.is_async:
-            out = await out
+        with _tracecontext.activated(inv.traceparent):
+            out = spec.fn(ctx, **kwargs)
+            if spec.is_async:
+                out = await out
         reply = _codec.pack(_codec.to_plain(out))
         changes = ctx._changes(max_state_bytes)
     except _errors.Retry as exc:

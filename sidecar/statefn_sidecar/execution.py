@@ -66,7 +66,7 @@ class Executor:
                 keys=[
                     _wire.KeyRequest(
                         function=str(self.fn), key=key, state=dict(cache.get(key)),
-                        invocations=[self._invocation(oc.item) for oc in ocs],
+                        invocations=[self._invocation(oc) for oc in ocs],
                     )
                     for key, ocs in by_key.items()
                 ],
@@ -89,11 +89,13 @@ class Executor:
                 oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
         return outcomes
 
-    def _invocation(self, item: items.Item) -> _wire.Invocation:
-        msg = item.message
+    def _invocation(self, oc: planner.Outcome) -> _wire.Invocation:
+        msg = oc.item.message
         assert msg is not None
-        return _wire.Invocation(id=item.id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
-                                origin=msg.origin, traceparent=msg.traceparent)
+        # The handler runs in its invoke span's context (if traced), so the spans it starts nest under it.
+        traceparent = msg.traceparent if oc.span is None else observe.traceparent_of(oc)
+        return _wire.Invocation(id=oc.item.id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
+                                origin=msg.origin, traceparent=traceparent)
 
     async def _call(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
         delay = 0.1

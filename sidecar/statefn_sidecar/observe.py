@@ -33,6 +33,10 @@ def start_invocations(outcomes: Iterable[planner.Outcome], function: str, partit
                         tracing.MESSAGING_SYSTEM: "nats"})
 
 
+def traceparent_of(oc: planner.Outcome) -> str | None:
+    return None if oc.span is None else tracing.traceparent_of(oc.span)
+
+
 def send_traceparent(oc: planner.Outcome, message: _envelope.Message, function: str, delay: float) -> str | None:
     """The traceparent an outgoing message carries: a PRODUCER span's when tracing, else the caller's."""
     if oc.span is None or tracing.TRACER is None:
