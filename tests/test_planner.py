@@ -57,3 +57,14 @@ def test_invocation_too_big_for_one_commit_fails_alone() -> None:
     assert failed.reply.error.kind == "state_too_large"
     assert failed.dead_letter is not None and failed.state == {}
     assert fine.reply is not None and fine.reply.ok
+
+
+def test_many_sends_to_few_partitions_fit_one_commit() -> None:
+    """Sends are bundled per target partition: 200 sends to 4 partitions are 4 channels, not 200."""
+    fan = _ingress(0, key="fan", sends=200)
+    plans = planner.Planner(FN, layout.PartitionKeys(FN, 0), {}, None).plan([fan], {})
+    _check_limits(plans)
+    ((txn, eff),) = plans
+    assert fan.dead_letter is None and fan.reply is not None and fan.reply.ok
+    assert sorted(e.target for e in eff.entries) == ["a.b.0", "a.b.1", "a.b.2", "a.b.3"]
+    assert sum(len(_envelope.decode_bundle(e.body).messages) for e in eff.entries) == 200

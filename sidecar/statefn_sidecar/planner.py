@@ -153,9 +153,11 @@ class Planner:
         for (key, name), value in oc.state.items():
             ops += 1
             size += len(key) + len(name) + 64 + (len(value) if value else 0)
+        channels = set(pending)
         for s in oc.sends:
             token = s.target.token
-            if token not in pending:
+            if token not in channels:  # a new channel: its outbox entry and its sequence counter
+                channels.add(token)
                 ops += 2
             size += 256 + len(_codec.pack(s.message.to_plain()))
         ops += len(oc.delayed) + (1 if oc.retry_at_ms is not None else 0) + (2 if oc.dead_letter else 0)
