@@ -44,10 +44,12 @@ test-crash: install
 demo: install
 	$(PY) -m examples.counter.demo
 
+# The data plane against its floor (sweeps, fan-out, memory), then the Kubernetes workloads: one table,
+# bench/results/latest.json, throughput.png and latency.png. BENCH_ARGS=--no-k8s skips Kubernetes.
 bench: install
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
-# The operator on the e2e harness (real kube-apiserver): reconcile cost, scaling reaction.
+# The operator on the e2e harness alone (real kube-apiserver): reconcile cost, scaling reaction -> k8s.json.
 bench-k8s: install
 	$(PY) -m bench.k8s
 

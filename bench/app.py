@@ -1,4 +1,4 @@
-"""The function the platform workloads drive: a keyed counter, the smallest stateful function.
+"""The functions the platform workloads drive: a keyed counter, and a fan-out that sends to counters.
 
 It is a module (not built inside a workload) because two kinds of child process import it by
 name: the remote function server (``counter_remote``) and the sidecar whose memory is measured
@@ -16,10 +16,21 @@ from statefn import Context, StatefulFunction
 NS_ENV = "STATEFN_BENCH_NS"
 FUNCTION_NAME = "counter"
 HANDLER = "increment"
+FANOUT_NAME = "fanout"
+FANOUT_HANDLER = "fan"
 
 
 def function_type(namespace: str) -> str:
     return f"{namespace}/{FUNCTION_NAME}"
+
+
+def fanout_type(namespace: str) -> str:
+    return f"{namespace}/{FANOUT_NAME}"
+
+
+def fanout_keys(prefix: str, n: int) -> list[str]:
+    """The counter keys one fan-out sends to; the workload checks exactly these afterwards."""
+    return [f"{prefix}-{i}" for i in range(n)]
 
 
 def make_app(namespace: str) -> statefn.App:
@@ -31,7 +42,18 @@ def make_app(namespace: str) -> statefn.App:
         ctx[count] += by
         return ctx[count]
 
-    return statefn.App(counter)
+    # One invocation, N one-way messages to N counter keys: delivered exactly once after it commits.
+    fanout = StatefulFunction(fanout_type(namespace))
+    fanned = fanout.state("fanned", int, default=0)
+
+    @fanout.handler
+    async def fan(ctx: Context, prefix: str, n: int) -> int:
+        for key in fanout_keys(prefix, n):
+            ctx.send(function_type(namespace), key, HANDLER)
+        ctx[fanned] += n
+        return n
+
+    return statefn.App(counter, fanout)
 
 
 app = make_app(os.environ.get(NS_ENV, "bench"))

@@ -8,7 +8,8 @@ the operator's CPU per reconcile, against the floor: the same provisioning (stre
 registration) and the same two server-side applies done directly, one function after another,
 with the same clients. Then the operator's idle CPU with N functions, each autoscaler ticking.
 
-Writes ``bench/results/k8s.json`` shaped like latest.json.
+Writes ``bench/results/k8s.json`` shaped like latest.json. ``make bench`` (``python -m bench``)
+runs the same ``run`` after the data-plane workloads and merges its result into latest.json.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +85,23 @@ def median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
+PHASES = ("starting the control plane", "scaling: the floor", "scaling: the operator", "reconcile: the floor",
+          "reconcile: the operator", "idle CPU")
+
+
 def scaling(cluster: harness.ControlPlane, plane: operator_proc.DataPlane, rounds: int,
-            console: Console) -> dict[str, list[float]]:
+            console: Console, phase: Callable[[str], None] = lambda _: None) -> dict[str, list[float]]:
     """Both scaling measurements with one agent node up; the node (and every pod) is gone afterwards."""
     with agent_node.running(cluster, "bench-node"):
         cluster.kubectl("create", "namespace", k8s_scaling.NS)
+        phase(PHASES[1])
         console.print(f"scaling floor: the same Deployment scaled directly, {rounds} rounds")
         floor_wake, floor_up = asyncio.run(k8s_scaling.direct(cluster, plane, rounds, console))
         op = operator_proc.Operator(cluster, plane, "--standalone", "--namespace", k8s_scaling.NS,
                                     "--autoscale-interval", "1", name="operator-scaling")
         try:
             op.wait_for_log("statefn operator:")
+            phase(PHASES[2])
             console.print(f"scaling by the operator's autoscaler (interval 1 s), {rounds} rounds")
             auto_wake, auto_up = asyncio.run(k8s_scaling.autoscaled(cluster, plane, rounds, console))
         finally:
@@ -101,7 +109,10 @@ def scaling(cluster: harness.ControlPlane, plane: operator_proc.DataPlane, round
     return {"floor_wake": floor_wake, "floor_up": floor_up, "auto_wake": auto_wake, "auto_up": auto_up}
 
 
-def run(n: int, partitions: int, idle_seconds: float, rounds: int, console: Console) -> dict[str, Any]:
+def run(n: int, partitions: int, idle_seconds: float, rounds: int, console: Console,
+        phase: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Every Kubernetes workload on a fresh harness; ``phase`` is told each of ``PHASES`` as it starts."""
+    phase(PHASES[0])
     cluster = harness.ControlPlane(harness.k8s_bin_dir())
     cluster.start()
     plane = operator_proc.DataPlane(cluster.workdir / "dataplane")
@@ -110,8 +121,9 @@ def run(n: int, partitions: int, idle_seconds: float, rounds: int, console: Cons
     try:
         cluster.kubectl("apply", "-f", str(harness.ROOT / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/statefulfunctions.statefn.dev")
-        scaled = scaling(cluster, plane, rounds, console)
+        scaled = scaling(cluster, plane, rounds, console, phase)
         cluster.kubectl("create", "namespace", NS)
+        phase(PHASES[3])
         console.print(f"floor: {n} functions provisioned and applied directly, one at a time")
         floor_lat = asyncio.run(floor(cluster, plane, n, partitions))
         floor_total = sum(floor_lat)
@@ -121,6 +133,7 @@ def run(n: int, partitions: int, idle_seconds: float, rounds: int, console: Cons
         time.sleep(2)  # the operator's start-up (watch setup) is not part of a reconcile
         cpu0 = cpu_seconds(op.proc.pid)
         docs = "\n---\n".join(json.dumps(function(f"op-{i}", partitions)) for i in range(n))
+        phase(PHASES[4])
         console.print(f"operator: {n} StatefulFunctions applied at once")
         started = time.perf_counter()
         cluster.kubectl("apply", "-f", "-", stdin=docs)
@@ -130,6 +143,7 @@ def run(n: int, partitions: int, idle_seconds: float, rounds: int, console: Cons
             time.sleep(0.25)
         elapsed = time.perf_counter() - started
         cpu_reconcile = cpu_seconds(op.proc.pid) - cpu0
+        phase(PHASES[5])
         console.print(f"idle: {idle_seconds:.0f} s with {n} functions, autoscalers ticking")
         cpu1 = cpu_seconds(op.proc.pid)
         time.sleep(idle_seconds)

@@ -103,6 +103,11 @@ def function_server(namespace: str, host: str, port: int) -> Child:
     return Child([sys.executable, "-c", _SERVE_SNIPPET, host, str(port)], namespace, "function server")
 
 
+def otlp_receiver(port: int) -> Child:
+    """An OTLP/HTTP receiver decoding every span (tests.otlp_receiver), in its own process like a collector."""
+    return Child([sys.executable, "-m", "tests.otlp_receiver", str(port)], "", "OTLP receiver")
+
+
 def sidecar_process(namespace: str, settings: dict[str, object], health_port: int) -> Child:
     return Child([sys.executable, "-m", "bench.procs", "sidecar", json.dumps(settings), str(health_port)],
                  namespace, "sidecar")

@@ -58,3 +58,13 @@ def summarize(latencies_s: list[float], operations: int, elapsed_s: float, unit:
         rss_mb=rss_mb,
         notes=notes,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One workload measured at several concurrencies: (messages or invocations in flight, result)."""
+
+    points: list[tuple[int, Result]]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{"concurrency": level, **r.to_json()} for level, r in self.points]

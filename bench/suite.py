@@ -1,9 +1,14 @@
-"""Runs the selected workloads in order against one pair of servers, with a progress bar.
+"""The workload registry, and the runner: in order, against one pair of servers, with a progress bar.
 
 The floors run first, on the same nats-server and etcd the platform workloads use next, so the
 ratios compare like with like (same disks, same server state, same moment's machine noise).
 A workload that fails (an error, or work lost) is reported as failed and the others still run;
 one that cannot run in this tree (``procs.Unavailable``) is reported as skipped.
+
+Adding a workload is a function plus one ``Workload`` entry in ``REGISTRY``: its ``run`` gets
+an ``Env`` (sizes, server addresses, and the running platform when it has one) and a progress
+tick, and returns a ``stats.Result`` (a row of the table) or a ``stats.Sweep`` (a line of the
+plots). Consecutive entries with the same ``platform`` factory share one running platform.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import cProfile
 import dataclasses
-import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -24,9 +28,14 @@ FLOOR_SINGLE = "floor_single"
 FLOOR_BATCHED = "floor_batched"
 EMBEDDED_SINGLE = "counter_embedded_single"
 EMBEDDED = "counter_embedded"
+TRACED = "counter_traced"
 REMOTE = "counter_remote"
 MEMORY = "memory_100k_keys"
-NAMES = (FLOOR_SINGLE, FLOOR_BATCHED, EMBEDDED_SINGLE, EMBEDDED, REMOTE, MEMORY)
+# Keys one fan-out invocation sends to. 100 belongs here, but the sidecar's planner estimates two
+# etcd writes per ctx.send (not per target channel), so one invocation sending 100 messages fails
+# with state_too_large (203 writes > 126); change 50 to 100 once planner._estimate counts channels.
+FANOUTS = (10, 100)
+SWEEP_PREFIX = "sweep_"  # registry names of sweeps; their key in the JSON's "sweeps" drops it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,29 +50,155 @@ class Sizes:
     concurrency: int = 256
     remote: int = 10_000
     memory_keys: int = 100_000
+    # Concurrency sweeps: at each level, max(sweep_min, level * sweep_per_flight) operations.
+    sweep_levels: tuple[int, ...] = (1, 4, 16, 64, 256)
+    sweep_min: int = 1_500
+    sweep_per_flight: int = 20
+    # Fan-out: rounds = max(3, fanout_messages // N), one fan-out in flight.
+    fanout_messages: int = 3_000
+
+    def sweep_counts(self) -> tuple[int, ...]:
+        return tuple(max(self.sweep_min, level * self.sweep_per_flight) for level in self.sweep_levels)
+
+    def fanout_rounds(self, n: int) -> int:
+        return max(3, self.fanout_messages // n)
 
 
 FULL = Sizes()
 QUICK = Sizes(floor_single=50, floor_warmup=5, floor_batched=512, single=30, single_keys=10, load=300,
-              load_keys=50, concurrency=32, remote=200, memory_keys=500)
+              load_keys=50, concurrency=32, remote=200, memory_keys=500, sweep_levels=(1, 4, 32), sweep_min=40,
+              sweep_per_flight=4, fanout_messages=30)
+
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+    """What a workload's ``run`` gets: sizes, the servers, and the platform its entry runs on."""
+
+    sizes: Sizes
+    nats_url: str
+    etcd_endpoint: str
+    platform: workloads.Platform | None = None
+
+    @property
+    def p(self) -> workloads.Platform:
+        assert self.platform is not None, "a platform workload's entry needs a platform factory"
+        return self.platform
+
+
+Measured = stats.Result | stats.Sweep
+PlatformFactory = Callable[[str, str], contextlib.AbstractAsyncContextManager[workloads.Platform]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One registry entry: what runs, on which platform, and which floors its ratios are against."""
+
+    name: str
+    run: Callable[[Env, stats.Tick], Awaitable[Measured]]
+    total: Callable[[Sizes], int]  # operations measured (the progress bar's length)
+    platform: PlatformFactory | None = None  # None: raw clients, no sidecar (a floor)
+    throughput_floor: str | None = FLOOR_BATCHED  # the ratios' denominators (None: no ratio)
+    p50_floor: str | None = FLOOR_SINGLE
+    baseline: str | None = None  # a workload this one is a variant of: the table prints "x baseline"
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.name.startswith(SWEEP_PREFIX)
+
+
+def _fanout_floor(n: int) -> Workload:
+    return Workload(f"floor_fanout_{n}", lambda e, tick: floor.floor_fanout(
+        e.nats_url, e.etcd_endpoint, fanout=n, rounds=e.sizes.fanout_rounds(n), tick=tick),
+        lambda s: n * s.fanout_rounds(n), throughput_floor=f"floor_fanout_{n}", p50_floor=f"floor_fanout_{n}")
+
+
+def _fanout(n: int) -> Workload:
+    return Workload(f"fanout_{n}", lambda e, tick: workloads.fan_out(
+        e.p, fanout=n, rounds=e.sizes.fanout_rounds(n), tick=tick),
+        lambda s: n * s.fanout_rounds(n), platform=workloads.fanout,
+        throughput_floor=f"floor_fanout_{n}", p50_floor=f"floor_fanout_{n}")
+
+
+async def _floor_sweep(e: Env, tick: stats.Tick) -> stats.Sweep:
+    points = []
+    for level, count in zip(e.sizes.sweep_levels, e.sizes.sweep_counts(), strict=True):
+        points.append((level, await floor.floor_pipelined(e.nats_url, e.etcd_endpoint, count=count,
+                                                          in_flight=level, tick=tick)))
+    return stats.Sweep(points)
+
+
+def _platform_sweep(e: Env, tick: stats.Tick) -> Awaitable[stats.Sweep]:
+    s = e.sizes
+    return workloads.sweep(e.p, levels=s.sweep_levels, counts=s.sweep_counts(), key_count=s.load_keys, tick=tick)
+
+
+def _sweep_total(s: Sizes) -> int:
+    return sum(s.sweep_counts())
+
+
+REGISTRY: tuple[Workload, ...] = (
+    Workload(FLOOR_SINGLE, lambda e, tick: floor.floor_single(
+        e.nats_url, e.etcd_endpoint, count=e.sizes.floor_single, warmup=e.sizes.floor_warmup, tick=tick),
+        lambda s: s.floor_single),
+    Workload(FLOOR_BATCHED, lambda e, tick: floor.floor_batched(
+        e.nats_url, e.etcd_endpoint, count=e.sizes.floor_batched, tick=tick), lambda s: s.floor_batched),
+    *(_fanout_floor(n) for n in FANOUTS),
+    Workload(f"{SWEEP_PREFIX}floor", _floor_sweep, _sweep_total),
+    Workload(EMBEDDED_SINGLE, lambda e, tick: workloads.single(
+        e.p, count=e.sizes.single, key_count=e.sizes.single_keys, tick=tick),
+        lambda s: s.single, platform=workloads.embedded),
+    Workload(EMBEDDED, lambda e, tick: workloads.load(
+        e.p, count=e.sizes.load, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
+        lambda s: s.load, platform=workloads.embedded),
+    Workload(f"{SWEEP_PREFIX}{EMBEDDED}", _platform_sweep, _sweep_total, platform=workloads.embedded),
+    # Tracing on, every invocation sampled and exported (to a receiver in another process), against the same
+    # load untraced: what tracing costs. Off, the hot path checks one attribute per batch.
+    Workload(TRACED, lambda e, tick: workloads.traced_load(
+        e.p, count=e.sizes.load, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
+        lambda s: s.load, platform=workloads.embedded_traced, baseline=EMBEDDED),
+    *(_fanout(n) for n in FANOUTS),
+    Workload(REMOTE, lambda e, tick: workloads.load(
+        e.p, count=e.sizes.remote, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
+        lambda s: s.remote, platform=workloads.remote),
+    Workload(f"{SWEEP_PREFIX}{REMOTE}", _platform_sweep, _sweep_total, platform=workloads.remote),
+    Workload(MEMORY, lambda e, tick: workloads.memory(
+        e.p, key_count=e.sizes.memory_keys, concurrency=e.sizes.concurrency, tick=tick),
+        lambda s: s.memory_keys, platform=workloads.sidecar_process),
+)
+BY_NAME = {w.name: w for w in REGISTRY}
+NAMES = tuple(BY_NAME)
+
+
+def sweep_key(name: str) -> str:
+    """``sweep_counter_embedded`` -> ``counter_embedded``: the key in the JSON and the plots' legend."""
+    return name.removeprefix(SWEEP_PREFIX)
 
 
 def totals(sizes: Sizes) -> dict[str, int]:
     """Operations each workload measures (the progress bars' lengths)."""
-    return {FLOOR_SINGLE: sizes.floor_single, FLOOR_BATCHED: sizes.floor_batched,
-            EMBEDDED_SINGLE: sizes.single, EMBEDDED: sizes.load, REMOTE: sizes.remote,
-            MEMORY: sizes.memory_keys}
+    return {w.name: w.total(sizes) for w in REGISTRY}
 
 
 @dataclasses.dataclass
 class Outcome:
     results: dict[str, stats.Result] = dataclasses.field(default_factory=dict)
+    sweeps: dict[str, stats.Sweep] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
+    def done(self, name: str) -> bool:
+        return name in self.results or name in self.sweeps
 
-Step = Callable[[workloads.Platform, stats.Tick], Awaitable[stats.Result]]
-PlatformFactory = Callable[[str, str], contextlib.AbstractAsyncContextManager[workloads.Platform]]
+
+def _groups(selected: list[Workload]) -> list[list[Workload]]:
+    """Consecutive entries with the same platform factory run on one platform; floors one by one."""
+    groups: list[list[Workload]] = []
+    for w in selected:
+        if groups and w.platform is not None and groups[-1][0].platform is w.platform:
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    return groups
 
 
 class Suite:
@@ -84,83 +219,71 @@ class Suite:
         self._tasks: dict[str, progress.TaskID] = {}
 
     async def run(self) -> Outcome:
+        selected = [w for w in REGISTRY if w.name in self.names]
         with self._bar:
-            for name, total in totals(self.sizes).items():
-                if name in self.names:
-                    self._tasks[name] = self._bar.add_task(name, total=total, state="waiting", start=False)
-            s = self.sizes
-            await self._measure(FLOOR_SINGLE, lambda tick: floor.floor_single(
-                self.nats_url, self.etcd_endpoint, count=s.floor_single, warmup=s.floor_warmup, tick=tick))
-            await self._measure(FLOOR_BATCHED, lambda tick: floor.floor_batched(
-                self.nats_url, self.etcd_endpoint, count=s.floor_batched, tick=tick))
-            await self._on_platform(workloads.embedded, [
-                (EMBEDDED_SINGLE, lambda p, tick: workloads.single(p, count=s.single, key_count=s.single_keys,
-                                                                   tick=tick)),
-                (EMBEDDED, lambda p, tick: workloads.load(p, count=s.load, key_count=s.load_keys,
-                                                          concurrency=s.concurrency, tick=tick)),
-            ])
-            await self._on_platform(workloads.remote, [
-                (REMOTE, lambda p, tick: workloads.load(p, count=s.remote, key_count=s.load_keys,
-                                                        concurrency=s.concurrency, tick=tick)),
-            ])
-            await self._on_platform(workloads.sidecar_process, [
-                (MEMORY, lambda p, tick: workloads.memory(p, key_count=s.memory_keys,
-                                                          concurrency=s.concurrency, tick=tick)),
-            ])
+            for w in selected:
+                self._tasks[w.name] = self._bar.add_task(w.name, total=w.total(self.sizes), state="waiting",
+                                                         start=False)
+            env = Env(self.sizes, self.nats_url, self.etcd_endpoint)
+            for group in _groups(selected):
+                if group[0].platform is None:
+                    await self._measure(group[0], env)
+                else:
+                    await self._on_platform(group[0].platform, group, env)
         return self.outcome
 
-    async def _on_platform(self, factory: PlatformFactory, steps: list[tuple[str, Step]]) -> None:
-        """Start one platform for the selected steps that run on it; a failed start fails them all."""
-        steps = [(n, st) for n, st in steps if n in self.names]
-        if not steps:
-            return
-        for name, _ in steps:
-            self._state(name, "starting the sidecar")
+    async def _on_platform(self, factory: PlatformFactory, group: list[Workload], env: Env) -> None:
+        """Start one platform for the entries that run on it; a failed start fails them all."""
+        for w in group:
+            self._state(w.name, "starting the sidecar")
         try:
             async with factory(self.nats_url, self.etcd_endpoint) as platform:
-                for name, step in steps:
-                    await self._measure(name, functools.partial(step, platform))
-                for name, _ in steps:
-                    self._state(name, "stopping the sidecar" if name in self.outcome.results else "")
+                on = dataclasses.replace(env, platform=platform)
+                for w in group:
+                    await self._measure(w, on)
+                for w in group:
+                    self._state(w.name, "stopping the sidecar" if self.outcome.done(w.name) else "")
         except procs.Unavailable as exc:
-            for name, _ in steps:
-                self._record_skip(name, str(exc))
+            for w in group:
+                self._record_skip(w.name, str(exc))
         except Exception as exc:
-            for name, _ in steps:
-                if name not in self.outcome.results and name not in self.outcome.failed:
-                    self._record_failure(name, exc)
-            if all(n in self.outcome.results for n, _ in steps):
+            for w in group:
+                if not self.outcome.done(w.name) and w.name not in self.outcome.failed:
+                    self._record_failure(w.name, exc)
+            if all(self.outcome.done(w.name) for w in group):
                 self.console.print(
                     f"[yellow]warning:[/] stopping the platform failed: {type(exc).__name__}: {exc}")
-        for name, _ in steps:
-            if name in self.outcome.results:
-                self._state(name, "[green]done")
+        for w in group:
+            if self.outcome.done(w.name):
+                self._state(w.name, "[green]done")
 
-    async def _measure(self, name: str, run: Callable[[stats.Tick], Awaitable[stats.Result]]) -> None:
-        if name not in self.names:
-            return
-        task = self._tasks[name]
+    async def _measure(self, w: Workload, env: Env) -> None:
+        task = self._tasks[w.name]
         self._bar.start_task(task)
-        self._state(name, "running")
+        self._state(w.name, "running")
         profiler = cProfile.Profile() if self.profile_dir is not None else None
         try:
             if profiler is not None:
                 profiler.enable()
             try:
-                self.outcome.results[name] = await run(lambda n: self._bar.advance(task, n))
+                measured = await w.run(env, lambda n: self._bar.advance(task, n))
             finally:
                 if profiler is not None:
                     profiler.disable()
                     assert self.profile_dir is not None
                     self.profile_dir.mkdir(parents=True, exist_ok=True)
-                    profiler.dump_stats(self.profile_dir / f"{name}.prof")
+                    profiler.dump_stats(self.profile_dir / f"{w.name}.prof")
         except procs.Unavailable as exc:
-            self._record_skip(name, str(exc))
+            self._record_skip(w.name, str(exc))
             return
         except Exception as exc:
-            self._record_failure(name, exc)
+            self._record_failure(w.name, exc)
             return
-        self._state(name, "[green]done")
+        if isinstance(measured, stats.Sweep):
+            self.outcome.sweeps[w.name] = measured
+        else:
+            self.outcome.results[w.name] = measured
+        self._state(w.name, "[green]done")
 
     def _state(self, name: str, state: str) -> None:
         if name in self._tasks:

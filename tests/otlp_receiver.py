@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -46,7 +49,7 @@ class ReceivedSpan:
 class OtlpReceiver:
     """``with OtlpReceiver() as r:`` then point ``OTEL_EXPORTER_OTLP_ENDPOINT`` at ``r.endpoint``."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.spans: list[ReceivedSpan] = []
         self.requests = 0
         self._lock = threading.Lock()
@@ -70,10 +73,20 @@ class OtlpReceiver:
                 self.end_headers()
                 self.wfile.write(out)
 
+            def do_GET(self) -> None:
+                """What arrived so far, for a receiver in another process (``python -m tests.otlp_receiver``)."""
+                with receiver._lock:
+                    out = json.dumps({"spans": len(receiver.spans), "requests": receiver.requests}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((host, 0), Handler)
+        self._server = ThreadingHTTPServer((host, port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -116,3 +129,15 @@ class OtlpReceiver:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def main() -> None:
+    """``python -m tests.otlp_receiver PORT``: a receiver in its own process, as a collector would be."""
+    receiver = OtlpReceiver(port=int(sys.argv[1]))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with receiver:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    main()

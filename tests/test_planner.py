@@ -64,7 +64,7 @@ def test_many_sends_to_few_partitions_fit_one_commit() -> None:
     fan = _ingress(0, key="fan", sends=200)
     plans = planner.Planner(FN, layout.PartitionKeys(FN, 0), {}, None).plan([fan], {})
     _check_limits(plans)
-    ((txn, eff),) = plans
+    ((_, eff),) = plans
     assert fan.dead_letter is None and fan.reply is not None and fan.reply.ok
     assert sorted(e.target for e in eff.entries) == ["a.b.0", "a.b.1", "a.b.2", "a.b.3"]
     assert sum(len(_envelope.decode_bundle(e.body).messages) for e in eff.entries) == 200
