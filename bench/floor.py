@@ -186,13 +186,7 @@ async def floor_batched(nats_url: str, etcd_endpoint: str, *, count: int, tick: 
         while done < count:
             t0 = time.perf_counter()
             msgs = await rig.pull(BATCH)
-            puts: dict[bytes, bytes] = {}
-            for msg in msgs:
-                body = _codec.unpack(msg.data)
-                puts[_state_key(rig, body["k"])] = _codec.pack(msg.metadata.sequence.stream)
-            items = list(puts.items())
-            for i in range(0, len(items), KEYS_PER_TXN):
-                await rig.commit(dict(items[i:i + KEYS_PER_TXN]))
+            await _commit_batch(rig, msgs)
             await rig.publish_output(batches, _codec.pack([m.metadata.sequence.stream for m in msgs]))
             for msg in msgs:
                 await msg.ack()
