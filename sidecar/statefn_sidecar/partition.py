@@ -256,7 +256,6 @@ class PartitionWorker:
             # Some ingress invocations were already recorded (a retry or redelivery that reached
             # us before its record did): answer them from the record, run the rest again.
             self.stats["idempotency_conflicts"] += 1
-            observe.abandoned((oc for _, later in plans[i:] for oc in later.outcomes), "recorded_already")
             existing = {k: v for k, v in result.existing.items()}
             redo: list[items.Item] = []
             for _, later in plans[i:]:
@@ -265,8 +264,10 @@ class PartitionWorker:
                     idem = item.message.idempotency_key if item.message else None
                     record = existing.get(self.keys.idempotency(idem)) if idem else None
                     if record is None:
+                        observe.abandoned([oc], "rerun")
                         redo.append(item)
                         continue
+                    observe.abandoned([oc], "recorded_already")
                     self._remember(idem, record)  # type: ignore[arg-type]
                     self._executor.metrics.duplicates.inc()
                     await self._answer(item, record)
