@@ -353,7 +353,7 @@ def test_dashboard_ships_in_a_configmap_and_names_real_metrics(helm: helmcli.Hel
     used = " ".join(exprs)
     for name in ("statefn_invocations_total", "statefn_invocation_duration_seconds_bucket",
                  "statefn_commit_batch_size_bucket", "statefn_function_lag", "statefn_function_desired_replicas",
-                 "statefn_function_ready_replicas", "statefn_retries_total", "statefn_dead_letters_total",
+                 "statefn_function_ready_replicas", 'outcome="retry"', "statefn_dead_letters_total",
                  "statefn_partitions_owned", "statefn_gateway_requests_total",
                  "statefn_gateway_request_duration_seconds_bucket"):
         assert name in used, name

@@ -32,8 +32,6 @@ COMMIT_BATCH = prometheus_client.Histogram(
     "statefn_commit_batch_size", "Invocations per etcd commit transaction.", ["function"], buckets=_BATCH_BUCKETS)
 COMMIT_BYTES = prometheus_client.Histogram(
     "statefn_commit_bytes", "Bytes written per etcd commit transaction.", ["function"], buckets=_BYTES_BUCKETS)
-RETRIES = prometheus_client.Counter(
-    "statefn_retries", "Invocations scheduled to run again after statefn.Retry.", ["function"])
 DEAD_LETTERS = prometheus_client.Counter(
     "statefn_dead_letters", "Messages sent to the dead-letter subject.", ["function"])
 DUPLICATES = prometheus_client.Counter(
@@ -65,7 +63,6 @@ class FunctionMetrics:
         "latency",
         "ok",
         "partitions",
-        "retries",
         "retry",
     )
 
@@ -77,7 +74,6 @@ class FunctionMetrics:
         self.commits = COMMITS.labels(function)
         self.batch = COMMIT_BATCH.labels(function)
         self.bytes = COMMIT_BYTES.labels(function)
-        self.retries = RETRIES.labels(function)
         self.dead_letters = DEAD_LETTERS.labels(function)
         self.duplicates = DUPLICATES.labels(function)
         self.partitions = PARTITIONS_OWNED.labels(function)

@@ -69,7 +69,6 @@ def committed(m: metrics.FunctionMetrics, outcomes: list[planner.Outcome], txn_b
             m.ok.inc()
         elif label == "retry":
             m.retry.inc()
-            m.retries.inc()
         else:
             m.error.inc()
             m.dead_letters.inc()
