@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import nats
 import pytest
 
 import statefn
-from statefn import Context, StatefulFunction
-from statefn_sidecar import deadletters
+from statefn import Context, StatefulFunction, _constants, _envelope, _naming
+from statefn_sidecar import config, deadletters, faults, invoker, sidecar
 from tests import helpers
 
 
@@ -65,3 +66,52 @@ async def test_dead_letter_then_replay_once(nats_server, etcd_server, namespace)
         assert await deadletters.list_dead_letters(c.nats.jetstream(), function=fn) == []
         with pytest.raises(statefn.StatefnError, match="no dead letter with sequence 999999"):
             await deadletters.get_dead_letter(c.nats.jetstream(), 999999)
+
+
+@pytest.mark.parametrize("new_owner", [False, True], ids=["same-owner", "new-owner"])
+async def test_a_lost_ack_never_dead_letters_twice(nats_server, etcd_server, namespace, new_owner: bool) -> None:
+    """An undecodable message is dead-lettered and its ack lost; it comes back after ack_wait: still one letter.
+
+    The same owner knows it from memory; a new owner (the first one gone) from the record committed with the letter.
+    """
+    fn = f"{namespace}/orders"
+    app = make_app(namespace, {"yes": False})
+    cfg = config.SidecarConfig(nats_url=nats_server.url, etcd_endpoint=etcd_server.endpoint, partitions=1,
+                               lease_ttl=3, fetch_timeout=0.2, rebalance_interval=0.1, ack_wait=1.0)
+    injected = faults.Faults("ack_lost=1")
+    owner = sidecar.Sidecar(cfg, invoker.EmbeddedInvoker(app), injected)
+    await owner.start()
+    ftype = _naming.FunctionType.parse(fn)
+    nc = await nats.connect(nats_server.url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.jetstream().publish(ftype.ingress_subject(0), b"\xc1 not msgpack",
+                                     headers={_constants.HEADER_REPLY_TO: inbox})
+        reply = _envelope.Reply.decode((await sub.next_msg(timeout=10)).data)
+        assert reply.error is not None and reply.error.kind == "undecodable"
+        assert injected.fired == {"ack_lost": 1}
+        injected.rates.clear()  # one lost ack
+        if new_owner:
+            await owner.stop()
+            owner = sidecar.Sidecar(cfg, invoker.EmbeddedInvoker(app))
+            await owner.start()
+        # Redelivered after ack_wait: answered with the same reply, acked, not dead-lettered again.
+        again = _envelope.Reply.decode((await sub.next_msg(timeout=10)).data)
+        assert again == reply
+        js = nc.jetstream()
+        for _ in range(50):
+            info = await js.consumer_info(ftype.stream, ftype.consumer_name(0))
+            if info.num_ack_pending == 0 and info.num_pending == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert (info.num_ack_pending, info.num_pending) == (0, 0), info
+        await asyncio.sleep(0.5)  # a second letter, if any, would be published by now
+        letters = await deadletters.list_dead_letters(js, function=fn)
+        assert [letter.record["error"]["kind"] for letter in letters] == ["undecodable"]
+        # Known from memory (dropped at intake), or from the record (the commit's idempotency compare refused it).
+        stats = owner.status()["stats"]
+        assert stats.get("idempotency_conflicts" if new_owner else "duplicates") == 1, stats
+    finally:
+        await owner.stop()
+        await nc.close()

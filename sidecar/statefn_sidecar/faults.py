@@ -47,3 +47,4 @@ class Faults:
 COMMIT_REPLY_LOST = "commit_reply_lost"
 PUBLISH_ACK_LOST = "publish_ack_lost"
 PUBLISH_REFUSED = "publish_refused"  # the publish fails before reaching NATS
+ACK_LOST = "ack_lost"  # the ack of a committed message never reaches NATS: it is redelivered after ack_wait

@@ -48,6 +48,13 @@ class Intake:
                     continue
                 message = _envelope.decode_invoke(msg.data, headers)
             except Exception as exc:
+                recorded = self._recent.get(f"seq:{seq}")
+                if recorded is not None:  # dead-lettered already; this is a redelivery
+                    self._duplicate()
+                    if headers.get(_constants.HEADER_REPLY_TO):
+                        await self._nc.publish(headers[_constants.HEADER_REPLY_TO], recorded)
+                    await msg.ack()
+                    continue
                 out.append(items.Item(kind=items.Kind.DEAD, id=f"seq:{seq}", source=items.Source(msg, 1),
                                       dead={"raw": msg.data[:4096], "reason": f"{type(exc).__name__}: {exc}",
                                             "reply_to": headers.get(_constants.HEADER_REPLY_TO)}))

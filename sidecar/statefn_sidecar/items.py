@@ -60,3 +60,15 @@ class Item:
     @property
     def key(self) -> str | None:
         return self.message.key if self.message else None
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """What makes a redelivered copy of this item a no-op: recorded with its outcome in the commit.
+
+        Ingress invocations (and their retries) carry one; an undecodable message is known by its
+        stream sequence (its id), so a redelivery after a lost ack is not dead-lettered twice.
+        Channel items are deduplicated by their channel's watermark instead.
+        """
+        if self.kind in (Kind.INGRESS, Kind.RETRY):
+            return self.message.idempotency_key if self.message else None
+        return self.id if self.kind is Kind.DEAD else None

@@ -226,7 +226,7 @@ class PartitionWorker:
         pending = batch
         try:
             while pending:
-                if any(i.kind in (items.Kind.INGRESS, items.Kind.RETRY) for i in pending):
+                if any(i.idempotency_key for i in pending):
                     await self.ensure_idem_lease()
                 outcomes = await self._executor.run(pending, self.cache, self.partition)
                 plans = self._planner().plan(outcomes, self._pending_trims())
@@ -261,7 +261,7 @@ class PartitionWorker:
             for _, later in plans[i:]:
                 for oc in later.outcomes:
                     item = oc.item
-                    idem = item.message.idempotency_key if item.message else None
+                    idem = item.idempotency_key
                     record = existing.get(self.keys.idempotency(idem)) if idem else None
                     if record is None:
                         observe.abandoned([oc], "rerun")
@@ -313,6 +313,11 @@ class PartitionWorker:
         if item.source is not None:
             item.source.pending -= 1
             if item.source.pending == 0:
+                if self._faults.enabled:
+                    try:
+                        self._faults.maybe(faults.ACK_LOST)
+                    except faults.InjectedTimeout:
+                        return  # as if the ack never arrived: JetStream redelivers after ack_wait
                 await item.source.msg.ack()
         for msg, _ in item.dups:
             await msg.ack()

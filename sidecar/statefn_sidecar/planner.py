@@ -164,8 +164,7 @@ class Planner:
         size += 512 * (len(oc.delayed) + (1 if oc.retry_at_ms is not None else 0))
         if oc.dead_letter:
             size += len(_codec.pack(oc.dead_letter)) + 256
-        if oc.reply is not None and oc.item.kind in (items.Kind.INGRESS, items.Kind.RETRY) \
-                and oc.item.message and oc.item.message.idempotency_key:
+        if oc.reply is not None and oc.item.idempotency_key:
             compares += 1
             size += len(oc.reply.value or b"") + 256
         return ops, size, compares
@@ -183,8 +182,8 @@ class Planner:
         if item.timer_key is not None:
             txn.delete(item.timer_key)
             eff.timers_removed.append(item.timer_key)
-        idem = item.message.idempotency_key if item.message else None
-        if oc.reply is not None and idem and item.kind in (items.Kind.INGRESS, items.Kind.RETRY):
+        idem = item.idempotency_key
+        if oc.reply is not None and idem:
             record = oc.reply.encode()
             ikey = self.keys.idempotency(idem)
             txn.require_absent(ikey)
