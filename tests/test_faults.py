@@ -1,4 +1,4 @@
-"""Commit outcome unknown and publish acks lost, injected at random under load."""
+"""Commit outcome unknown, publish acks lost and message acks lost, injected at random under load."""
 
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ def make_app(ns: str) -> statefn.App:
 
 async def test_unknown_outcomes_never_apply_twice(nats_server, etcd_server, namespace) -> None:
     fn = f"{namespace}/counter"
-    injected = faults.Faults("commit_reply_lost=0.3,publish_ack_lost=0.3,seed=11")
+    injected = faults.Faults("commit_reply_lost=0.3,publish_ack_lost=0.3,ack_lost=0.1,seed=11")
+    # A lost ack comes back after ack_wait: redelivered ingress and channel messages, all of them already applied.
     cfg = config.SidecarConfig(nats_url=nats_server.url, etcd_endpoint=etcd_server.endpoint, partitions=4,
-                               lease_ttl=3, fetch_timeout=0.2, rebalance_interval=0.1)
+                               lease_ttl=3, fetch_timeout=0.2, rebalance_interval=0.1, ack_wait=1.0)
     sc = sidecar.Sidecar(cfg, invoker.EmbeddedInvoker(make_app(namespace)), injected)
     await sc.start()
     try:
@@ -60,5 +61,13 @@ async def test_unknown_outcomes_never_apply_twice(nats_server, etcd_server, name
             # The faults really happened, and were resolved by reading back / re-publishing.
             assert injected.fired["commit_reply_lost"] >= 3, injected.fired
             assert injected.fired["publish_ack_lost"] >= 3, injected.fired
+            assert injected.fired["ack_lost"] >= 3, injected.fired
+            # Every lost ack's message came back and was dropped as a duplicate, not applied again (counts above).
+            for _ in range(50):
+                if sc.status()["stats"].get("duplicates", 0) >= injected.fired["ack_lost"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert sc.status()["stats"].get("duplicates", 0) >= injected.fired["ack_lost"], sc.status()["stats"]
+            assert {k: (await c.get_state(fn, k)).get("count", 0) for k in all_keys} == dict(expected)
     finally:
         await sc.stop()
