@@ -1,10 +1,9 @@
-"""A handler slower than ack_wait is neither redelivered nor run twice.
+"""A handler slower than ack_wait is neither redelivered nor run twice: the sidecar reports progress (+WPI).
 
-A partition's owner has no pull request outstanding while it runs a batch (it fetches, runs,
-commits, acks, then fetches again, and each pull request expires after fetch_timeout), so
-JetStream has nowhere to redeliver the message when ack_wait passes, and the ack that follows
-the commit is accepted late. No +WPI (in-progress) reports are needed; this test guards that
-property against a loop that would prefetch while a batch runs.
+Without the reports JetStream redelivers the message once ack_wait passes, into whatever pull
+request is open (the long poll that delivered it, or the owner's next one, racing its late ack).
+Exactly-once would still drop the copy (answered from its record), but only after a wasted
+delivery. The sidecar sends "in progress" every half ack_wait while a batch runs.
 """
 
 from __future__ import annotations
@@ -30,12 +29,17 @@ async def test_a_batch_longer_than_ack_wait_is_not_redelivered(
         ctx[runs] += 1
         return ctx[runs]
 
-    async with helpers.running_sidecar(statefn.App(fn), nats_server, etcd_server, ack_wait=1.0, partitions=1) as sc, \
+    # fetch_timeout 3 s: the long poll that delivered the message stays open on the server while the batch runs,
+    # so JetStream has somewhere to redeliver it the moment ack_wait passes without word from the sidecar.
+    async with helpers.running_sidecar(statefn.App(fn), nats_server, etcd_server, ack_wait=1.0, partitions=1,
+                                       fetch_timeout=3.0) as sc, \
             helpers.client(nats_server, etcd_server, retry_interval=30.0) as client:
         # 2.5 ack_waits: without progress reports JetStream would redeliver it twice meanwhile.
         assert await client.invoke(f"{namespace}/slow", "k", "crawl", seconds=2.5) == 1
         assert await client.invoke(f"{namespace}/slow", "k", "crawl", seconds=0.0) == 2
-        assert sc.status()["stats"].get("duplicates", 0) == 0
+        stats = sc.status()["stats"]
+        assert stats.get("duplicates", 0) == 0, stats
+        assert stats["in_progress_reports"] >= 2, stats  # at 0.5 s, 1.0 s, ... of the 2.5 s batch
     nc = await nats.connect(nats_server.url)
     try:
         ftype = _naming.FunctionType.parse(f"{namespace}/slow")

@@ -82,6 +82,7 @@ class PartitionWorker:
         self._trimmed_upto: dict[str, int] = {}
         self._idem_lease: tuple[int, float] | None = None
         self._psub: Any = None
+        self._progress_task: asyncio.Task[None] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
         self._intake = intake.Intake(self.pid, nc, self._chan_in, self._recent, self.stats, cfg.gap_retry_delay,
                                      executor.metrics.duplicates)
@@ -223,6 +224,30 @@ class PartitionWorker:
 
     # ---- execute and commit ----
     async def _process(self, batch: list[items.Item]) -> None:
+        # A batch that outlasts ack_wait would be redelivered (and answered as a duplicate): past half of
+        # ack_wait, tell JetStream it is still in progress (+WPI), every half ack_wait until it is done.
+        progress = asyncio.get_running_loop().call_later(self._cfg.ack_wait / 2, self._report_progress, batch)
+        try:
+            await self._run_batch(batch)
+        finally:
+            progress.cancel()
+            if self._progress_task is not None:
+                self._progress_task.cancel()
+                self._progress_task = None
+
+    def _report_progress(self, batch: list[items.Item]) -> None:
+        async def report() -> None:
+            while True:
+                sources = {id(i.source): i.source for i in batch if i.source is not None and i.source.pending > 0}
+                for source in sources.values():
+                    with contextlib.suppress(nats.errors.Error):
+                        await source.msg.in_progress()
+                self.stats["in_progress_reports"] += len(sources)
+                await asyncio.sleep(self._cfg.ack_wait / 2)
+
+        self._progress_task = asyncio.create_task(report(), name=f"in progress {self.pid}")
+
+    async def _run_batch(self, batch: list[items.Item]) -> None:
         pending = batch
         try:
             while pending:
