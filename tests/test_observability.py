@@ -7,6 +7,7 @@ a receiver that decodes the protobuf, as a collector would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -107,9 +108,9 @@ def test_a_call_chain_is_one_trace_across_processes(chain: Chain) -> None:
     assert (status, body) == (200, {"result": 2})
 
     def complete(spans: list[otlp_receiver.ReceivedSpan]) -> bool:
-        ours = [s for s in spans if s.trace_id == CALLER_TRACE]
-        return sum(s.name == "commit" and s.service == "sidecar-back" for s in ours) == 2 and \
-            any(s.service == "gateway" for s in ours) and sum(s.service == "user-code" for s in ours) == 2
+        """Every process exported its part: 1 ingress + front (invoke, commit, 2 sends) + 2 x back (invoke, lookup,
+        commit). Each process exports on its own schedule, so the tree is read only once all of it arrived."""
+        return sum(s.trace_id == CALLER_TRACE for s in spans) >= 1 + 4 + 6
 
     spans = [s for s in chain.receiver.wait_for(complete) if s.trace_id == CALLER_TRACE]
     by_id = {s.span_id: s for s in spans}
@@ -149,9 +150,9 @@ def test_a_call_chain_is_one_trace_across_processes(chain: Chain) -> None:
         assert invoke_back.attributes[tracing.KEY] == send.attributes[tracing.TARGET_KEY]
         assert invoke_back.attributes[tracing.HANDLER] == "record"
         assert invoke_back.start_ns >= send.end_ns
-        # The handler's own span (its own tracer, its own exporter) nests under the invocation, before the commit.
+        # The handler's own span (trace.get_tracer, the global provider) nests under the invocation, before the commit.
         (commit_back, lookup) = sorted(children[invoke_back.span_id], key=lambda s: s.name)
-        assert (commit_back.name, lookup.name, lookup.service) == ("commit", "lookup", "user-code")
+        assert (commit_back.name, lookup.name, lookup.service) == ("commit", "lookup", "sidecar-back")
         assert lookup.attributes["origin"] == "f1"
         assert invoke_back.start_ns <= lookup.start_ns <= lookup.end_ns <= commit_back.start_ns
         assert commit_back.end_ns <= invoke_back.end_ns
@@ -227,6 +228,58 @@ async def test_a_traced_caller_of_the_client_continues_its_trace(
     (invoke,) = [s for s in spans if s.attributes.get(tracing.KEY) == "c1" and s.kind == "CONSUMER"]
     assert (invoke.trace_id, invoke.parent_id) == (f"{caller.trace_id:032x}", f"{caller.span_id:016x}")
     provider.shutdown()
+
+
+@contextlib.contextmanager
+def pod_processes(namespace: str, receiver: otlp_receiver.OtlpReceiver, nats_server: devservers.NatsServer,
+                  etcd_server: devservers.EtcdServer) -> Iterator[None]:
+    """What a function pod runs: `statefn serve` (the handlers) and `statefn sidecar --remote` calling it."""
+    statefn_cli = str(Path(sys.executable).parent / "statefn")
+    port, health = devservers.free_port(), devservers.free_port()
+    logs = [Path(tempfile.mkstemp(prefix=f"{what}-", suffix=".log")[1]) for what in ("serve", "sidecar")]
+    running: list[subprocess.Popen[bytes]] = []
+    try:
+        for log, argv, service in (
+                (logs[0], [statefn_cli, "serve", APP, "--port", str(port)], "function-container"),
+                (logs[1], [statefn_cli, "sidecar", "--remote", f"http://127.0.0.1:{port}", "--nats", nats_server.url,
+                           "--etcd", etcd_server.endpoint, "--health-port", str(health), "--partitions", "2"],
+                 "sidecar-remote")):
+            with open(log, "wb") as out:
+                running.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=procs.ROOT, env=dict(
+                    os.environ, STATEFN_TEST_NS=namespace, **_otel_env(receiver, service))))
+        procs.wait_ready(running[1], health, log=lambda: "\n".join(p.read_text() for p in logs))
+        yield
+    finally:
+        for proc in reversed(running):
+            proc.terminate()
+            proc.wait(15)
+        for log in logs:
+            log.unlink(missing_ok=True)
+
+
+async def test_handlers_in_a_function_container_trace_under_their_invocation(
+        chain: Chain, nats_server: devservers.NatsServer, etcd_server: devservers.EtcdServer) -> None:
+    """Pod mode, both processes traced by OTEL_* alone: the handler's span nests under the sidecar's invocation."""
+    namespace = f"{chain.namespace}r"
+    with pod_processes(namespace, chain.receiver, nats_server, etcd_server):
+        provider = TracerProvider()
+        with provider.get_tracer("caller").start_as_current_span("caller work") as span:
+            async with statefn.Client(nats=nats_server.url, etcd=etcd_server.endpoint) as client:
+                assert await client.invoke(f"{namespace}/front", "r1", "spread", keys=["r2"]) == 1
+            trace_id = f"{span.get_span_context().trace_id:032x}"
+        provider.shutdown()
+
+        def arrived(spans: list[otlp_receiver.ReceivedSpan]) -> bool:
+            ids = {s.span_id for s in spans}
+            return any(s.trace_id == trace_id and s.name == "lookup" and s.parent_id in ids for s in spans)
+
+        spans = chain.receiver.wait_for(arrived)
+    by_id = {s.span_id: s for s in spans}
+    (lookup,) = [s for s in spans if s.trace_id == trace_id and s.name == "lookup"]
+    invoke = by_id[lookup.parent_id]
+    assert (lookup.service, lookup.attributes["origin"]) == ("function-container", "r1")
+    assert (invoke.service, invoke.name, invoke.attributes[tracing.KEY]) == (
+        "sidecar-remote", f"invoke {namespace}/back.record", "r2")
 
 
 @pytest.mark.parametrize(("env", "on"), [

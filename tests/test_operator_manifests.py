@@ -97,15 +97,18 @@ def test_tracing_settings_reach_the_sidecar_named_after_the_function() -> None:
                "PATH": "/usr/bin"}
     traced = settings.Settings(nats_url="nats://nats:4222", etcd_endpoint="etcd:2379",
                                otel_env=settings.Settings.otel_env_of(environ))
-    (sidecar,) = manifests.deployment(BODY, traced, 1)["spec"]["template"]["spec"]["initContainers"]
-    env = {e["name"]: e.get("value") for e in sidecar["env"]}
-    assert {k: v for k, v in env.items() if k.startswith("OTEL_")} == {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_TRACES_SAMPLER": "parentbased_always_on",
-        "OTEL_SERVICE_NAME": "shop/counter",
-        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,k8s.pod.name=$(STATEFN_MEMBER_ID),"
-                                    "k8s.namespace.name=shop"}
-    # $(STATEFN_MEMBER_ID) expands only if that variable comes first.
-    names = [e["name"] for e in sidecar["env"]]
-    assert names.index("STATEFN_MEMBER_ID") < names.index("OTEL_RESOURCE_ATTRIBUTES")
-    (untraced,) = manifests.deployment(BODY, SETTINGS, 1)["spec"]["template"]["spec"]["initContainers"]
-    assert not [e for e in untraced["env"] if e["name"].startswith("OTEL_")]
+    pod = manifests.deployment(BODY, traced, 1)["spec"]["template"]["spec"]
+    (sidecar,), (function,) = pod["initContainers"], pod["containers"]
+    for container in (sidecar, function):  # the handlers' own spans go where the sidecar's go
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert {k: v for k, v in env.items() if k.startswith("OTEL_")} == {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+            "OTEL_SERVICE_NAME": "shop/counter",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,k8s.pod.name=$(POD_NAME),k8s.namespace.name=shop"}
+        # $(POD_NAME) expands only if that variable comes first.
+        names = [e["name"] for e in container["env"]]
+        assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    assert function["env"][-1] == {"name": "MODE", "value": "prod"}  # the user's own env last: it can override
+    untraced = manifests.deployment(BODY, SETTINGS, 1)["spec"]["template"]["spec"]
+    for container in (*untraced["initContainers"], *untraced["containers"]):
+        assert not [e for e in container["env"] if e["name"].startswith("OTEL_") or e["name"] == "POD_NAME"]

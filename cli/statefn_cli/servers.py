@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Annotated
 
 import typer
@@ -10,7 +11,7 @@ import typer
 import statefn
 from statefn import _serve, _signals
 from statefn_cli import common
-from statefn_sidecar import config, devservers, gateway, invoker, sidecar
+from statefn_sidecar import config, devservers, gateway, invoker, sidecar, tracing
 
 app = typer.Typer()
 
@@ -65,9 +66,14 @@ def serve_cmd(
 ) -> None:
     """Serve an app's handlers to the sidecar next to it (pod mode)."""
     common.setup_logging(False)
+    # Handlers run in their invocation's trace context; with OTEL_* set, the spans they start are exported.
+    tracing.configure("statefn-function", install_global=True)
 
     async def main() -> None:
-        await _serve.serve(_serve.load_app(app_spec), host, port)
+        try:
+            await _serve.serve(_serve.load_app(app_spec), host, port)
+        finally:
+            tracing.shutdown()
 
     common.run(main())
 
@@ -92,6 +98,7 @@ def dev_cmd(
 ) -> None:
     """Everything local in one command: nats-server, etcd, a sidecar running the app, the gateway."""
     common.setup_logging(False)
+    traced = tracing.configure("statefn-dev", install_global=True)
 
     async def main() -> None:
         fns = _serve.load_app(app_spec)
@@ -110,12 +117,17 @@ def dev_cmd(
                 common.console.print(f"  gateway  http://127.0.0.1:{port}  (OpenAPI: /openapi.json)")
                 common.console.print(f"  nats     {nats_s.url}")
                 common.console.print(f"  etcd     {etcd_s.endpoint}")
+                endpoint = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "the console")
+                tracing_state = f"on, to {endpoint}" if traced else "off (set OTEL_EXPORTER_OTLP_ENDPOINT)"
+                common.console.print(f"  tracing  {tracing_state}")
                 common.console.print(f"  try:     statefn invoke --nats {nats_s.url} --etcd {etcd_s.endpoint} "
                                      f"{next(iter(fns.functions))} k1 <handler>")
                 await _signals.until_stopped()
                 await runner.cleanup()
             await sc.stop()
         finally:
+            tracing.shutdown()
             nats_s.cleanup()
             etcd_s.cleanup()
 

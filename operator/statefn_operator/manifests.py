@@ -87,17 +87,18 @@ def service_account(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _otel_env(body: dict[str, Any], settings: settings_mod.Settings) -> list[dict[str, str]]:
-    """Tracing for the sidecar: the operator's OTEL_* settings, named after the function and the pod.
+def _otel_env(body: dict[str, Any], settings: settings_mod.Settings) -> list[dict[str, Any]]:
+    """Tracing for both containers: the operator's OTEL_* settings, named after the function and the pod.
 
     Nothing when the operator has none: a pod template without OTEL_* traces nothing.
     """
     if not settings.otel_env:
         return []
     forwarded = dict(settings.otel_env)
-    ours = f"k8s.pod.name=$(STATEFN_MEMBER_ID),k8s.namespace.name={body['metadata']['namespace']}"
+    ours = f"k8s.pod.name=$(POD_NAME),k8s.namespace.name={body['metadata']['namespace']}"
     given = forwarded.pop("OTEL_RESOURCE_ATTRIBUTES", "")
-    return [*({"name": k, "value": v} for k, v in sorted(forwarded.items())),
+    return [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            *({"name": k, "value": v} for k, v in sorted(forwarded.items())),
             {"name": "OTEL_SERVICE_NAME", "value": str(function_type(body))},
             {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": f"{given},{ours}" if given else ours}]
 
@@ -105,7 +106,9 @@ def _otel_env(body: dict[str, Any], settings: settings_mod.Settings) -> list[dic
 def deployment(body: dict[str, Any], settings: settings_mod.Settings, replicas: int) -> dict[str, Any]:
     """The function's Deployment at ``replicas`` (the autoscaler's, not the spec's, decision)."""
     spec = body["spec"]
-    env = [{"name": e["name"], "value": e.get("value", "")} for e in spec.get("env", [])]
+    # The handlers' own spans go where the sidecar's go (the user's env, after ours, can override).
+    env = [*_otel_env(body, settings),
+           *({"name": e["name"], "value": e.get("value", "")} for e in spec.get("env", []))]
     pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
     function = {
         "name": "function",

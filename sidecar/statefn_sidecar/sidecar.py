@@ -193,7 +193,7 @@ class Sidecar:
     # ---- process entry ----
     async def serve(self, health_port: int | None = None, health_host: str = "127.0.0.1") -> None:
         """The process entry: tracing from OTEL_*, the health and metrics server, then run until a signal."""
-        tracing.configure("statefn-sidecar")
+        tracing.configure("statefn-sidecar", install_global=True)
         runner = None
         if health_port is not None:
             runner = await start_health(self, health_host, health_port)

@@ -93,8 +93,13 @@ def _otlp_exporter() -> SpanExporter:
     return HttpExporter()
 
 
-def configure(default_service_name: str) -> bool:
-    """Turn tracing on if the environment asks for it (once per process); True when on."""
+def configure(default_service_name: str, *, install_global: bool = False) -> bool:
+    """Turn tracing on if the environment asks for it (once per process); True when on.
+
+    ``install_global``: also make it OpenTelemetry's global provider, so spans that handler code
+    starts with ``trace.get_tracer(...)`` are exported the same way. Process entry points that
+    run user code ask for it; the global provider can be set only once per process.
+    """
     global TRACER, _PROVIDER
     if TRACER is not None:
         return True
@@ -107,6 +112,8 @@ def configure(default_service_name: str) -> bool:
     provider.add_span_processor(BatchSpanProcessor(exporter))
     _PROVIDER = provider
     TRACER = provider.get_tracer("statefn")
+    if install_global:
+        trace.set_tracer_provider(provider)
     _log.info("tracing on: %s exporter, service %s", wanted,
               provider.resource.attributes.get(SERVICE_NAME))
     return True

@@ -9,10 +9,6 @@ from __future__ import annotations
 import os
 
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 import statefn
 from statefn import Context, StatefulFunction
@@ -20,16 +16,9 @@ from statefn import Context, StatefulFunction
 NAMESPACE = os.environ.get("STATEFN_TEST_NS", "chain")
 
 
-def _user_tracer() -> trace.Tracer:
-    """The handlers' own tracing, as a user would set it up (a provider of their own, OTLP from OTEL_*)."""
-    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        return trace.get_tracer("chain")  # no-op
-    provider = TracerProvider(resource=Resource.create({"service.name": "user-code"}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return provider.get_tracer("chain")
-
-
-user_tracer = _user_tracer()
+# Handler code traces as any OpenTelemetry user does: through the global provider, which the
+# statefn process running the handlers (`statefn sidecar --app`, `statefn serve`) sets from OTEL_*.
+user_tracer = trace.get_tracer("chain")
 
 front = StatefulFunction(f"{NAMESPACE}/front")
 calls = front.state("calls", int, default=0)
