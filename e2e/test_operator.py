@@ -183,3 +183,17 @@ async def test_deletion_removes_what_it_made(operator: operator_proc.Operator, p
             await js.stream_info("STATEFN_demo_drop")
     finally:
         await nc.close()
+
+    # The kept data is laid out in 2 partitions: the function comes back with 2, not with another count.
+    scaling = {"minReplicas": 1, "maxReplicas": 2}
+    apply_function(cluster, "keep", function="demo/keep", partitions=4, scaling=scaling)
+    obj = wait_for(lambda: (o := get(cluster, "sfn", "keep")) and condition(o, "Provisioned") and o,
+                   what="Provisioned condition")
+    cond = condition(obj, "Provisioned")
+    assert (cond["status"], cond["reason"]) == ("False", "ProvisionFailed"), cond
+    assert "kept its data (deleted with Retain) from 2 partitions" in cond["message"], cond
+    cluster.kubectl("delete", "sfn", "keep", "-n", NS, "--timeout=60s")  # partitions is immutable: re-create
+    apply_function(cluster, "keep", function="demo/keep", partitions=2, scaling=scaling)
+    wait_for(lambda: condition(get(cluster, "sfn", "keep"), "Provisioned").get("status") == "True",
+             what="Provisioned with the kept partition count")
+    cluster.kubectl("delete", "sfn", "keep", "-n", NS, "--timeout=60s")

@@ -80,6 +80,11 @@ class FunctionType:
         return f"{self.etcd_prefix}/meta"
 
     @property
+    def retained_key(self) -> str:
+        """The partition count of a function deleted with its data kept: a re-created one must use it."""
+        return f"{self.etcd_prefix}/retained"
+
+    @property
     def members_prefix(self) -> str:
         return f"{self.etcd_prefix}/members/"
 

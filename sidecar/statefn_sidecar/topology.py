@@ -26,6 +26,27 @@ class PartitionMismatch(_errors.StatefnError):
     pass
 
 
+async def fixed_partitions(etcd: aetcd.Client, fn: _naming.FunctionType) -> tuple[int, str] | None:
+    """The partition count this function's data already uses, and where that comes from; None if free.
+
+    A registered function's count is in its registration. A function deleted with its data kept
+    (deletionPolicy Retain) left its count behind: its queued messages, timers and outbox sit in
+    per-partition subjects and keys, so re-creating it with another count would strand them.
+    """
+    meta, retained = await etcd.get(fn.meta_key.encode()), await etcd.get(fn.retained_key.encode())
+    if meta is not None:
+        return int(json.loads(meta.value)["partitions"]), "was created with"
+    if retained is not None:
+        return int(json.loads(retained.value)["partitions"]), "kept its data (deleted with Retain) from"
+    return None
+
+
+def _check(fn: _naming.FunctionType, fixed: tuple[int, str] | None, partitions: int) -> None:
+    if fixed is not None and fixed[0] != partitions:
+        raise PartitionMismatch(f"{fn} {fixed[1]} {fixed[0]} partitions; the partition count is fixed at creation "
+                                f"(asked for {partitions})")
+
+
 async def ensure_stream(js: JetStreamContext, fn: _naming.FunctionType, *, replicas: int = 1) -> None:
     """WorkQueue retention: a message stays until its partition's owner acks it, then it is gone.
 
@@ -94,6 +115,7 @@ async def reserve(etcd: aetcd.Client, fn: _naming.FunctionType, partitions: int)
     """
     key = fn.meta_key.encode()
     t = etcd.transactions
+    _check(fn, await fixed_partitions(etcd, fn), partitions)
     # "described": false until a sidecar publishes the handlers: callers must not take "no handlers" for an answer.
     placeholder = {"type": str(fn), "partitions": partitions, "handlers": {}, "states": [], "described": False}
     ok, resp = await etcd.transaction(
@@ -101,18 +123,22 @@ async def reserve(etcd: aetcd.Client, fn: _naming.FunctionType, partitions: int)
         success=[t.put(key, json.dumps(placeholder).encode())],
         failure=[t.get(key)],
     )
-    if not ok:
-        count = int(json.loads(resp[0][0][0])["partitions"])
-        if count != partitions:
-            raise PartitionMismatch(
-                f"{fn} was created with {count} partitions; the partition count is fixed at creation "
-                f"(asked for {partitions})"
-            )
+    if not ok:  # registered meanwhile
+        _check(fn, (int(json.loads(resp[0][0][0])["partitions"]), "was created with"), partitions)
 
 
 async def remove(js: JetStreamContext, etcd: aetcd.Client, fn: _naming.FunctionType, *, delete_data: bool) -> None:
-    """Deregister a function; with ``delete_data`` also drop its stream (queued messages) and state."""
-    await etcd.delete(fn.meta_key.encode())
+    """Deregister a function; with ``delete_data`` also drop its stream (queued messages) and state.
+
+    Without, the partition count stays behind (``fixed_partitions``): the data kept is laid out by it.
+    """
+    meta = await etcd.get(fn.meta_key.encode())
+    t = etcd.transactions
+    success = [t.delete(fn.meta_key.encode())]
+    if meta is not None and not delete_data:
+        retained = {"partitions": int(json.loads(meta.value)["partitions"])}
+        success.append(t.put(fn.retained_key.encode(), json.dumps(retained).encode()))
+    await etcd.transaction(compare=[], success=success, failure=[])
     if delete_data:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(fn.stream)
@@ -140,7 +166,10 @@ async def register(etcd: aetcd.Client, fn: _naming.FunctionType, description: di
     """Publish the function's metadata; returns the partition count in force."""
     key = fn.meta_key.encode()
     t = etcd.transactions
-    wanted = partitions or _constants.DEFAULT_PARTITIONS
+    fixed = await fixed_partitions(etcd, fn)
+    if partitions is not None:
+        _check(fn, fixed, partitions)
+    wanted = partitions or (fixed[0] if fixed else _constants.DEFAULT_PARTITIONS)
     meta = dict(description, partitions=wanted)
     ok, resp = await etcd.transaction(
         compare=[t.version(key) == 0],
@@ -152,11 +181,8 @@ async def register(etcd: aetcd.Client, fn: _naming.FunctionType, description: di
         return wanted
     existing = json.loads(resp[0][0][0])
     count = int(existing["partitions"])
-    if partitions is not None and partitions != count:
-        raise PartitionMismatch(
-            f"{fn} was created with {count} partitions; the partition count is fixed at creation "
-            f"(asked for {partitions})"
-        )
+    if partitions is not None:  # registered meanwhile
+        _check(fn, (count, "was created with"), partitions)
     if {k: v for k, v in existing.items() if k != "partitions"} != description:
         await etcd.put(key, json.dumps(dict(description, partitions=count)).encode())
     return count
@@ -168,11 +194,8 @@ async def provision(js: JetStreamContext, etcd: aetcd.Client, fn: _naming.Functi
     """Stream and consumers first, then the registration that tells clients where to publish."""
     await ensure_stream(js, fn)
     await ensure_dlq_stream(js)
-    key = fn.meta_key.encode()
-    existing = await etcd.get(key)
-    count = partitions or _constants.DEFAULT_PARTITIONS
-    if existing is not None:
-        count = int(json.loads(existing.value)["partitions"])
+    fixed = await fixed_partitions(etcd, fn)
+    count = fixed[0] if fixed else partitions or _constants.DEFAULT_PARTITIONS
     await ensure_consumers(js, fn, count, ack_wait=ack_wait, max_ack_pending=max_ack_pending(batch_size))
     return await register(etcd, fn, description, partitions)
 
