@@ -6,6 +6,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aetcd
+
 import statefn
 from statefn_sidecar import config, devservers, invoker, sidecar
 
@@ -29,3 +31,11 @@ async def running_sidecar(
 async def client(nats: devservers.NatsServer, etcd: devservers.EtcdServer, **kw: Any) -> AsyncIterator[statefn.Client]:
     async with statefn.Client(nats=nats.url, etcd=etcd.endpoint, **kw) as c:
         yield c
+
+
+@contextlib.asynccontextmanager
+async def etcd(server: devservers.EtcdServer) -> AsyncIterator[aetcd.Client]:
+    """A raw etcd client, to look at what the platform stored."""
+    host, port = server.endpoint.rsplit(":", 1)
+    async with aetcd.Client(host=host, port=int(port)) as client:
+        yield client

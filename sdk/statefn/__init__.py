@@ -5,8 +5,10 @@ The public API; everything else lives in private modules.
 
 # isort: skip_file
 from statefn._errors import (
+    CallFailed,
     CodecError,
     DefinitionError,
+    InvalidCall,
     InvalidFunctionType,
     InvocationFailed,
     InvocationTimeout,
@@ -23,11 +25,13 @@ from statefn._client import Client
 
 __all__ = [
     "App",
+    "CallFailed",
     "Client",
     "CodecError",
     "Context",
     "DefinitionError",
     "HandlerSpec",
+    "InvalidCall",
     "InvalidFunctionType",
     "InvocationFailed",
     "InvocationTimeout",

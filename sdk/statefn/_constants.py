@@ -24,6 +24,9 @@ KIND_INVOKE = "invoke"
 KIND_BUNDLE = "bundle"
 KIND_DEAD_LETTER = "dead-letter"
 ORIGIN_CLIENT = "client"
+# The handler name of a durable call's reply on its way back to the caller's partition (never a
+# user handler: names starting with "~" are not valid Python identifiers).
+RESPONSE_HANDLER = "~response"
 
 # ---- etcd layout ----------------------------------------------------------------------------------
 ETCD_ROOT = "/statefn"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from statefn import _codec, _errors, _naming, _state, _wire
+from statefn import _codec, _envelope, _errors, _naming, _state, _wire
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -17,7 +17,8 @@ _MISSING: Any = object()
 class Context:
     """Passed as the first argument to every handler."""
 
-    __slots__ = ("_attempt", "_function", "_invocation_id", "_key", "_sends", "_specs", "_stored", "_values")
+    __slots__ = ("_attempt", "_calls", "_function", "_invocation_id", "_journal", "_key", "_pending_call",
+                 "_sends", "_specs", "_stored", "_values")
 
     def __init__(
         self,
@@ -28,6 +29,7 @@ class Context:
         stored: dict[str, bytes],
         invocation_id: str = "",
         attempt: int = 1,
+        journal: list[bytes] | None = None,
     ) -> None:
         self._function = function
         self._key = key
@@ -37,6 +39,9 @@ class Context:
         self._sends: list[_wire.Outgoing] = []
         self._invocation_id = invocation_id
         self._attempt = attempt
+        self._journal = journal or []
+        self._calls = 0
+        self._pending_call: _wire.Outgoing | None = None
 
     @property
     def key(self) -> str:
@@ -98,6 +103,35 @@ class Context:
             raise ValueError("delay must be >= 0 seconds")
         plain = {k: _codec.to_plain(v) for k, v in args.items()}
         self._sends.append(_wire.Outgoing(function=function, key=key, handler=handler, args=plain, delay=delay))
+
+    async def call(self, function: str, key: str, handler: str, **args: Any) -> Any:
+        """Invoke another function's handler and wait for its reply, durably.
+
+        The call is committed with this invocation's progress and delivered exactly once; this
+        key is locked until the invocation ends (later messages to it wait, in order). While the
+        reply is outstanding the handler is unwound and later replayed from the start with the
+        replies so far: code between calls must be deterministic. Raises :class:`CallFailed`
+        when the callee ended in an error.
+        """
+        _naming.FunctionType.parse(function)
+        if function == self._function and key == self._key:
+            raise _errors.InvalidCall(
+                f"{function}({key!r}) cannot call its own key: the key stays locked until this invocation "
+                "ends, so the call could never run; use ctx.send for a message to self")
+        index = self._calls
+        self._calls += 1
+        if index < len(self._journal):
+            reply = _envelope.Reply.decode(self._journal[index])
+            if reply.ok:
+                return _codec.unpack(reply.value) if reply.value is not None else None
+            err = reply.error
+            assert err is not None
+            raise _errors.CallFailed(err.kind, err.message, error_type=err.type,
+                                     target=f"{function}({key!r}).{handler}")
+        if self._pending_call is None:  # only the first unanswered call goes out (calls run one at a time)
+            plain = {k: _codec.to_plain(v) for k, v in args.items()}
+            self._pending_call = _wire.Outgoing(function=function, key=key, handler=handler, args=plain)
+        raise _errors.Suspended()
 
     # ---- used by the runtime ----
     def _changes(self, max_state_bytes: int) -> dict[str, bytes | None]:

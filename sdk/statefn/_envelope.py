@@ -24,14 +24,51 @@ class Message:
     reply_to: str | None = None
     idempotency_key: str | None = None
     attempt: int = 1
+    # A durable call: where its reply goes, as a RESPONSE_HANDLER message on a channel.
+    caller: CallerAddress | None = None
 
     def to_plain(self) -> list[Any]:
         return [self.key, self.handler, self.args, self.origin, self.traceparent, self.reply_to,
-                self.idempotency_key, self.attempt]
+                self.idempotency_key, self.attempt, self.caller.to_plain() if self.caller else None]
+
+    @property
+    def is_response(self) -> bool:
+        return self.handler == _constants.RESPONSE_HANDLER
 
     @classmethod
     def from_plain(cls, raw: list[Any]) -> Message:
-        return cls(*raw)
+        msg = cls(*raw[:8])
+        if len(raw) > 8 and raw[8]:
+            msg.caller = CallerAddress(*raw[8])
+        return msg
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallerAddress:
+    """The suspended invocation a durable call answers: its function, partition, key and call id.
+
+    The partition travels along so the callee routes the reply without looking the caller's
+    partition count up (a function's partition count is fixed for its lifetime).
+    """
+
+    function: str
+    partition: int
+    key: str
+    call_id: str
+
+    def to_plain(self) -> list[Any]:
+        return [self.function, self.partition, self.key, self.call_id]
+
+
+def response_message(caller: CallerAddress, reply: Reply, *, origin: str, traceparent: str | None) -> Message:
+    """The message that carries a call's reply (or error) back to the waiting caller."""
+    return Message(key=caller.key, handler=_constants.RESPONSE_HANDLER,
+                   args={"call": caller.call_id, "reply": reply.encode()}, origin=origin, traceparent=traceparent)
+
+
+# What an idempotency record holds while its invocation waits (suspended at a call, or queued
+# behind one): a copy that arrives meanwhile is a duplicate, answered when the invocation ends.
+PENDING_RECORD = _codec.pack("~pending")
 
 
 def encode_invoke(msg: Message) -> tuple[bytes, dict[str, str]]:

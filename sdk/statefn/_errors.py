@@ -63,6 +63,34 @@ class InvocationFailed(StatefnError):
         self.details = details
 
 
+class CallFailed(StatefnError):
+    """Raised by ``await ctx.call(...)`` when the called invocation ended in an error.
+
+    The callee's effects were dropped (or it never ran); the caller decides: catch it and go on,
+    compensate, or let it propagate (a terminal failure of the caller, like any other exception).
+    """
+
+    def __init__(self, kind: str, message: str, *, error_type: str = "", target: str = "") -> None:
+        super().__init__(f"{target}: {kind}: {message}" if target else f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+        self.error_type = error_type
+        self.target = target
+
+
+class InvalidCall(StatefnError, ValueError):
+    """A call that can never complete, refused at the call site (e.g. a key calling itself)."""
+
+
+class Suspended(BaseException):
+    """Internal: unwinds a handler at a call whose reply has not arrived yet.
+
+    A BaseException, so a handler's ``except Exception`` does not swallow it. The sidecar
+    commits the call and, when the reply comes, runs the handler again from the start, feeding
+    it the journaled replies: handlers must be deterministic between calls.
+    """
+
+
 class PayloadTooLarge(StatefnError, ValueError):
     """The encoded request is larger than the NATS server accepts (``max_payload``)."""
 

@@ -103,6 +103,8 @@ class StatefulFunction:
 
         def decorator(f: F) -> F:
             hname = name or f.__name__
+            if not hname or hname.startswith("~"):
+                raise _errors.DefinitionError(f"{self.type}: handler name {hname!r} is reserved or empty")
             if hname in self.handlers:
                 raise _errors.DefinitionError(f"{self.type}: handler {hname!r} registered twice")
             model, returns = _args_model(str(self.type), hname, f)

@@ -51,7 +51,7 @@ async def _invoke_one(
         return _wire.Result(id=inv.id, error=_error(
             _errors.KIND_INVALID_ARGUMENT, f"{fn.type}.{inv.handler}: {_validation_message(exc)}"))
     ctx = _context.Context(function=str(fn.type), key=key, specs=fn.states, stored=stored,
-                           invocation_id=inv.id, attempt=inv.attempt)
+                           invocation_id=inv.id, attempt=inv.attempt, journal=inv.journal)
     kwargs = {name: getattr(args, name) for name in type(args).model_fields}
     try:
         with _tracecontext.activated(inv.traceparent):
@@ -60,6 +60,8 @@ async def _invoke_one(
                 out = await out
         reply = _codec.pack(_codec.to_plain(out))
         changes = ctx._changes(max_state_bytes)
+    except _errors.Suspended:
+        return _wire.Result(id=inv.id, call=ctx._pending_call, sends=ctx._sends[inv.sends_done:])
     except _errors.Retry as exc:
         return _wire.Result(id=inv.id, error=_error(_errors.KIND_HANDLER, exc, retry=True, after=exc.after))
     except _errors.StateTooLarge as exc:
@@ -67,7 +69,7 @@ async def _invoke_one(
     except Exception as exc:
         _log.warning("%s(%r).%s failed (attempt %d)", fn.type, key, inv.handler, inv.attempt, exc_info=exc)
         return _wire.Result(id=inv.id, error=_error(_errors.KIND_HANDLER, exc))
-    return _wire.Result(id=inv.id, reply=reply, state=changes, sends=ctx._sends)
+    return _wire.Result(id=inv.id, reply=reply, state=changes, sends=ctx._sends[inv.sends_done:])
 
 
 async def _run_key(app: _function.App, req: _wire.KeyRequest, max_state_bytes: int) -> list[_wire.Result]:
@@ -76,8 +78,12 @@ async def _run_key(app: _function.App, req: _wire.KeyRequest, max_state_bytes: i
         msg = f"this app does not serve {req.function}; it serves: {', '.join(sorted(app.functions))}"
         return [_wire.Result(id=i.id, error=_error(_errors.KIND_UNKNOWN_FUNCTION, msg)) for i in req.invocations]
     stored = dict(req.state)
-    results = []
+    results: list[_wire.Result] = []
     for inv in req.invocations:
+        if results and (results[-1].call is not None or results[-1].deferred):
+            # The key is locked by the invocation that suspended: the rest wait for it, in order.
+            results.append(_wire.Result(id=inv.id, deferred=True))
+            continue
         result = await _invoke_one(fn, req.key, stored, inv, max_state_bytes)
         if result.error is None:
             for name, value in result.state.items():

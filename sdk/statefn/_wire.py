@@ -22,6 +22,10 @@ class Invocation:
     attempt: int = 1
     origin: str = ""
     traceparent: str | None = None
+    # A resumed invocation: the encoded replies of the calls it made so far, in order, and how
+    # many of its sends were committed already (a replay does not send them again).
+    journal: list[bytes] = dataclasses.field(default_factory=list)
+    sends_done: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -61,6 +65,10 @@ class Result:
     # State names changed by this invocation -> new encoding, or None when reset to the default.
     state: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
     sends: list[Outgoing] = dataclasses.field(default_factory=list)
+    # Suspended at this call (no reply, no state yet; ``sends`` are those made before it).
+    call: Outgoing | None = None
+    # Not run: an earlier invocation of the same key suspended; it waits for that one to end.
+    deferred: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -104,17 +112,21 @@ def _result_to_plain(r: Result) -> list[Any]:
         dataclasses.astuple(r.error) if r.error else None,
         r.state,
         [dataclasses.astuple(s) for s in r.sends],
+        dataclasses.astuple(r.call) if r.call else None,
+        r.deferred,
     ]
 
 
 def _result_from_plain(raw: list[Any]) -> Result:
-    rid, reply, err, state, sends = raw
+    rid, reply, err, state, sends, call, deferred = raw
     return Result(
         id=rid,
         reply=reply,
         error=ErrorInfo(*err) if err else None,
         state=state,
         sends=[Outgoing(*s) for s in sends],
+        call=Outgoing(*call) if call else None,
+        deferred=deferred,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from statefn import _envelope, _errors, _naming, _wire
 from statefn_sidecar import invoker as invoker_mod
-from statefn_sidecar import items, metrics, observe, planner, statecache
+from statefn_sidecar import items, keylocks, metrics, observe, planner, statecache, suspension
 
 _log = logging.getLogger("statefn.execution")
 
@@ -51,15 +51,22 @@ class Executor:
         self._max_state_bytes = max_state_bytes
         self.metrics = metrics.FunctionMetrics(str(fn))
 
-    async def run(self, batch: list[items.Item], cache: statecache.StateCache,
-                  partition: int) -> list[planner.Outcome]:
+    async def run(self, batch: list[items.Item], cache: statecache.StateCache, partition: int,
+                  locks: keylocks.KeyLocks) -> list[planner.Outcome]:
         outcomes = [planner.Outcome(item=it) for it in batch]
-        observe.start_invocations(outcomes, str(self.fn), partition)
         by_key: dict[str, list[planner.Outcome]] = {}
         for oc in outcomes:
-            if oc.item.kind in items.RUNNABLE:
-                assert oc.item.message is not None
+            if oc.item.kind not in items.RUNNABLE:
+                continue
+            route = locks.route(oc.item)
+            assert oc.item.message is not None
+            if route is keylocks.Route.RUN:
                 by_key.setdefault(oc.item.message.key, []).append(oc)
+            elif route is keylocks.Route.QUEUE:
+                oc.queued = locks.entry_for(oc.item)
+            else:
+                oc.dropped = True
+        observe.start_invocations((oc for ocs in by_key.values() for oc in ocs), str(self.fn), partition)
         if by_key:
             await cache.load(list(by_key))
             request = _wire.BatchRequest(
@@ -75,7 +82,10 @@ class Executor:
             response = await self._call(request)
             for (key, ocs), results in zip(by_key.items(), response.results, strict=True):
                 for oc, result in zip(ocs, results, strict=True):
-                    await self._decide(oc, key, result)
+                    if result.deferred:
+                        oc.queued = locks.entry_for(oc.item)
+                    else:
+                        await self._decide(oc, key, result, partition)
         for oc in outcomes:
             item = oc.item
             if item.kind is items.Kind.DELAYED_SEND:
@@ -90,12 +100,27 @@ class Executor:
         return outcomes
 
     def _invocation(self, oc: planner.Outcome) -> _wire.Invocation:
-        msg = oc.item.message
+        item = oc.item
+        msg = item.message
         assert msg is not None
         # The handler runs in its invoke span's context (if traced), so the spans it starts nest under it.
         traceparent = msg.traceparent if oc.span is None else observe.traceparent_of(oc)
-        return _wire.Invocation(id=oc.item.id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
-                                origin=msg.origin, traceparent=traceparent)
+        if item.resume is None:
+            return _wire.Invocation(id=item.id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
+                                    origin=msg.origin, traceparent=traceparent)
+        progress = self._progress(item)
+        return _wire.Invocation(id=progress.invocation_id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
+                                origin=msg.origin, traceparent=traceparent, journal=progress.journal,
+                                sends_done=progress.sends_done)
+
+    @staticmethod
+    def _progress(item: items.Item) -> suspension.Suspension:
+        """Where a suspended invocation stands once the reply in hand is journaled (not waiting for anything)."""
+        record = item.resume
+        assert record is not None and item.message is not None
+        journal = [*record.journal, item.response] if item.response is not None else list(record.journal)
+        return suspension.Suspension(record.invocation_id, item.message, journal, record.sends_done)
+
 
     async def _call(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
         delay = 0.1
@@ -112,22 +137,21 @@ class Executor:
         count = self._partition_count if ftype == self.fn else await self._router.partitions(function)
         return _naming.PartitionId(ftype, _naming.partition_of(key, count))
 
-    async def _decide(self, oc: planner.Outcome, key: str, result: _wire.Result) -> None:
+    async def _decide(self, oc: planner.Outcome, key: str, result: _wire.Result, partition: int) -> None:
         item = oc.item
         assert item.message is not None
         err = result.error
         if err is None:
             try:
                 for s in result.sends:
-                    message = _envelope.Message(
-                        key=s.key, handler=s.handler, args=s.args, origin=f"{self.fn}:{key}",
-                        traceparent=s.traceparent or item.message.traceparent)
-                    if not s.traceparent:
-                        message.traceparent = observe.send_traceparent(oc, message, s.function, s.delay or 0.0)
+                    message = self._outgoing(oc, key, s, "send")
                     if s.delay:
                         oc.delayed.append((int((time.time() + s.delay) * 1000), s.function, message))
                     else:
                         oc.sends.append(planner.Send(await self._target(s.function, s.key), message))
+                if result.call is not None:
+                    await self._suspend(oc, key, result, partition)
+                    return
             except (_errors.UnknownFunction, _errors.InvalidFunctionType) as exc:
                 err = _wire.ErrorInfo(kind=_errors.KIND_UNKNOWN_FUNCTION, message=str(exc))
             else:
@@ -137,9 +161,31 @@ class Executor:
         if err.retry and item.message.attempt < self.policy.max_attempts:
             after = err.retry_after if err.retry_after is not None else self.policy.backoff(item.message.attempt)
             oc.retry_at_ms = int((time.time() + after) * 1000)
+            if item.resume is not None:  # keep the reply in hand journaled for the next attempt
+                oc.suspend = self._progress(item)
             return
         if err.retry:
             err = _wire.ErrorInfo(
                 kind=_errors.KIND_RETRIES_EXHAUSTED, type=err.type,
                 message=f"gave up after {item.message.attempt} attempts: {err.message}")
         oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
+
+    def _outgoing(self, oc: planner.Outcome, key: str, out: _wire.Outgoing, verb: str) -> _envelope.Message:
+        assert oc.item.message is not None
+        message = _envelope.Message(key=out.key, handler=out.handler, args=out.args, origin=f"{self.fn}:{key}",
+                                    traceparent=out.traceparent or oc.item.message.traceparent)
+        if not out.traceparent:
+            message.traceparent = observe.send_traceparent(oc, message, out.function, out.delay or 0.0, verb)
+        return message
+
+    async def _suspend(self, oc: planner.Outcome, key: str, result: _wire.Result, partition: int) -> None:
+        """The handler waits at a call: send the call (its reply addressed to this key) and record where it is."""
+        assert result.call is not None
+        record = self._progress(oc.item) if oc.item.resume is not None else suspension.Suspension(
+            oc.item.id, oc.item.message)  # type: ignore[arg-type]
+        record.sends_done += len(result.sends)
+        record.waiting = record.call_id(len(record.journal))
+        message = self._outgoing(oc, key, result.call, "call")
+        message.caller = _envelope.CallerAddress(str(self.fn), partition, key, record.waiting)
+        oc.sends.append(planner.Send(await self._target(result.call.function, result.call.key), message))
+        oc.suspend = record

@@ -65,7 +65,7 @@ class Intake:
             recent = self._recent.get(idem)
             if recent is not None:
                 self._duplicate()
-                if message.reply_to:
+                if message.reply_to and recent != _envelope.PENDING_RECORD:
                     await self._nc.publish(message.reply_to, recent)
                 await msg.ack()
                 continue

@@ -13,6 +13,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from statefn import _envelope
+from statefn_sidecar import suspension
 
 
 class Kind(enum.Enum):
@@ -22,9 +23,11 @@ class Kind(enum.Enum):
     DELAYED_SEND = "send"    # a timer: put the message on its channel now
     DEAD = "dead"            # undecodable input: dead-letter it as it is
     DROP_TIMER = "drop"      # a retry whose invocation turned out to be recorded: delete the timer
+    INBOX = "inbox"          # a message that waited in its locked key's inbox, now at its head
+    RESUME = "resume"        # a timer: retry a suspended invocation (attempt + 1) from its journal
 
 
-RUNNABLE = frozenset({Kind.INGRESS, Kind.CHANNEL, Kind.RETRY})  # items that invoke a handler
+RUNNABLE = frozenset({Kind.INGRESS, Kind.CHANNEL, Kind.RETRY, Kind.INBOX, Kind.RESUME})  # run a handler
 
 
 class Source:
@@ -56,6 +59,14 @@ class Item:
     dead: dict[str, Any] | None = None
     # Copies of the same ingress invocation in the same batch, answered with its outcome.
     dups: list[tuple[Msg, str | None]] = dataclasses.field(default_factory=list)
+    # Inbox items: the entry to delete in the same commit.
+    inbox_key: bytes | None = None
+    # Its idempotency record exists and says PENDING (it was queued or suspended): overwrite it.
+    idem_pending: bool = False
+    # Runs a suspended invocation again (a call's reply arrived, or a RESUME timer is due); ``message``
+    # is then the suspended invocation's, and ``response`` the reply that resumes it.
+    resume: suspension.Suspension | None = None
+    response: bytes | None = None
 
     @property
     def key(self) -> str | None:
@@ -69,6 +80,8 @@ class Item:
         stream sequence (its id), so a redelivery after a lost ack is not dead-lettered twice.
         Channel items are deduplicated by their channel's watermark instead.
         """
-        if self.kind in (Kind.INGRESS, Kind.RETRY):
-            return self.message.idempotency_key if self.message else None
-        return self.id if self.kind is Kind.DEAD else None
+        if self.kind is Kind.DEAD:
+            return self.id
+        if self.kind in (Kind.CHANNEL, Kind.DELAYED_SEND) and self.resume is None:
+            return None
+        return self.message.idempotency_key if self.message else None

@@ -61,6 +61,22 @@ class PartitionKeys:
     def timer(self, due_ms: int, timer_id: str) -> bytes:
         return f"{self.prefix}timers/{due_ms:015d}/{timer_id}".encode()
 
+    # Invocations suspended at a durable call (one per key at most: the key is locked meanwhile).
+    @property
+    def suspended_prefix(self) -> bytes:
+        return f"{self.prefix}suspended/".encode()
+
+    def suspended(self, key: str) -> bytes:
+        return f"{self.prefix}suspended/{_naming.escape_key(key)}".encode()
+
+    # Each locked key's inbox: messages that arrived while it was locked, in arrival order.
+    @property
+    def inbox_prefix(self) -> bytes:
+        return f"{self.prefix}inbox/".encode()
+
+    def inbox(self, key: str, number: int) -> bytes:
+        return f"{self.prefix}inbox/{_naming.escape_key(key)}/{number:012d}".encode()
+
     # Idempotency records of ingress invocations (with a TTL lease).
     def idempotency(self, idem_key: str) -> bytes:
         return f"{self.prefix}idem/{_naming.escape_key(idem_key)}".encode()

@@ -21,7 +21,8 @@ _BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576)
 INVOCATIONS = prometheus_client.Counter(
     "statefn_invocations",
     "Invocations committed, by outcome: ok; retry (statefn.Retry, runs again later); error (terminal: the "
-    "caller got the error and the message was dead-lettered).",
+    "caller got the error and the message was dead-lettered); suspended (waits for a durable call's reply); "
+    "queued (its key was locked by a suspended invocation; it waits in the key's inbox).",
     ["function", "outcome"])
 INVOCATION_SECONDS = prometheus_client.Histogram(
     "statefn_invocation_duration_seconds",
@@ -59,17 +60,13 @@ class FunctionMetrics:
         "commits",
         "dead_letters",
         "duplicates",
-        "error",
         "latency",
-        "ok",
+        "outcomes",
         "partitions",
-        "retry",
     )
 
     def __init__(self, function: str) -> None:
-        self.ok = INVOCATIONS.labels(function, "ok")
-        self.retry = INVOCATIONS.labels(function, "retry")
-        self.error = INVOCATIONS.labels(function, "error")
+        self.outcomes = {o: INVOCATIONS.labels(function, o) for o in ("ok", "retry", "error", "suspended", "queued")}
         self.latency = INVOCATION_SECONDS.labels(function)
         self.commits = COMMITS.labels(function)
         self.batch = COMMIT_BATCH.labels(function)
@@ -78,6 +75,9 @@ class FunctionMetrics:
         self.duplicates = DUPLICATES.labels(function)
         self.partitions = PARTITIONS_OWNED.labels(function)
         self.backlog = OUTBOX_BACKLOG.labels(function)
+
+    def outcome(self, label: str) -> prometheus_client.Counter:
+        return self.outcomes[label]
 
 
 async def handle_metrics(_: web.Request) -> web.Response:

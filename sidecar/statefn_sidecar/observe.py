@@ -37,12 +37,13 @@ def traceparent_of(oc: planner.Outcome) -> str | None:
     return None if oc.span is None else tracing.traceparent_of(oc.span)
 
 
-def send_traceparent(oc: planner.Outcome, message: _envelope.Message, function: str, delay: float) -> str | None:
-    """The traceparent an outgoing message carries: a PRODUCER span's when tracing, else the caller's."""
+def send_traceparent(oc: planner.Outcome, message: _envelope.Message, function: str, delay: float,
+                     verb: str = "send") -> str | None:
+    """The traceparent an outgoing message carries: a PRODUCER span's (``send`` or ``call``) when tracing."""
     if oc.span is None or tracing.TRACER is None:
         return message.traceparent
     span = tracing.TRACER.start_span(
-        f"send {function}", context=trace.set_span_in_context(oc.span), kind=trace.SpanKind.PRODUCER,
+        f"{verb} {function}", context=trace.set_span_in_context(oc.span), kind=trace.SpanKind.PRODUCER,
         attributes={tracing.TARGET_FUNCTION: function, tracing.TARGET_KEY: message.key,
                     tracing.HANDLER: message.handler, tracing.DELAY: delay,
                     tracing.MESSAGING_SYSTEM: "nats", tracing.MESSAGING_DESTINATION: function})
@@ -63,16 +64,15 @@ def committed(m: metrics.FunctionMetrics, outcomes: list[planner.Outcome], txn_b
             if oc.dead_letter is not None:
                 m.dead_letters.inc()  # an undecodable message
             continue
-        ran += 1
         label = oc.label
-        if label == "ok":
-            m.ok.inc()
-        elif label == "retry":
-            m.retry.inc()
-        else:
-            m.error.inc()
+        if label == "dropped":
+            continue
+        ran += 1
+        m.outcome(label).inc()
+        if label == "error":
             m.dead_letters.inc()
-        m.latency.observe(now - oc.started)
+        if label in ("ok", "error"):
+            m.latency.observe(now - oc.started)
     if ran:
         m.batch.observe(ran)
     m.bytes.observe(txn_bytes)

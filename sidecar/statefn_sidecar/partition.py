@@ -20,7 +20,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
-from statefn import _codec, _naming
+from statefn import _codec, _envelope, _naming
 from statefn_sidecar import (
     commit,
     config,
@@ -28,6 +28,7 @@ from statefn_sidecar import (
     faults,
     intake,
     items,
+    keylocks,
     layout,
     observe,
     outbox,
@@ -87,6 +88,7 @@ class PartitionWorker:
         self._intake = intake.Intake(self.pid, nc, self._chan_in, self._recent, self.stats, cfg.gap_retry_delay,
                                      executor.metrics.duplicates)
         self.cache = statecache.StateCache(etcd, self.keys, cfg.max_cached_keys // partition_count)
+        self.locks = keylocks.KeyLocks(self.keys)
 
     def __repr__(self) -> str:
         return f"PartitionWorker({self.pid}, epoch={self.epoch})"
@@ -97,13 +99,15 @@ class PartitionWorker:
         self.epoch = epoch
         t = self._etcd.transactions
         k = self.keys
-        _, (chan_in, chan_out, pending, stored_timers, marker) = await self._etcd.transaction(
+        _, (chan_in, chan_out, pending, stored_timers, suspended, queued, marker) = await self._etcd.transaction(
             compare=[],
             success=[t.get(p, layout.prefix_end(p)) for p in
-                     (k.chan_in_prefix, k.chan_out_prefix, k.outbox_prefix, k.timers_prefix)]
+                     (k.chan_in_prefix, k.chan_out_prefix, k.outbox_prefix, k.timers_prefix,
+                      k.suspended_prefix, k.inbox_prefix)]
             + [t.get(k.commit_marker)],
             failure=[],
         )
+        self.locks.load([v for v, _ in suspended], [(kv.key, v) for v, kv in queued])
         self._chan_in.update({kv.key[len(k.chan_in_prefix):].decode(): tuple(_codec.unpack(v)) for v, kv in chan_in})
         self._chan_out.update({kv.key[len(k.chan_out_prefix):].decode(): _codec.unpack(v) for v, kv in chan_out})
         self._trimmed_upto = dict(self._chan_out)
@@ -198,6 +202,8 @@ class PartitionWorker:
                 next_due = self._timers.next_due_ms()
                 if next_due is not None:
                     timeout = max(0.001, min(timeout, (next_due - timers.now_ms()) / 1000))
+                if self.locks.has_ready():  # an unlocked key's inbox waits: take a quick look only
+                    timeout = 0.001
                 msgs: list[Msg] = []
                 try:
                     msgs = await self._psub.fetch(self._cfg.batch_size, timeout=timeout)
@@ -207,7 +213,8 @@ class PartitionWorker:
                     _log.warning("%s: fetch failed (%s: %s); retrying", self.pid, type(exc).__name__, exc)
                     await asyncio.sleep(0.5)
                     continue
-                batch = await self._intake.decode(msgs) + self._timers.pop_due(self._cfg.batch_size)
+                batch = (await self._intake.decode(msgs) + self._timers.pop_due(self._cfg.batch_size)
+                         + self.locks.ready(self._cfg.batch_size))
                 if batch:
                     await self._process(batch)
                 elif self._pending_trims():
@@ -253,15 +260,17 @@ class PartitionWorker:
             while pending:
                 if any(i.idempotency_key for i in pending):
                     await self.ensure_idem_lease()
-                outcomes = await self._executor.run(pending, self.cache, self.partition)
+                outcomes = await self._executor.run(pending, self.cache, self.partition, self.locks)
                 plans = self._planner().plan(outcomes, self._pending_trims())
                 pending = await self._commit_plans(plans)
         except commit.Fenced:
+            self.locks.release_taken()
             # Hand what we pulled straight back to the new owner instead of waiting for ack_wait.
             sources = {id(i.source): i.source for i in batch if i.source is not None and i.source.pending > 0}
             for source in sources.values():
                 await source.msg.nak()
             raise
+        self.locks.release_taken()
 
     async def _commit_plans(self, plans: list[tuple[commit.Txn, planner.Effects]]) -> list[items.Item]:
         """Commit in order; on an idempotency conflict return the items to run again."""
@@ -308,6 +317,7 @@ class PartitionWorker:
         self._chan_in.update(eff.chan_in)
         self._chan_out.update(eff.chan_out)
         self._trimmed_upto.update(eff.trimmed)
+        self.locks.apply(eff.suspended, eff.queued, eff.dequeued)
         for tkey in eff.timers_removed:
             self._timers.remove(tkey)
         for due, tkey, payload in eff.timers_added:
@@ -327,6 +337,8 @@ class PartitionWorker:
             await self._done(oc.item)
 
     async def _answer(self, item: items.Item, record: bytes) -> None:
+        if record == _envelope.PENDING_RECORD:
+            return  # still running (suspended or queued): its end answers the original reply address
         reply_to = item.message.reply_to if item.message else (item.dead or {}).get("reply_to")
         if reply_to:
             await self._nc.publish(reply_to, record)

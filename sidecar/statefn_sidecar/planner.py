@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from statefn import _codec, _constants, _envelope, _errors, _naming, _wire
-from statefn_sidecar import commit, items, layout, outbox
+from statefn_sidecar import commit, items, keylocks, layout, outbox, suspension
 
 DLQ_TARGET = "~dlq"
 # Bundles are split so a NATS message stays well under the default max_payload (1 MiB).
@@ -37,21 +37,32 @@ class Outcome:
     reply: _envelope.Reply | None = None       # the final reply (and idempotency record)
     retry_at_ms: int | None = None             # schedule another attempt
     dead_letter: dict[str, Any] | None = None
+    suspend: suspension.Suspension | None = None  # waits for a call's reply (or a resume timer)
+    queued: keylocks.Queued | None = None         # its key is locked: it joins the key's inbox
+    dropped: bool = False                         # a reply nobody waits for: bookkeeping only
     started: float = dataclasses.field(default_factory=time.monotonic)  # for the latency histogram
     span: Any = None                           # the invocation's span while tracing is on
 
     @property
     def label(self) -> str:
-        """ok, retry or error (terminal: answered with the error and dead-lettered)."""
+        """ok, retry, error (terminal: answered with the error and dead-lettered), suspended, queued or dropped."""
         if self.retry_at_ms is not None:
             return "retry"
-        return "error" if self.dead_letter is not None else "ok"
+        if self.dead_letter is not None:
+            return "error"
+        if self.suspend is not None:
+            return "suspended"
+        if self.queued is not None:
+            return "queued"
+        return "dropped" if self.dropped else "ok"
 
     def fail(self, error: _wire.ErrorInfo, dead_letter: dict[str, Any]) -> None:
         self.state.clear()
         self.sends.clear()
         self.delayed.clear()
         self.retry_at_ms = None
+        self.suspend = None
+        self.queued = None
         self.reply = _envelope.Reply(ok=False, error=error)
         self.dead_letter = dead_letter
 
@@ -69,6 +80,9 @@ class Effects:
     timers_removed: list[bytes] = dataclasses.field(default_factory=list)
     idem_records: dict[str, bytes] = dataclasses.field(default_factory=dict)
     trimmed: dict[str, int] = dataclasses.field(default_factory=dict)
+    suspended: dict[str, suspension.Suspension | None] = dataclasses.field(default_factory=dict)
+    queued: list[keylocks.Queued] = dataclasses.field(default_factory=list)
+    dequeued: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
 
 
 def dead_letter_record(fn: _naming.FunctionType, partition: int, item: items.Item,
@@ -100,8 +114,12 @@ def _bundle_cost(pending: dict[str, list[tuple[Send, bytes]]]) -> tuple[int, int
     return ops, size
 
 
-def timer_payload_retry(invocation_id: str, message: _envelope.Message) -> bytes:
-    return _codec.pack(["retry", invocation_id, message.to_plain()])
+def timer_payload_retry(invocation_id: str, message: _envelope.Message, idem_pending: bool) -> bytes:
+    return _codec.pack(["retry", invocation_id, message.to_plain(), idem_pending])
+
+
+def timer_payload_resume(key: str, attempt: int) -> bytes:
+    return _codec.pack(["resume", key, attempt])
 
 
 def timer_payload_send(function: str, message: _envelope.Message) -> bytes:
@@ -164,9 +182,22 @@ class Planner:
         size += 512 * (len(oc.delayed) + (1 if oc.retry_at_ms is not None else 0))
         if oc.dead_letter:
             size += len(_codec.pack(oc.dead_letter)) + 256
-        if oc.reply is not None and oc.item.idempotency_key:
+        if oc.item.idempotency_key and (oc.reply is not None or oc.suspend or oc.queued):
             compares += 1
-            size += len(oc.reply.value or b"") + 256
+            size += (len(oc.reply.value or b"") if oc.reply else 0) + 256
+        msg = oc.item.message
+        if oc.reply is not None and msg is not None and msg.caller is not None:  # the reply to a waiting caller
+            ops += 2
+            size += len(oc.reply.value or b"") + 768
+        if oc.suspend is not None or oc.item.resume is not None:
+            ops += 1
+            size += (oc.suspend.size if oc.suspend else 0) + 256
+        if oc.queued is not None:
+            ops += 1
+            size += len(_codec.pack(oc.queued.message.to_plain())) + 256
+        if oc.item.inbox_key is not None:
+            ops += 1
+            size += len(oc.item.inbox_key) + 64
         return ops, size, compares
 
     def _add(self, txn: commit.Txn, eff: Effects, oc: Outcome,
@@ -182,13 +213,21 @@ class Planner:
         if item.timer_key is not None:
             txn.delete(item.timer_key)
             eff.timers_removed.append(item.timer_key)
+        if item.inbox_key is not None:
+            assert item.message is not None
+            txn.delete(item.inbox_key)
+            eff.dequeued.append((item.message.key, item.inbox_key))
         idem = item.idempotency_key
-        if oc.reply is not None and idem:
-            record = oc.reply.encode()
-            ikey = self.keys.idempotency(idem)
-            txn.require_absent(ikey)
-            txn.put(ikey, record, lease=self._idem_lease)
-            eff.idem_records[idem] = record
+        if idem and (oc.reply is not None or oc.suspend or oc.queued):
+            # Final, or PENDING while it waits (a copy arriving meanwhile is then a duplicate).
+            record = oc.reply.encode() if oc.reply is not None else _envelope.PENDING_RECORD
+            if not item.idem_pending or oc.reply is not None:
+                ikey = self.keys.idempotency(idem)
+                if not item.idem_pending:
+                    txn.require_absent(ikey)
+                txn.put(ikey, record, lease=self._idem_lease)
+                eff.idem_records[idem] = record
+        self._add_suspension(txn, eff, oc, bool(idem))
         # Effects.
         for (key, name), value in oc.state.items():
             skey = self.keys.state(key, name)
@@ -199,12 +238,23 @@ class Planner:
             eff.state.setdefault(key, {})[name] = value
         for s in oc.sends:
             pending.setdefault(s.target.token, []).append((s, _codec.pack(s.message.to_plain())))
+        msg = item.message
+        if oc.reply is not None and msg is not None and msg.caller is not None:
+            response = _envelope.response_message(msg.caller, oc.reply, origin=f"{self.fn}:{msg.key}",
+                                                  traceparent=msg.traceparent)
+            back = Send(_naming.PartitionId(_naming.FunctionType.parse(msg.caller.function), msg.caller.partition),
+                        response)
+            pending.setdefault(back.target.token, []).append((back, _codec.pack(response.to_plain())))
         for due_ms, function, message in oc.delayed:
             self._add_timer(txn, eff, due_ms, timer_payload_send(function, message))
         if oc.retry_at_ms is not None:
-            assert item.message is not None
-            retry = dataclasses.replace(item.message, attempt=item.message.attempt + 1)
-            self._add_timer(txn, eff, oc.retry_at_ms, timer_payload_retry(item.id, retry))
+            assert msg is not None
+            if item.resume is not None:  # run again from its journal, which the suspension record keeps
+                payload = timer_payload_resume(msg.key, msg.attempt + 1)
+            else:
+                retry = dataclasses.replace(msg, attempt=msg.attempt + 1)
+                payload = timer_payload_retry(item.id, retry, item.idem_pending)
+            self._add_timer(txn, eff, oc.retry_at_ms, payload)
         if oc.dead_letter is not None:
             oc.dead_letter["partition"] = self.keys.partition
             seq = self._next_seq(DLQ_TARGET)
@@ -219,6 +269,23 @@ class Planner:
             txn.put(self.keys.chan_out(DLQ_TARGET), _codec.pack(seq))
             eff.entries.append(entry)
             eff.chan_out[DLQ_TARGET] = seq
+
+    def _add_suspension(self, txn: commit.Txn, eff: Effects, oc: Outcome, idem_pending: bool) -> None:
+        """Write or drop the suspension record, and queue the item in its key's inbox if it must wait."""
+        item = oc.item
+        if oc.suspend is not None:
+            key = oc.suspend.message.key
+            oc.suspend.idem_pending = idem_pending
+            txn.put(self.keys.suspended(key), oc.suspend.encode())
+            eff.suspended[key] = oc.suspend
+        elif item.resume is not None:  # it ended (reply or error): the key is unlocked
+            key = item.resume.message.key
+            txn.delete(self.keys.suspended(key))
+            eff.suspended[key] = None
+        if oc.queued is not None:
+            oc.queued.idem_pending = idem_pending
+            txn.put(oc.queued.etcd_key, suspension.queued_entry(oc.queued.message, oc.queued.item_id, idem_pending))
+            eff.queued.append(oc.queued)
 
     def _add_timer(self, txn: commit.Txn, eff: Effects, due_ms: int, payload: bytes) -> None:
         tkey = self.keys.timer(due_ms, uuid.uuid4().hex[:16])

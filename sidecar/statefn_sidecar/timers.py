@@ -48,9 +48,13 @@ class TimerHeap:
                 continue
             raw = _codec.unpack(payload)
             if raw[0] == "retry":
-                _, inv_id, plain = raw
-                out.append(items.Item(kind=items.Kind.RETRY, id=inv_id,
-                                      message=_envelope.Message.from_plain(plain), timer_key=key))
+                _, inv_id, plain, *pending = raw
+                out.append(items.Item(kind=items.Kind.RETRY, id=inv_id, message=_envelope.Message.from_plain(plain),
+                                      timer_key=key, idem_pending=bool(pending and pending[0])))
+            elif raw[0] == "resume":  # the suspended invocation of that key, at this attempt
+                _, target_key, attempt = raw
+                out.append(items.Item(kind=items.Kind.RESUME, id=key.decode(), timer_key=key,
+                                      message=_envelope.Message(key=target_key, handler="", args={}, attempt=attempt)))
             else:
                 _, function, plain = raw
                 out.append(items.Item(kind=items.Kind.DELAYED_SEND, id=key.decode(),

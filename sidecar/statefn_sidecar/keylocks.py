@@ -1,0 +1,147 @@
+"""Which keys are locked by a suspended invocation, and the messages waiting for them.
+
+A key is locked while an invocation on it is suspended at a durable call, and stays locked
+while its inbox still holds messages that queued up meanwhile: every message to a locked key
+joins the inbox's tail, and the inbox drains one head per batch once nothing is suspended. So
+per-key order holds across suspensions, and a replay reads the state its first run read.
+
+Like the state cache, this is the owner's in-memory view of etcd keys that only its fenced
+commits write; it is rebuilt from etcd when a partition is taken.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import logging
+
+from statefn import _envelope
+from statefn_sidecar import items, layout, suspension
+
+_log = logging.getLogger("statefn.keylocks")
+
+
+class Route(enum.Enum):
+    RUN = "run"        # run the handler now
+    QUEUE = "queue"    # its key is locked: put it in the key's inbox
+    DROP = "drop"      # a reply nobody waits for any more: only its bookkeeping is committed
+
+
+@dataclasses.dataclass(slots=True)
+class Queued:
+    number: int
+    etcd_key: bytes
+    item_id: str
+    message: _envelope.Message
+    idem_pending: bool
+
+
+class KeyLocks:
+    def __init__(self, keys: layout.PartitionKeys) -> None:
+        self._keys = keys
+        self.suspended: dict[str, suspension.Suspension] = {}
+        self._inbox: dict[str, collections.deque[Queued]] = {}
+        self._next_number: dict[str, int] = {}
+        self._taken: set[str] = set()  # keys whose inbox head is in the batch being run
+
+    def __len__(self) -> int:
+        return len(self.suspended)
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._inbox.values())
+
+    def load(self, suspended: list[bytes], queued: list[tuple[bytes, bytes]]) -> None:
+        """Rebuild from etcd values: suspension records, and inbox entries with their keys (in key order)."""
+        for value in suspended:
+            record = suspension.Suspension.decode(value)
+            self.suspended[record.message.key] = record
+        for etcd_key, value in queued:
+            item_id, message, idem_pending = suspension.decode_queued(value)
+            number = int(etcd_key.rsplit(b"/", 1)[1])
+            self._append(message.key, Queued(number, etcd_key, item_id, message, idem_pending))
+
+    def locked(self, key: str) -> bool:
+        return key in self.suspended or bool(self._inbox.get(key))
+
+    def route(self, item: items.Item) -> Route:
+        """Decide an item's fate before its batch runs; a resuming item gets its suspension attached."""
+        msg = item.message
+        assert msg is not None
+        if item.kind is items.Kind.RESUME or msg.is_response:
+            return self._resume(item, self.suspended.get(msg.key))
+        if item.kind is items.Kind.INBOX:
+            return Route.RUN
+        return Route.QUEUE if self.locked(msg.key) else Route.RUN
+
+    def _resume(self, item: items.Item, record: suspension.Suspension | None) -> Route:
+        msg = item.message
+        assert msg is not None
+        attempt = msg.attempt  # a RESUME timer carries the next attempt; a reply resumes the current one
+        if msg.is_response:
+            call_id = msg.args.get("call")
+            if record is None or record.waiting != call_id:
+                _log.warning("a reply for call %s of key %r arrived but nothing waits for it; dropped",
+                             call_id, msg.key)
+                return Route.DROP
+            item.response = msg.args["reply"]
+            attempt = record.message.attempt
+        elif record is None or record.waiting:
+            _log.warning("a resume timer for key %r finds no invocation to resume; dropped", msg.key)
+            return Route.DROP
+        item.resume = record
+        item.idem_pending = record.idem_pending
+        item.message = dataclasses.replace(record.message, attempt=attempt)
+        return Route.RUN
+
+    def entry_for(self, item: items.Item) -> Queued:
+        """The inbox entry an item becomes (written by its commit; numbers lost with a failed one leave gaps)."""
+        msg = item.message
+        assert msg is not None
+        number = self._next_number.get(msg.key, 1)
+        self._next_number[msg.key] = number + 1
+        return Queued(number, self._keys.inbox(msg.key, number), item.id, msg, item.idem_pending)
+
+    def ready(self, limit: int) -> list[items.Item]:
+        """The heads of inboxes whose key is no longer suspended, one per key."""
+        out: list[items.Item] = []
+        for key, queue in self._inbox.items():
+            if len(out) >= limit:
+                break
+            if not queue or key in self.suspended or key in self._taken:
+                continue
+            head = queue[0]
+            self._taken.add(key)
+            out.append(items.Item(kind=items.Kind.INBOX, id=head.item_id, message=head.message,
+                                  inbox_key=head.etcd_key, idem_pending=head.idem_pending))
+        return out
+
+    def has_ready(self) -> bool:
+        return any(q and k not in self.suspended and k not in self._taken for k, q in self._inbox.items())
+
+    def release_taken(self) -> None:
+        """The batch is over: heads it did not consume may be taken again."""
+        self._taken.clear()
+
+    def apply(self, suspended: dict[str, suspension.Suspension | None], queued: list[Queued],
+              dequeued: list[tuple[str, bytes]]) -> None:
+        """A commit landed: mirror its suspension records and inbox writes (heads leave in order)."""
+        for key, record in suspended.items():
+            if record is None:
+                self.suspended.pop(key, None)
+            else:
+                self.suspended[key] = record
+        for key, etcd_key in dequeued:
+            queue = self._inbox.get(key)
+            if queue and queue[0].etcd_key == etcd_key:
+                queue.popleft()
+            self._taken.discard(key)
+            if queue is not None and not queue:
+                del self._inbox[key]
+        for entry in queued:
+            self._append(entry.message.key, entry)
+
+    def _append(self, key: str, entry: Queued) -> None:
+        self._inbox.setdefault(key, collections.deque()).append(entry)
+        self._next_number[key] = max(self._next_number.get(key, 1), entry.number + 1)

@@ -1,0 +1,49 @@
+"""The record of an invocation suspended at a durable call, as stored in etcd.
+
+It is everything needed to run the invocation again from the start when its reply arrives:
+the original message (with its reply address and idempotency key), the replies received so
+far, how many sends were committed already, and which call it waits for. The key stays locked
+while the record exists, so the state the replay reads is the state the first run read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from statefn import _codec, _envelope
+
+
+@dataclasses.dataclass(slots=True)
+class Suspension:
+    invocation_id: str
+    message: _envelope.Message
+    journal: list[bytes] = dataclasses.field(default_factory=list)  # encoded replies, one per call
+    sends_done: int = 0
+    waiting: str = ""           # the call id whose reply resumes it; "" while a retry timer is due
+    idem_pending: bool = False  # its idempotency record says PENDING (written when it first suspended)
+
+    def call_id(self, index: int) -> str:
+        return f"{self.invocation_id}#{index}"
+
+    def encode(self) -> bytes:
+        return _codec.pack([self.invocation_id, self.message.to_plain(), self.journal, self.sends_done,
+                            self.waiting, self.idem_pending])
+
+    @classmethod
+    def decode(cls, data: bytes) -> Suspension:
+        inv_id, plain, journal, sends_done, waiting, idem_pending = _codec.unpack(data)
+        return cls(inv_id, _envelope.Message.from_plain(plain), list(journal), sends_done, waiting, idem_pending)
+
+    @property
+    def size(self) -> int:
+        return sum(len(r) for r in self.journal) + len(_codec.pack(self.message.to_plain())) + 128
+
+
+def queued_entry(message: _envelope.Message, item_id: str, idem_pending: bool) -> bytes:
+    """An inbox entry: a message that waits for its key to be unlocked."""
+    return _codec.pack([item_id, message.to_plain(), idem_pending])
+
+
+def decode_queued(data: bytes) -> tuple[str, _envelope.Message, bool]:
+    item_id, plain, idem_pending = _codec.unpack(data)
+    return item_id, _envelope.Message.from_plain(plain), idem_pending
