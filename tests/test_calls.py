@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import statefn
-from statefn import Context, StatefulFunction, _naming
+from statefn import Context, StatefulFunction, _envelope, _naming
 from statefn_sidecar import layout
 from tests import helpers
 
@@ -210,6 +210,38 @@ async def test_a_suspended_invocation_survives_its_sidecar_being_replaced(shop, 
             assert await c.get_state(shop.inventory, "nut") == {"stock": 5}
         assert shop.runs["place"] == 2 and shop.runs["reserve nut"] == 1
         assert not await _exists(etcd_server, shop.order, "o8")
+
+
+async def test_a_copy_of_a_suspended_request_beside_its_reply_loses_nothing(
+        shop, nats_server, etcd_server) -> None:
+    """A new owner pulls, in one batch, the call's reply and a re-sent copy of the request that made the call.
+
+    The copy is a duplicate (the PENDING record says so, failing the commit's idempotency check); the
+    reply is not, though it resumes the same request: it must be run again, not acked away.
+    """
+    async with helpers.client(nats_server, etcd_server, timeout=30) as c:
+        async with helpers.running_sidecar(shop.callees, nats_server, etcd_server):
+            pass  # registers the inventory
+        async with helpers.running_sidecar(shop.callers, nats_server, etcd_server):
+            await c.send(shop.order, "o9", "place", idempotency_key="place-o9", item="yam", qty=2)
+            await eventually(lambda: _exists(etcd_server, shop.order, "o9"))
+        async with helpers.running_sidecar(shop.callees, nats_server, etcd_server):
+            async def reserved() -> bool:
+                return await c.get_state(shop.inventory, "yam") == {"stock": 8}
+            await eventually(reserved)
+            await asyncio.sleep(0.5)  # the reply is published to the order's stream, which nobody reads now
+        copy = _envelope.Message(key="o9", handler="place", args={"item": "yam", "qty": 2},
+                                 idempotency_key="place-o9")
+        await c._publish(await c._subject(shop.order, "o9"), copy, 1)
+        async with helpers.running_sidecar(shop.callers, nats_server, etcd_server):
+            async def placed() -> bool:
+                return (await c.get_state(shop.order, "o9")).get("status") == "placed"
+            await eventually(placed, timeout=15)
+            await asyncio.sleep(0.5)
+            assert await c.get_state(shop.order, "o9") == {"log": ["place yam"], "status": "placed"}
+            assert await c.get_state(shop.inventory, "yam") == {"stock": 8}
+        # Its replay ran in the batch whose commit the copy failed, and again: runs are not effects.
+        assert shop.runs["place"] == 3 and shop.runs["reserve yam"] == 1
 
 
 async def _exists(etcd_server, function: str, key: str) -> bool:

@@ -20,6 +20,7 @@ import statefn
 from statefn import _naming
 from statefn_sidecar import devservers
 from tests import procs
+from tests.apps import bank
 
 pytestmark = pytest.mark.crash
 APP = "tests.apps.ordered:app"
@@ -38,8 +39,8 @@ def servers() -> Iterator[tuple[devservers.NatsServer, devservers.EtcdServer]]:
 
 @contextlib.contextmanager
 def sidecars(n: int, namespace: str, servers: tuple[devservers.NatsServer, devservers.EtcdServer],
-             **settings: object) -> Iterator[list[procs.SidecarProcess]]:
-    group = [procs.SidecarProcess(APP, namespace, *servers, **settings).start() for _ in range(n)]
+             app: str = APP, **settings: object) -> Iterator[list[procs.SidecarProcess]]:
+    group = [procs.SidecarProcess(app, namespace, *servers, **settings).start() for _ in range(n)]
     try:
         for s in group:
             s.wait_ready()
@@ -136,6 +137,63 @@ async def test_exactly_once_under_crashes(servers, namespace) -> None:
     assert faults["sidecar_kill9"] >= 3 and faults["nats_restart"] == 1 and faults["etcd_restart"] == 1
     wrong = {k: (got[k], expected[k]) for k in keys if got[k] != expected[k]}
     assert wrong == {}, f"{len(wrong)} counters differ (got, expected): {dict(list(wrong.items())[:10])}"
+
+
+async def test_durable_calls_conserve_money_under_crashes(servers, namespace) -> None:
+    """Transfers are two durable calls each; kill -9 sidecars meanwhile: every call ran exactly once.
+
+    Transfers share 40 transfer keys, so most of them wait in a locked key's inbox at some point.
+    """
+    accounts, transfers = [f"a{i}" for i in range(30)], 600
+    rng = random.Random(3)
+    plan = [(f"t{i % 40}", f"x{i}", *rng.sample(accounts, 2), rng.randint(1, 5)) for i in range(transfers)]
+    expected = collections.Counter({a: bank.OPENING_BALANCE for a in accounts})
+    for _, _, source, target, amount in plan:
+        expected[source] -= amount
+        expected[target] += amount
+    with sidecars(3, namespace, servers, app="tests.apps.bank:app") as group:
+        async with client(servers) as c:
+            done = asyncio.Event()
+            kills = 0
+
+            async def chaos() -> None:
+                nonlocal kills
+                while not done.is_set():
+                    await asyncio.sleep(2.5)
+                    if not done.is_set():
+                        victim = group[kills % len(group)]
+                        await asyncio.to_thread(victim.kill)
+                        victim.start()
+                        kills += 1
+
+            async def one(key: str, ref: str, source: str, target: str, amount: int) -> None:
+                while True:
+                    try:
+                        assert await c.invoke(f"{namespace}/transfer", key, "run", idempotency_key=ref, ref=ref,
+                                              source=source, target=target, amount=amount) == ref
+                        return
+                    except (statefn.InvocationTimeout, nats.errors.Error, OSError, TimeoutError):
+                        await asyncio.sleep(0.2)
+
+            chaos_task = asyncio.create_task(chaos())
+            t0 = time.monotonic()
+            try:  # ~30 s here; a transfer stuck for good (a lost reply) must fail, not hang
+                await asyncio.wait_for(run_load([lambda p=p: one(*p) for p in plan], concurrency=32), 180)
+            except TimeoutError:
+                pytest.fail("transfers stopped completing: a call or its reply was lost")
+            elapsed = time.monotonic() - t0
+            done.set()
+            await chaos_task
+            balances = {a: (await c.get_state(f"{namespace}/account", a)).get("balance", bank.OPENING_BALANCE)
+                        for a in accounts}
+            refs = collections.Counter()
+            for i in range(40):
+                refs.update((await c.get_state(f"{namespace}/transfer", f"t{i}")).get("done", []))
+    _log.warning("%d transfers (2 durable calls each) in %.1fs with %d kill -9", transfers, elapsed, kills)
+    assert kills >= 2
+    assert sum(balances.values()) == bank.OPENING_BALANCE * len(accounts)
+    assert balances == dict(expected)
+    assert set(refs) == {ref for _, ref, *_ in plan} and max(refs.values()) == 1
 
 
 async def test_zombie_is_fenced(servers, namespace) -> None:

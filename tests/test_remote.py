@@ -17,7 +17,7 @@ from aiohttp import web
 import statefn
 from statefn import _serve
 from statefn_sidecar import config, devservers, invoker, sidecar
-from tests import helpers, test_semantics
+from tests import helpers, test_calls, test_semantics
 
 
 @contextlib.asynccontextmanager
@@ -141,3 +141,22 @@ async def test_sidecar_started_before_the_function_server_waits_for_it(nats_serv
         description = await asyncio.wait_for(starting, 10)
     await remote.close()
     assert list(description) == [f"{namespace}/account"]
+
+
+async def test_remote_mode_durable_calls(nats_server, etcd_server, namespace) -> None:
+    """The journal and the suspension cross the HTTP protocol: replays, errors and sends as embedded."""
+    shop = test_calls.Shop(namespace)
+    port = devservers.free_port()
+    async with function_server(shop.app, port), \
+            remote_sidecar(f"http://127.0.0.1:{port}", nats_server, etcd_server, shop.app), \
+            helpers.client(nats_server, etcd_server, timeout=20) as c:
+        assert await c.invoke(shop.order, "r1", "place_two", first="a", second="b") == [9, 8]
+        assert await c.invoke(shop.order, "r2", "place", item="c", qty=4) == 6
+        assert await c.invoke(shop.order, "r3", "try_place", item="d", qty=99) == "handler_error: only 10 of d left"
+        assert shop.runs == {"place_two": 3, "place": 2, "reserve a": 1, "reserve b": 1, "reserve c": 1,
+                             "reserve d": 1}
+        for _ in range(50):
+            if await c.get_state(shop.audit, "r2") == {"entries": ["placing c"]}:
+                break
+            await asyncio.sleep(0.1)
+        assert await c.get_state(shop.audit, "r2") == {"entries": ["placing c"]}

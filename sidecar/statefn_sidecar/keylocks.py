@@ -69,6 +69,8 @@ class KeyLocks:
         """Decide an item's fate before its batch runs; a resuming item gets its suspension attached."""
         msg = item.message
         assert msg is not None
+        if item.resume is not None:
+            return Route.RUN  # routed already (run again after an idempotency conflict in its batch)
         if item.kind is items.Kind.RESUME or msg.is_response:
             return self._resume(item, self.suspended.get(msg.key))
         if item.kind is items.Kind.INBOX:

@@ -296,7 +296,8 @@ class PartitionWorker:
                 for oc in later.outcomes:
                     item = oc.item
                     idem = item.idempotency_key
-                    record = existing.get(self.keys.idempotency(idem)) if idem else None
+                    # An item whose own record says PENDING (it was queued or suspended) is not a copy.
+                    record = existing.get(self.keys.idempotency(idem)) if idem and not item.idem_pending else None
                     if record is None:
                         observe.abandoned([oc], "rerun")
                         redo.append(item)
