@@ -1,4 +1,5 @@
-"""The functions the platform workloads drive: a keyed counter, and a fan-out that sends to counters.
+"""The functions the platform workloads drive: a keyed counter, a fan-out that sends to counters, and
+a relay that makes a durable call to the counter of the same key and returns its reply.
 
 It is a module (not built inside a workload) because two kinds of child process import it by
 name: the remote function server (``counter_remote``) and the sidecar whose memory is measured
@@ -18,6 +19,8 @@ FUNCTION_NAME = "counter"
 HANDLER = "increment"
 FANOUT_NAME = "fanout"
 FANOUT_HANDLER = "fan"
+RELAY_NAME = "relay"
+RELAY_HANDLER = "forward"
 
 
 def function_type(namespace: str) -> str:
@@ -26,6 +29,10 @@ def function_type(namespace: str) -> str:
 
 def fanout_type(namespace: str) -> str:
     return f"{namespace}/{FANOUT_NAME}"
+
+
+def relay_type(namespace: str) -> str:
+    return f"{namespace}/{RELAY_NAME}"
 
 
 def fanout_keys(prefix: str, n: int) -> list[str]:
@@ -53,7 +60,15 @@ def make_app(namespace: str) -> statefn.App:
         ctx[fanned] += n
         return n
 
-    return statefn.App(counter, fanout)
+    # One durable call: suspends, the counter runs, the reply resumes it (three commits per call).
+    relay = StatefulFunction(relay_type(namespace))
+
+    @relay.handler
+    async def forward(ctx: Context) -> int:
+        reply: int = await ctx.call(function_type(namespace), ctx.key, HANDLER)
+        return reply
+
+    return statefn.App(counter, fanout, relay)
 
 
 app = make_app(os.environ.get(NS_ENV, "bench"))

@@ -164,6 +164,38 @@ async def floor_single(nats_url: str, etcd_endpoint: str, *, count: int, warmup:
     return stats.summarize(latencies, count, elapsed, "message")
 
 
+async def floor_call(nats_url: str, etcd_endpoint: str, *, count: int, warmup: int,
+                     tick: stats.Tick) -> stats.Result:
+    """A durable call's raw I/O, one at a time: three floor_single hops chained through the stream.
+
+    The request (publish, pull, fenced txn that records the call, ack), the callee (pull the call,
+    txn, ack) and the resumed caller (pull the reply, txn, ack, publish the answer): each hop's
+    output is the next hop's input message, as the sidecar's call and reply travel on channels.
+    """
+    async with _rig(nats_url, etcd_endpoint) as rig:
+
+        async def one(n: int) -> None:
+            key = f"k{n % 1000}"
+            for hop in range(3):
+                await rig.publish_input(3 * n + hop, _input(key))
+                (msg,) = await rig.pull(1)
+                await rig.commit({_state_key(rig, f"{key}/{hop}"): _codec.pack(n)})
+                await msg.ack()
+            await rig.publish_output(n, _codec.pack([key, n]))
+
+        for n in range(warmup):
+            await one(-1 - n)
+        latencies: list[float] = []
+        started = time.perf_counter()
+        for n in range(count):
+            t0 = time.perf_counter()
+            await one(n)
+            latencies.append(time.perf_counter() - t0)
+            tick(1)
+        elapsed = time.perf_counter() - started
+    return stats.summarize(latencies, count, elapsed, "call", notes="3 hops (request, callee, resumed caller)")
+
+
 async def floor_batched(nats_url: str, etcd_endpoint: str, *, count: int, tick: stats.Tick) -> stats.Result:
     """Publish ``count`` inputs, then drain them 128 at a time: one txn and one output per batch.
 

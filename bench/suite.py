@@ -31,9 +31,10 @@ EMBEDDED = "counter_embedded"
 TRACED = "counter_traced"
 REMOTE = "counter_remote"
 MEMORY = "memory_100k_keys"
-# Keys one fan-out invocation sends to. 100 belongs here, but the sidecar's planner estimates two
-# etcd writes per ctx.send (not per target channel), so one invocation sending 100 messages fails
-# with state_too_large (203 writes > 126); change 50 to 100 once planner._estimate counts channels.
+FLOOR_CALL = "floor_call"
+CALL_SINGLE = "call_embedded_single"
+CALL = "call_embedded"
+# Keys one fan-out invocation sends to.
 FANOUTS = (10, 100)
 SWEEP_PREFIX = "sweep_"  # registry names of sweeps; their key in the JSON's "sweeps" drops it
 
@@ -41,6 +42,9 @@ SWEEP_PREFIX = "sweep_"  # registry names of sweeps; their key in the JSON's "sw
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     floor_single: int = 2_000
+    floor_call: int = 700
+    call_single: int = 500
+    call_load: int = 5_000
     floor_warmup: int = 100
     floor_batched: int = 20_000
     single: int = 1_000
@@ -65,7 +69,8 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(floor_single=50, floor_warmup=5, floor_batched=512, single=30, single_keys=10, load=300,
+QUICK = Sizes(floor_single=50, floor_call=20, call_single=20, call_load=100,
+              floor_warmup=5, floor_batched=512, single=30, single_keys=10, load=300,
               load_keys=50, concurrency=32, remote=200, memory_keys=500, sweep_levels=(1, 4, 32), sweep_min=40,
               sweep_per_flight=4, fanout_messages=30)
 
@@ -143,6 +148,9 @@ REGISTRY: tuple[Workload, ...] = (
     Workload(FLOOR_BATCHED, lambda e, tick: floor.floor_batched(
         e.nats_url, e.etcd_endpoint, count=e.sizes.floor_batched, tick=tick), lambda s: s.floor_batched),
     *(_fanout_floor(n) for n in FANOUTS),
+    Workload(FLOOR_CALL, lambda e, tick: floor.floor_call(
+        e.nats_url, e.etcd_endpoint, count=e.sizes.floor_call, warmup=e.sizes.floor_warmup, tick=tick),
+        lambda s: s.floor_call, throughput_floor=FLOOR_CALL, p50_floor=FLOOR_CALL),
     Workload(f"{SWEEP_PREFIX}floor", _floor_sweep, _sweep_total),
     Workload(EMBEDDED_SINGLE, lambda e, tick: workloads.single(
         e.p, count=e.sizes.single, key_count=e.sizes.single_keys, tick=tick),
@@ -157,6 +165,14 @@ REGISTRY: tuple[Workload, ...] = (
         e.p, count=e.sizes.load, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
         lambda s: s.load, platform=workloads.embedded_traced, baseline=EMBEDDED),
     *(_fanout(n) for n in FANOUTS),
+    # Durable calls: the relay calls the counter of the same key and returns its reply. One in flight
+    # against the call floor (three hops); many in flight against the batched floor (three commits each).
+    Workload(CALL_SINGLE, lambda e, tick: workloads.load(
+        e.p, count=e.sizes.call_single, key_count=e.sizes.single_keys, concurrency=1, tick=tick, prefix="s"),
+        lambda s: s.call_single, platform=workloads.calls, throughput_floor=FLOOR_CALL, p50_floor=FLOOR_CALL),
+    Workload(CALL, lambda e, tick: workloads.load(
+        e.p, count=e.sizes.call_load, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
+        lambda s: s.call_load, platform=workloads.calls),
     Workload(REMOTE, lambda e, tick: workloads.load(
         e.p, count=e.sizes.remote, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
         lambda s: s.remote, platform=workloads.remote),

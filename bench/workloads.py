@@ -10,7 +10,9 @@ Platforms (where the handlers run and how the sidecar is hosted):
 - ``remote``: the sidecar in this process with ``RemoteInvoker``, the handlers in a child
   process served by ``statefn._serve``;
 - ``sidecar_process``: the sidecar alone in a child process, so its RSS can be read;
-- ``fanout``: like ``embedded``, hosting the fan-out function as well as the counter it sends to.
+- ``fanout``: like ``embedded``, hosting the fan-out function as well as the counter it sends to;
+- ``calls``: like ``embedded``, hosting the relay too, and driving the relay: each invocation is a
+  durable call to the counter of the same key, whose reply the relay returns (checked the same way).
 
 The other platforms host only the counter (``SidecarConfig.functions``), so an idle fan-out
 function's partitions do not cost the counter workloads anything.
@@ -54,6 +56,11 @@ class Platform:
     status: Callable[[], Awaitable[dict[str, Any]]]  # the sidecar's /status document
     child: procs.Child | None = None  # the sidecar's process, when it has its own
     spans_url: str | None = None  # tracing on: the OTLP receiver's count of spans received
+    entry: tuple[str, str] | None = None  # the function and handler the load invokes (default: the counter's)
+
+    @property
+    def target(self) -> tuple[str, str]:
+        return self.entry or (self.function, bench_app.HANDLER)
 
     async def counters(self) -> collections.Counter[str]:
         """The sidecar's cumulative counters (commits, invocations, duplicates, ...)."""
@@ -81,9 +88,9 @@ async def _wait_owned(sc: sidecar.Sidecar) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _in_process(nats_url: str, etcd_endpoint: str, runner: invoker.Invoker,
-                      namespace: str, fanout: bool = False) -> AsyncIterator[Platform]:
-    functions = [bench_app.function_type(namespace)] + ([bench_app.fanout_type(namespace)] if fanout else [])
+async def _in_process(nats_url: str, etcd_endpoint: str, runner: invoker.Invoker, namespace: str,
+                      also: tuple[str, ...] = (), entry: tuple[str, str] | None = None) -> AsyncIterator[Platform]:
+    functions = [bench_app.function_type(namespace), *also]
     sc = sidecar.Sidecar(config.SidecarConfig.model_validate(_settings(nats_url, etcd_endpoint, functions)),
                          runner)
 
@@ -94,7 +101,7 @@ async def _in_process(nats_url: str, etcd_endpoint: str, runner: invoker.Invoker
     try:
         await _wait_owned(sc)
         async with statefn.Client(nats=nats_url, etcd=etcd_endpoint) as client:
-            yield Platform(bench_app.function_type(namespace), client, status)
+            yield Platform(bench_app.function_type(namespace), client, status, entry=entry)
     finally:
         await sc.stop()
 
@@ -153,7 +160,17 @@ async def fanout(nats_url: str, etcd_endpoint: str) -> AsyncIterator[Platform]:
     """The embedded platform hosting the fan-out function too (``Platform.function`` is the counter)."""
     ns = _namespace()
     async with _in_process(nats_url, etcd_endpoint, invoker.EmbeddedInvoker(bench_app.make_app(ns)), ns,
-                           fanout=True) as p:
+                           also=(bench_app.fanout_type(ns),)) as p:
+        yield p
+
+
+@contextlib.asynccontextmanager
+async def calls(nats_url: str, etcd_endpoint: str) -> AsyncIterator[Platform]:
+    """The embedded platform hosting the relay too; the load invokes the relay, which calls the counter."""
+    ns = _namespace()
+    relay = bench_app.relay_type(ns)
+    async with _in_process(nats_url, etcd_endpoint, invoker.EmbeddedInvoker(bench_app.make_app(ns)), ns,
+                           also=(relay,), entry=(relay, bench_app.RELAY_HANDLER)) as p:
         yield p
 
 
@@ -219,7 +236,8 @@ async def _drive(p: Platform, keys: list[str], concurrency: int, tick: stats.Tic
     async def worker() -> None:
         for key in todo:  # shared iterator: each key is taken by exactly one worker
             t0 = time.perf_counter()
-            reply = await p.client.invoke(p.function, key, bench_app.HANDLER)
+            function, handler = p.target
+            reply = await p.client.invoke(function, key, handler)
             latencies.append(time.perf_counter() - t0)
             replies[key].append(reply)
             if tick is not None:

@@ -92,12 +92,12 @@ async def test_the_example_runs_on_the_platform(platform: harness.ControlPlane,
                                                 receiver: otlp_receiver.OtlpReceiver) -> None:
     cluster = platform
     cluster.kubectl("apply", "-f", str(harness.ROOT / "examples" / "counter" / "k8s"))
-    for name in ("counter", "account"):
+    for name in ("counter", "account", "payment"):
         wait_for(lambda n=name: ready(cluster, n), timeout=90, what=f"{name} Ready")
     table = cluster.kubectl("get", "sfn", "-n", NS).stdout
     print(table)
     rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
-    assert rows["counter"][1] == "True" and rows["account"][1] == "True", table
+    assert rows["counter"][1] == rows["account"][1] == rows["payment"][1] == "True", table
 
     base = f"{gateway_url(cluster)}/v1/functions"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40)) as session:
@@ -153,6 +153,14 @@ async def test_the_example_runs_on_the_platform(platform: harness.ControlPlane,
         assert 'statefn_invocations_total{function="bank/account",outcome="ok"}' in scraped
         async with session.get(f"{gateway_url(cluster)}/metrics") as resp:
             assert 'statefn_gateway_requests_total{code="200",function="bank/account"} 2.0' in await resp.text()
+
+        # Durable calls across pods: the payment's pod calls withdraw (alice) and deposit (carol) in the account's
+        # pods and replies once both replies came back; the deposit is committed before the payment's reply.
+        assert await post(session, f"{base}/bank/payment/p1/pay", {"source": "alice", "target": "carol",
+                                                                   "amount": 5}) == (200, {"result": "paid"})
+        for account, balance in (("alice", 65), ("carol", 5)):
+            async with session.get(f"{base}/bank/account/{account}/state") as resp:
+                assert (await resp.json())["state"]["balance"] == balance, account
 
 
 SLOW_SCALING = {"minReplicas": 0, "maxReplicas": 3, "targetLagPerReplica": 20,

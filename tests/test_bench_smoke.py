@@ -18,8 +18,9 @@ from bench import plots
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FLOORS = ["floor_single", "floor_batched", "floor_fanout_10", "floor_fanout_100"]
-EMBEDDED = ["counter_embedded_single", "counter_embedded", "counter_traced", "fanout_10", "fanout_100"]
+FLOORS = ["floor_single", "floor_batched", "floor_fanout_10", "floor_fanout_100", "floor_call"]
+EMBEDDED = ["counter_embedded_single", "counter_embedded", "counter_traced", "fanout_10", "fanout_100",
+            "call_embedded_single", "call_embedded"]
 TARGETS = {"embedded_throughput", "embedded_single_p50", "remote_throughput", "memory"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,6 +43,8 @@ def _own_floors(name: str) -> tuple[str, str]:
     if "fanout" in name:
         n = name.rsplit("_", 1)[1]
         return f"floor_fanout_{n}", f"floor_fanout_{n}"
+    if name in ("floor_call", "call_embedded_single"):
+        return "floor_call", "floor_call"
     return "floor_batched", "floor_single"
 
 
@@ -112,7 +115,8 @@ def test_unknown_workload_is_a_one_line_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[-1] == (
         "python -m bench: error: unknown workload 'nope'; known: floor_single, floor_batched, floor_fanout_10, "
-        "floor_fanout_100, sweep_floor, counter_embedded_single, counter_embedded, sweep_counter_embedded, "
-        "counter_traced, fanout_10, fanout_100, counter_remote, sweep_counter_remote, memory_100k_keys, k8s"
+        "floor_fanout_100, floor_call, sweep_floor, counter_embedded_single, counter_embedded, "
+        "sweep_counter_embedded, counter_traced, fanout_10, fanout_100, call_embedded_single, call_embedded, "
+        "counter_remote, sweep_counter_remote, memory_100k_keys, k8s"
     )
     assert not (tmp_path / "x.json").exists()

@@ -102,7 +102,7 @@ def test_dev_runs_everything_locally() -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         out = proc.stdout.read() if proc.stdout else ""
-        assert f"gateway  http://127.0.0.1:{port}" in out and "serving demo/counter, bank/account" in out
+        assert f"gateway  http://127.0.0.1:{port}" in out and "serving demo/counter, bank/account, bank/payment" in out
     finally:
         if proc.poll() is None:
             proc.kill()

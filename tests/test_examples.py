@@ -17,4 +17,6 @@ def test_counter_demo() -> None:
     assert "every value is exact" in out.stdout
     assert "bank total 5000 (deposited 5000): conserved" in out.stdout
     assert out.stdout.count("│ ok │") == 25
+    assert "200 payments by durable calls" in out.stdout
+    assert "190 paid, 10 declined (insufficient funds) as expected" in out.stdout
     assert "WRONG" not in out.stdout

@@ -116,7 +116,8 @@ def test_load_app_errors(spec: str, message: str) -> None:
 
 
 def test_load_app() -> None:
-    assert sorted(_serve.load_app("examples.counter.app:app").functions) == ["bank/account", "demo/counter"]
+    functions = _serve.load_app("examples.counter.app:app").functions
+    assert sorted(functions) == ["bank/account", "bank/payment", "demo/counter"]
 
 
 def test_serve_imports_from_the_working_directory(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""A keyed counter and a bank account: the smallest useful stateful functions.
+"""A keyed counter, a bank account, and payments that move money between accounts by durable calls.
 
 Run them with ``statefn dev examples.counter.app:app`` or ``make demo``.
 """
@@ -53,4 +53,25 @@ async def transfer(ctx: Context, to: str, amount: int) -> int:
     return ctx[balance]
 
 
-app = statefn.App(counter, account)
+payment = StatefulFunction("bank/payment")
+outcome = payment.state("outcome", str, default="")
+
+
+@payment.handler
+async def pay(ctx: Context, source: str, target: str, amount: int) -> str:
+    """Withdraw at ``source``, then deposit at ``target``: two durable calls, each run exactly once.
+
+    The payment waits for each reply; meanwhile this payment's key is locked. A withdrawal that
+    fails (insufficient funds) comes back as ``CallFailed``, and nothing was moved.
+    """
+    try:
+        await ctx.call("bank/account", source, "withdraw", amount=amount)
+    except statefn.CallFailed as exc:
+        ctx[outcome] = f"declined: {exc.message}"
+        return ctx[outcome]
+    await ctx.call("bank/account", target, "deposit", amount=amount)
+    ctx[outcome] = "paid"
+    return ctx[outcome]
+
+
+app = statefn.App(counter, account, payment)

@@ -25,6 +25,7 @@ COUNTERS = 20
 INCREMENTS = 3000
 ACCOUNTS = 5
 TRANSFERS_PER_ACCOUNT = 50
+PAYMENTS = 200
 IN_FLIGHT = 64
 console = Console()
 
@@ -82,11 +83,29 @@ async def _exercise(c: statefn.Client) -> int:
             balances[to] += i + 1
             transfers.append(lambda a=a, to=to, n=i + 1: c.invoke("bank/account", a, "transfer", to=to, amount=n))
 
+    # Payments: two durable calls each (withdraw, then deposit); every 20th asks too much and is declined.
+    payments = []
+    declined_expected = 0
+    for i in range(PAYMENTS):
+        source, target = accounts[i % ACCOUNTS], accounts[(i + 2) % ACCOUNTS]
+        amount = 10**6 if i % 20 == 19 else 1 + i % 7
+        if amount < 10**6:
+            balances[source] -= amount
+            balances[target] += amount
+        else:
+            declined_expected += 1
+        payments.append(lambda i=i, s=source, t=target, n=amount: c.invoke(
+            "bank/payment", f"pay-{i}", "pay", source=s, target=t, amount=n, idempotency_key=f"pay-{i}"))
+
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         t_inc = await _run_all(increments, progress, "counter increments")
         await _run_all(deposits, progress, "bank deposits")
         t_tr = await _run_all(transfers, progress, "bank transfers")
+        t_pay = await _run_all(payments, progress, "payments (durable calls)")
+    outcomes: collections.Counter[str] = collections.Counter()
+    for i in range(PAYMENTS):
+        outcomes[(await c.get_state("bank/payment", f"pay-{i}")).get("outcome", "?").split(":")[0]] += 1
 
     # Transfers deposit on the receiving side through a one-way message: wait until delivered.
     got_accounts: dict[str, int] = {}
@@ -112,6 +131,11 @@ async def _exercise(c: statefn.Client) -> int:
                   + ("[green]conserved[/]" if total == 1000 * ACCOUNTS else "[red]NOT conserved[/]"))
     console.print(f"{INCREMENTS} increments in {t_inc:.2f}s: [bold]{INCREMENTS / t_inc:,.0f} invocations/s[/] "
                   f"({IN_FLIGHT} in flight); {len(transfers)} transfers in {t_tr:.2f}s")
+    paid_ok = outcomes == collections.Counter(paid=PAYMENTS - declined_expected, declined=declined_expected)
+    wrong += not paid_ok
+    console.print(f"{PAYMENTS} payments by durable calls in {t_pay:.2f}s: {outcomes['paid']} paid, "
+                  f"{outcomes['declined']} declined (insufficient funds) "
+                  + ("[green]as expected[/]" if paid_ok else f"[red]expected {declined_expected} declined[/]"))
     if wrong:
         console.print(f"[red]{wrong} value(s) wrong[/]")
         return 1

@@ -121,7 +121,6 @@ class Executor:
         journal = [*record.journal, item.response] if item.response is not None else list(record.journal)
         return suspension.Suspension(record.invocation_id, item.message, journal, record.sends_done)
 
-
     async def _call(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
         delay = 0.1
         while True:
@@ -180,9 +179,9 @@ class Executor:
 
     async def _suspend(self, oc: planner.Outcome, key: str, result: _wire.Result, partition: int) -> None:
         """The handler waits at a call: send the call (its reply addressed to this key) and record where it is."""
-        assert result.call is not None
-        record = self._progress(oc.item) if oc.item.resume is not None else suspension.Suspension(
-            oc.item.id, oc.item.message)  # type: ignore[arg-type]
+        item = oc.item
+        assert result.call is not None and item.message is not None
+        record = self._progress(item) if item.resume is not None else suspension.Suspension(item.id, item.message)
         record.sends_done += len(result.sends)
         record.waiting = record.call_id(len(record.journal))
         message = self._outgoing(oc, key, result.call, "call")

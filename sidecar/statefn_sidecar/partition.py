@@ -33,6 +33,7 @@ from statefn_sidecar import (
     observe,
     outbox,
     planner,
+    pulling,
     statecache,
     timers,
 )
@@ -206,9 +207,7 @@ class PartitionWorker:
                     timeout = 0.001
                 msgs: list[Msg] = []
                 try:
-                    msgs = await self._psub.fetch(self._cfg.batch_size, timeout=timeout)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    pass  # nothing to do within the fetch timeout
+                    msgs = await pulling.fetch(self._psub, self._cfg.batch_size, timeout)
                 except (nats.errors.Error, OSError) as exc:
                     _log.warning("%s: fetch failed (%s: %s); retrying", self.pid, type(exc).__name__, exc)
                     await asyncio.sleep(0.5)
