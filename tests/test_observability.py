@@ -31,6 +31,7 @@ from tests import otlp_receiver, procs
 APP = "tests.apps.chain:app"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
+SAGA_TRACE = "5a6a0000000000000000000000005a6a"
 
 
 def _otel_env(receiver: otlp_receiver.OtlpReceiver, service: str) -> dict[str, str]:
@@ -213,6 +214,37 @@ def test_metrics_count_what_happened(chain: Chain) -> None:
     assert gw[("statefn_gateway_requests_total", (("code", "500"), ("function", front)))] == 1
     assert gw[("statefn_gateway_requests_total", (("code", "404"), ("function", "unknown")))] == 1
     assert gw[("statefn_gateway_request_duration_seconds_count", (("function", front),))] == 1 + 5 + 2 + 1
+
+
+def test_saga_steps_and_compensations_are_spans(chain: Chain) -> None:
+    """A saga across the two sidecars: its step and its compensation are PRODUCER spans of the caller's
+    invocation runs, each the parent of the invocation it caused in the other process."""
+    ns = chain.namespace
+    caller = f"00-{SAGA_TRACE}-{CALLER_SPAN}-01"
+    status, body = _post(chain.url("front", "f2", "trip"), {"key": "s1"}, {"traceparent": caller})
+    assert (status, body) == (200, {"result": "compensated"})
+
+    def named(spans: list[otlp_receiver.ReceivedSpan], name: str) -> list[otlp_receiver.ReceivedSpan]:
+        return [s for s in spans if s.trace_id == SAGA_TRACE and s.name == name]
+
+    def complete(spans: list[otlp_receiver.ReceivedSpan]) -> bool:
+        runs = named(spans, f"invoke {ns}/front.trip")
+        return bool(named(spans, f"invoke {ns}/back.unrecord")) and any(
+            r.attributes.get(tracing.OUTCOME) == "ok" for r in runs)
+
+    spans = chain.receiver.wait_for(complete)
+    by_id = {s.span_id: s for s in spans}
+    runs = named(spans, f"invoke {ns}/front.trip")
+    # Suspended at the step, then at the compensation, then the run that returns.
+    assert sorted(r.attributes[tracing.OUTCOME] for r in runs) == ["ok", "suspended", "suspended"]
+    (step,) = named(spans, f"saga.step {ns}/back")
+    (compensate,) = named(spans, f"saga.compensate {ns}/back")
+    for producer, caused in ((step, f"invoke {ns}/back.record"), (compensate, f"invoke {ns}/back.unrecord")):
+        assert producer.kind == "PRODUCER" and producer.service == "sidecar-front"
+        assert by_id[producer.parent_id].name == f"invoke {ns}/front.trip"
+        assert by_id[producer.parent_id].attributes[tracing.OUTCOME] == "suspended"
+        (invoke,) = named(spans, caused)
+        assert (invoke.parent_id, invoke.service) == (producer.span_id, "sidecar-back")
 
 
 async def test_a_traced_caller_of_the_client_continues_its_trace(

@@ -14,11 +14,13 @@ from statefn._errors import (
     InvocationTimeout,
     PayloadTooLarge,
     Retry,
+    SagaFailed,
     StateTooLarge,
     StatefnError,
     UnknownFunction,
 )
 from statefn._state import StateSpec
+from statefn._saga import Saga
 from statefn._context import Context
 from statefn._function import App, HandlerSpec, StatefulFunction
 from statefn._client import Client
@@ -37,6 +39,8 @@ __all__ = [
     "InvocationTimeout",
     "PayloadTooLarge",
     "Retry",
+    "Saga",
+    "SagaFailed",
     "StateSpec",
     "StateTooLarge",
     "StatefnError",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from statefn import _codec, _envelope, _errors, _naming, _state, _wire
+from statefn import _codec, _envelope, _errors, _naming, _saga, _state, _wire
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -113,6 +113,18 @@ class Context:
         replies so far: code between calls must be deterministic. Raises :class:`CallFailed`
         when the callee ended in an error.
         """
+        return await self._call(function, key, handler, args, "")
+
+    def saga(self, *, compensation_rounds: int = 5) -> _saga.Saga:
+        """Steps that each commit on their own, undone in reverse order if the block fails.
+
+        ``async with ctx.saga() as saga: await saga.call(..., compensate=("cancel", {...}))``.
+        Each compensation is a durable call, tried up to ``compensation_rounds`` times (each try
+        includes the callee's own retries); what still fails is reported in :class:`SagaFailed`.
+        """
+        return _saga.Saga(self, compensation_rounds)
+
+    async def _call(self, function: str, key: str, handler: str, args: dict[str, Any], purpose: str) -> Any:
         _naming.FunctionType.parse(function)
         if function == self._function and key == self._key:
             raise _errors.InvalidCall(
@@ -130,7 +142,8 @@ class Context:
                                      target=f"{function}({key!r}).{handler}")
         if self._pending_call is None:  # only the first unanswered call goes out (calls run one at a time)
             plain = {k: _codec.to_plain(v) for k, v in args.items()}
-            self._pending_call = _wire.Outgoing(function=function, key=key, handler=handler, args=plain)
+            self._pending_call = _wire.Outgoing(function=function, key=key, handler=handler, args=plain,
+                                                purpose=purpose)
         raise _errors.Suspended()
 
     # ---- used by the runtime ----

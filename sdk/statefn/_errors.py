@@ -78,6 +78,20 @@ class CallFailed(StatefnError):
         self.target = target
 
 
+class SagaFailed(StatefnError):
+    """A saga failed and some of its compensations could not be completed either.
+
+    ``incomplete`` names each compensation that still failed after its rounds, with its last
+    error; the saga's own failure is the ``__cause__``. Raised from the handler, it is a terminal
+    error: the caller gets it and the message is dead-lettered with it, so nothing is lost silently.
+    """
+
+    def __init__(self, incomplete: list[str], cause: BaseException) -> None:
+        super().__init__(f"the saga failed ({type(cause).__name__}: {cause}) and {len(incomplete)} "
+                         f"compensation(s) did not complete: {'; '.join(incomplete)}")
+        self.incomplete = incomplete
+
+
 class InvalidCall(StatefnError, ValueError):
     """A call that can never complete, refused at the call site (e.g. a key calling itself)."""
 

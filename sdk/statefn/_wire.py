@@ -46,6 +46,8 @@ class Outgoing:
     args: dict[str, Any]
     delay: float | None = None
     traceparent: str | None = None
+    # What a call is for, as its span says: "" (a plain call), "saga.step" or "saga.compensate".
+    purpose: str = ""
 
 
 @dataclasses.dataclass(slots=True)

@@ -184,7 +184,7 @@ class Executor:
         record = self._progress(item) if item.resume is not None else suspension.Suspension(item.id, item.message)
         record.sends_done += len(result.sends)
         record.waiting = record.call_id(len(record.journal))
-        message = self._outgoing(oc, key, result.call, "call")
+        message = self._outgoing(oc, key, result.call, result.call.purpose or "call")  # saga.step, saga.compensate
         message.caller = _envelope.CallerAddress(str(self.fn), partition, key, record.waiting)
         oc.sends.append(planner.Send(await self._target(result.call.function, result.call.key), message))
         oc.suspend = record

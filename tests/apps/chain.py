@@ -47,4 +47,21 @@ async def record(ctx: Context, origin: str) -> int:
     return ctx[received]
 
 
+@front.handler
+async def trip(ctx: Context, key: str) -> str:
+    """A saga of one step that then fails: the step and its compensation show in the trace."""
+    try:
+        async with ctx.saga() as saga:
+            await saga.call(str(back.type), key, "record", origin=ctx.key, compensate=("unrecord", {}))
+            raise ValueError("no seat left")
+    except ValueError:
+        return "compensated"
+
+
+@back.handler
+async def unrecord(ctx: Context) -> int:
+    ctx[received] -= 1
+    return ctx[received]
+
+
 app = statefn.App(front, back)

@@ -1,0 +1,77 @@
+"""``ctx.saga()``: steps that each commit on their own, compensated in reverse order when the block fails.
+
+A step is a durable call; its compensation (a handler of the same function and key, with its
+own arguments) is recorded only once the step succeeded, since a failed step left no effects.
+Recovery needs nothing of its own: the steps, the compensations and their replies are the
+invocation's call journal, so a replay after a crash or a suspension rebuilds the same list
+and resumes where the journal ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from statefn import _errors
+
+if TYPE_CHECKING:
+    from statefn import _context
+
+STEP = "saga.step"
+COMPENSATE = "saga.compensate"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Compensation:
+    function: str
+    key: str
+    handler: str
+    args: dict[str, Any]
+
+    def __str__(self) -> str:
+        return f"{self.function}({self.key!r}).{self.handler}"
+
+
+class Saga:
+    """Returned by ``ctx.saga()``; use it as ``async with``."""
+
+    def __init__(self, ctx: _context.Context, compensation_rounds: int) -> None:
+        if compensation_rounds < 1:
+            raise ValueError("compensation_rounds must be at least 1")
+        self._ctx = ctx
+        self._rounds = compensation_rounds
+        self._done: list[_Compensation] = []
+
+    async def call(self, function: str, key: str, handler: str, *,
+                   compensate: tuple[str, dict[str, Any]] | None = None, **args: Any) -> Any:
+        """One step: ``ctx.call`` whose success registers ``compensate`` = (handler, arguments) to undo it."""
+        reply = await self._ctx._call(function, key, handler, args, STEP)
+        if compensate is not None:
+            comp_handler, comp_args = compensate
+            self._done.append(_Compensation(function, key, comp_handler, dict(comp_args)))
+        return reply
+
+    async def __aenter__(self) -> Saga:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool:
+        # Only a failure compensates: not success, and not the unwinding at a call still waiting for its reply.
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        incomplete: list[str] = []
+        for comp in reversed(self._done):
+            last: _errors.CallFailed | None = None
+            for _ in range(self._rounds):
+                try:
+                    await self._ctx._call(comp.function, comp.key, comp.handler, comp.args, COMPENSATE)
+                    break
+                except _errors.CallFailed as err:
+                    last = err
+            else:
+                assert last is not None
+                incomplete.append(f"{comp} ({last.kind}: {last.message})")
+        if incomplete:
+            raise _errors.SagaFailed(incomplete, exc) from exc
+        return False  # compensated: the failure goes on to the handler (catch it around the block)
