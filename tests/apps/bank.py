@@ -1,4 +1,5 @@
-"""Transfers as two durable calls, for the crash suite: money is conserved only if each call runs once.
+"""Transfers as two durable calls, and as sagas, for the crash suite: money is conserved only if each call
+(and each compensation) runs exactly once.
 
 ``transfer`` instances are keyed by a small set of ids, so transfers queue behind one another in
 the inbox of a locked key. The namespace comes from ``STATEFN_TEST_NS``.
@@ -30,6 +31,15 @@ async def withdraw(ctx: Context, amount: int) -> int:
 
 @account.handler
 async def deposit(ctx: Context, amount: int) -> int:
+    if ctx.key.startswith("closed"):
+        raise ValueError(f"account {ctx.key} is closed")
+    ctx[balance] += amount
+    return ctx[balance]
+
+
+@account.handler
+async def refund(ctx: Context, amount: int) -> int:
+    """The compensation of a withdrawal."""
     ctx[balance] += amount
     return ctx[balance]
 
@@ -40,6 +50,21 @@ async def run(ctx: Context, ref: str, source: str, target: str, amount: int) -> 
     await ctx.call(str(account.type), target, "deposit", amount=amount)
     ctx[done].append(ref)
     return ref
+
+
+@transfer.handler
+async def saga(ctx: Context, ref: str, source: str, target: str, amount: int) -> str:
+    """Withdraw, then deposit; a deposit to a closed account fails and the withdrawal is refunded."""
+    try:
+        async with ctx.saga() as steps:
+            await steps.call(str(account.type), source, "withdraw", amount=amount,
+                             compensate=("refund", {"amount": amount}))
+            await steps.call(str(account.type), target, "deposit", amount=amount)
+    except statefn.CallFailed:
+        ctx[done].append(f"{ref}:compensated")
+        return "compensated"
+    ctx[done].append(f"{ref}:done")
+    return "done"
 
 
 app = statefn.App(account, transfer)
