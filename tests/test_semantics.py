@@ -142,6 +142,22 @@ async def test_idempotency_key_returns_original_reply_and_runs_once(env) -> None
     assert (await c.get_state(fn, "i"))["balance"] == 10
 
 
+async def test_a_repeated_invoke_is_answered_without_waiting_for_a_resend(nats_server, etcd_server, namespace) -> None:
+    """A caller that invokes again with the same key (after its own timeout, say) gets the record at once.
+
+    Its publish must reach the sidecar: were its message id the one an earlier call used, JetStream's
+    duplicate window would drop it, and only a re-send retry_interval later (here: never) would get through.
+    """
+    app, _ = make_app(namespace)
+    fn = f"{namespace}/account"
+    async with helpers.running_sidecar(app, nats_server, etcd_server), \
+            helpers.client(nats_server, etcd_server, retry_interval=60, timeout=10) as c:
+        assert await c.invoke(fn, "rep", "deposit", amount=4, idempotency_key="rep-1") == 4
+        for _ in range(2):
+            assert await c.invoke(fn, "rep", "deposit", amount=4, idempotency_key="rep-1") == 4
+        assert (await c.get_state(fn, "rep"))["balance"] == 4
+
+
 async def test_idempotency_across_sidecar_restart(nats_server, etcd_server, namespace) -> None:
     """The record is in etcd, not in the sidecar's memory: a new sidecar still answers from it."""
     fn = f"{namespace}/account"

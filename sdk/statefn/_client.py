@@ -2,8 +2,9 @@
 
 Every request carries an idempotency key (given or generated). The client re-sends a request
 with the same key when no reply arrives in ``retry_interval``; each re-send is a new stream
-message (``Nats-Msg-Id`` is ``<key>:<n>``), and the owning sidecar answers it from the
-idempotency record instead of running it again. So a retried ``invoke`` returns the original
+message (``Nats-Msg-Id`` is ``<key>:<call>:<n>``, unique per ``invoke`` call and re-send, so
+JetStream's duplicate window never swallows a later call's copy), and the owning sidecar
+answers it from the idempotency record instead of running it again. So a retried ``invoke`` returns the original
 reply and has its effects once.
 """
 
@@ -125,9 +126,11 @@ class Client:
         ftype = _naming.FunctionType.parse(function)
         return ftype.ingress_subject(_naming.partition_of(key, int(meta["partitions"])))
 
-    async def _publish(self, subject: str, msg: _envelope.Message, n: int) -> None:
+    async def _publish(self, subject: str, msg: _envelope.Message, n: int, call: str = "") -> None:
         body, headers = _envelope.encode_invoke(msg)
-        headers[_constants.HEADER_MSG_ID] = f"{msg.idempotency_key}:{n}"
+        # send(): <key>:0, so JetStream drops a repeated send; invoke(): <key>:<call>:<n>, never dropped.
+        msg_id = f"{msg.idempotency_key}:{call}:{n}" if call else f"{msg.idempotency_key}:{n}"
+        headers[_constants.HEADER_MSG_ID] = msg_id
         limit = self.nats.max_payload
         if len(body) > limit:
             raise _errors.PayloadTooLarge(
@@ -185,7 +188,7 @@ class Client:
                         f"(idempotency key {idem!r}; re-sent {n} times)"
                     )
                 try:
-                    await self._publish(subject, msg, n)
+                    await self._publish(subject, msg, n, token[:12])
                 except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                     _log.info("publish of %s failed (%s); retrying", idem, exc)
                     await asyncio.sleep(min(0.5, max(remaining, 0)))
