@@ -27,7 +27,10 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
-_NO_MORE = (api.StatusCode.NO_MESSAGES, api.StatusCode.REQUEST_TIMEOUT)
+# A no_wait request ends with 404 (nothing more now); a long poll with 408 when it expires. A status of
+# the other kind, or a 408 long before our own request could expire, answers an earlier request whose
+# fetch had already returned: skipped, or it would end this one early.
+_EARLY = 0.8
 
 
 class PullFailed(nats.errors.Error):
@@ -43,6 +46,12 @@ async def fetch(psub: JetStreamContext.PullSubscription, batch: int, timeout: fl
         expires_ns = max(int(timeout * 1e9) - 100_000, 1_000_000)  # the server ends it just before we stop waiting
         msgs = await _request(psub, {"batch": 1, "expires": expires_ns}, 1, timeout)
     return msgs
+
+
+def _ends(request: dict[str, object], status: str, elapsed: float, timeout: float) -> bool:
+    if request.get("no_wait"):
+        return status == api.StatusCode.NO_MESSAGES
+    return status == api.StatusCode.REQUEST_TIMEOUT and elapsed >= timeout * _EARLY
 
 
 def _buffered(psub: JetStreamContext.PullSubscription, limit: int) -> list[Msg]:
@@ -61,7 +70,8 @@ def _buffered(psub: JetStreamContext.PullSubscription, limit: int) -> list[Msg]:
 async def _request(psub: JetStreamContext.PullSubscription, request: dict[str, object], want: int,
                    timeout: float) -> list[Msg]:
     await psub._nc.publish(psub._nms, json.dumps(request).encode(), psub._deliver)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     out: list[Msg] = []
     while len(out) < want:
         remaining = deadline - time.monotonic()
@@ -74,9 +84,9 @@ async def _request(psub: JetStreamContext.PullSubscription, request: dict[str, o
         status = JetStreamContext.is_status_msg(msg)
         if status is None:
             out.append(msg)
-        elif status in _NO_MORE:
-            if out or request.get("no_wait") or status == api.StatusCode.REQUEST_TIMEOUT:
-                break  # this request is over (a stale 404/408 of an older request is skipped below)
+        elif status in (api.StatusCode.NO_MESSAGES, api.StatusCode.REQUEST_TIMEOUT):
+            if _ends(request, status, time.monotonic() - started, timeout):
+                break
         elif status != api.StatusCode.CONTROL_MESSAGE:
             description = (msg.headers or {}).get(api.Header.DESCRIPTION, "")
             raise PullFailed(f"pull request refused: {status} {description}".strip())
