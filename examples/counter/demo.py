@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,8 @@ async def _run_all(jobs: list[Callable[[], Awaitable[object]]], progress: Progre
 
 
 async def main() -> int:
+    # The declined payments' withdrawals fail on purpose; each is logged with its traceback by default.
+    logging.getLogger("statefn.runtime").setLevel(logging.ERROR)
     with console.status("starting nats-server (JetStream) and etcd on free loopback ports..."):
         nats_s, etcd_s = devservers.NatsServer(), devservers.EtcdServer()
         await asyncio.to_thread(nats_s.start)
