@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aetcd
@@ -138,6 +138,21 @@ def _state_key(rig: _Rig, key: str) -> bytes:
     return rig.prefix + b"state/" + key.encode()
 
 
+async def _one_at_a_time(one: Callable[[int], Awaitable[None]], *, count: int, warmup: int,
+                         tick: stats.Tick) -> tuple[list[float], float]:
+    """``one(-1)``.. for the warm-up (not timed), then ``one(0..count-1)`` one at a time: latencies, elapsed."""
+    for n in range(warmup):
+        await one(-1 - n)
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for n in range(count):
+        t0 = time.perf_counter()
+        await one(n)
+        latencies.append(time.perf_counter() - t0)
+        tick(1)
+    return latencies, time.perf_counter() - started
+
+
 async def floor_single(nats_url: str, etcd_endpoint: str, *, count: int, warmup: int,
                        tick: stats.Tick) -> stats.Result:
     """Publish, pull, fenced txn, publish output, ack: one message at a time."""
@@ -151,16 +166,7 @@ async def floor_single(nats_url: str, etcd_endpoint: str, *, count: int, warmup:
             await rig.publish_output(n, _codec.pack([key, n]))
             await msg.ack()
 
-        for n in range(warmup):
-            await one(-1 - n)
-        latencies: list[float] = []
-        started = time.perf_counter()
-        for n in range(count):
-            t0 = time.perf_counter()
-            await one(n)
-            latencies.append(time.perf_counter() - t0)
-            tick(1)
-        elapsed = time.perf_counter() - started
+        latencies, elapsed = await _one_at_a_time(one, count=count, warmup=warmup, tick=tick)
     return stats.summarize(latencies, count, elapsed, "message")
 
 
@@ -183,16 +189,7 @@ async def floor_call(nats_url: str, etcd_endpoint: str, *, count: int, warmup: i
                 await msg.ack()
             await rig.publish_output(n, _codec.pack([key, n]))
 
-        for n in range(warmup):
-            await one(-1 - n)
-        latencies: list[float] = []
-        started = time.perf_counter()
-        for n in range(count):
-            t0 = time.perf_counter()
-            await one(n)
-            latencies.append(time.perf_counter() - t0)
-            tick(1)
-        elapsed = time.perf_counter() - started
+        latencies, elapsed = await _one_at_a_time(one, count=count, warmup=warmup, tick=tick)
     return stats.summarize(latencies, count, elapsed, "call", notes="3 hops (request, callee, resumed caller)")
 
 
