@@ -1,5 +1,6 @@
 """The functions the platform workloads drive: a keyed counter, a fan-out that sends to counters, and
-a relay that makes a durable call to the counter of the same key and returns its reply.
+a relay that makes a durable call to the counter of the same key and returns its reply, and a
+booking that runs a two-step saga over counters.
 
 It is a module (not built inside a workload) because two kinds of child process import it by
 name: the remote function server (``counter_remote``) and the sidecar whose memory is measured
@@ -21,6 +22,8 @@ FANOUT_NAME = "fanout"
 FANOUT_HANDLER = "fan"
 RELAY_NAME = "relay"
 RELAY_HANDLER = "forward"
+SAGA_NAME = "booking"
+SAGA_HANDLER = "book"
 
 
 def function_type(namespace: str) -> str:
@@ -33,6 +36,10 @@ def fanout_type(namespace: str) -> str:
 
 def relay_type(namespace: str) -> str:
     return f"{namespace}/{RELAY_NAME}"
+
+
+def saga_type(namespace: str) -> str:
+    return f"{namespace}/{SAGA_NAME}"
 
 
 def fanout_keys(prefix: str, n: int) -> list[str]:
@@ -68,7 +75,18 @@ def make_app(namespace: str) -> statefn.App:
         reply: int = await ctx.call(function_type(namespace), ctx.key, HANDLER)
         return reply
 
-    return statefn.App(counter, fanout, relay)
+    # A saga of two steps (the counter of this key, then of "<key>-b"), each with its compensation:
+    # two durable calls, five commits; it returns the first counter's value.
+    booking = StatefulFunction(saga_type(namespace))
+
+    @booking.handler
+    async def book(ctx: Context) -> int:
+        async with ctx.saga() as saga:
+            first: int = await saga.call(function_type(namespace), ctx.key, HANDLER, compensate=(HANDLER, {"by": -1}))
+            await saga.call(function_type(namespace), f"{ctx.key}-b", HANDLER, compensate=(HANDLER, {"by": -1}))
+        return first
+
+    return statefn.App(counter, fanout, relay, booking)
 
 
 app = make_app(os.environ.get(NS_ENV, "bench"))

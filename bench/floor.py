@@ -170,27 +170,28 @@ async def floor_single(nats_url: str, etcd_endpoint: str, *, count: int, warmup:
     return stats.summarize(latencies, count, elapsed, "message")
 
 
-async def floor_call(nats_url: str, etcd_endpoint: str, *, count: int, warmup: int,
-                     tick: stats.Tick) -> stats.Result:
-    """A durable call's raw I/O, one at a time: three floor_single hops chained through the stream.
+async def floor_call(nats_url: str, etcd_endpoint: str, *, count: int, warmup: int, tick: stats.Tick,
+                     hops: int = 3) -> stats.Result:
+    """Durable calls' raw I/O, one at a time: ``hops`` floor_single hops chained through the stream.
 
-    The request (publish, pull, fenced txn that records the call, ack), the callee (pull the call,
-    txn, ack) and the resumed caller (pull the reply, txn, ack, publish the answer): each hop's
-    output is the next hop's input message, as the sidecar's call and reply travel on channels.
+    One call is three hops: the request (publish, pull, fenced txn that records the call, ack), the
+    callee (pull the call, txn, ack) and the resumed caller (pull the reply, txn, ack, publish the
+    answer); each hop's output is the next hop's input, as the sidecar's call and reply travel on
+    channels. A saga of two steps is five (two calls from one request).
     """
     async with _rig(nats_url, etcd_endpoint) as rig:
 
         async def one(n: int) -> None:
             key = f"k{n % 1000}"
-            for hop in range(3):
-                await rig.publish_input(3 * n + hop, _input(key))
+            for hop in range(hops):
+                await rig.publish_input(hops * n + hop, _input(key))
                 (msg,) = await rig.pull(1)
                 await rig.commit({_state_key(rig, f"{key}/{hop}"): _codec.pack(n)})
                 await msg.ack()
             await rig.publish_output(n, _codec.pack([key, n]))
 
         latencies, elapsed = await _one_at_a_time(one, count=count, warmup=warmup, tick=tick)
-    return stats.summarize(latencies, count, elapsed, "call", notes="3 hops (request, callee, resumed caller)")
+    return stats.summarize(latencies, count, elapsed, "call" if hops == 3 else "saga", notes=f"{hops} hops")
 
 
 async def floor_batched(nats_url: str, etcd_endpoint: str, *, count: int, tick: stats.Tick) -> stats.Result:

@@ -34,6 +34,8 @@ MEMORY = "memory_100k_keys"
 FLOOR_CALL = "floor_call"
 CALL_SINGLE = "call_embedded_single"
 CALL = "call_embedded"
+FLOOR_SAGA = "floor_saga"
+SAGA_SINGLE = "saga_embedded_single"
 # Keys one fan-out invocation sends to.
 FANOUTS = (10, 100)
 SWEEP_PREFIX = "sweep_"  # registry names of sweeps; their key in the JSON's "sweeps" drops it
@@ -45,6 +47,7 @@ class Sizes:
     floor_call: int = 700
     call_single: int = 500
     call_load: int = 5_000
+    saga_single: int = 300
     floor_warmup: int = 100
     floor_batched: int = 20_000
     single: int = 1_000
@@ -69,7 +72,7 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(floor_single=50, floor_call=20, call_single=20, call_load=100,
+QUICK = Sizes(floor_single=50, floor_call=20, call_single=20, call_load=100, saga_single=10,
               floor_warmup=5, floor_batched=512, single=30, single_keys=10, load=300,
               load_keys=50, concurrency=32, remote=200, memory_keys=500, sweep_levels=(1, 4, 32), sweep_min=40,
               sweep_per_flight=4, fanout_messages=30)
@@ -151,6 +154,9 @@ REGISTRY: tuple[Workload, ...] = (
     Workload(FLOOR_CALL, lambda e, tick: floor.floor_call(
         e.nats_url, e.etcd_endpoint, count=e.sizes.floor_call, warmup=e.sizes.floor_warmup, tick=tick),
         lambda s: s.floor_call, throughput_floor=FLOOR_CALL, p50_floor=FLOOR_CALL),
+    Workload(FLOOR_SAGA, lambda e, tick: floor.floor_call(
+        e.nats_url, e.etcd_endpoint, count=e.sizes.saga_single, warmup=e.sizes.floor_warmup, tick=tick, hops=5),
+        lambda s: s.saga_single, throughput_floor=FLOOR_SAGA, p50_floor=FLOOR_SAGA),
     Workload(f"{SWEEP_PREFIX}floor", _floor_sweep, _sweep_total),
     Workload(EMBEDDED_SINGLE, lambda e, tick: workloads.single(
         e.p, count=e.sizes.single, key_count=e.sizes.single_keys, tick=tick),
@@ -173,6 +179,10 @@ REGISTRY: tuple[Workload, ...] = (
     Workload(CALL, lambda e, tick: workloads.load(
         e.p, count=e.sizes.call_load, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
         lambda s: s.call_load, platform=workloads.calls),
+    # A saga of two steps, one in flight, against the I/O of its five hops.
+    Workload(SAGA_SINGLE, lambda e, tick: workloads.load(
+        e.p, count=e.sizes.saga_single, key_count=e.sizes.single_keys, concurrency=1, tick=tick, prefix="s"),
+        lambda s: s.saga_single, platform=workloads.sagas, throughput_floor=FLOOR_SAGA, p50_floor=FLOOR_SAGA),
     Workload(REMOTE, lambda e, tick: workloads.load(
         e.p, count=e.sizes.remote, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
         lambda s: s.remote, platform=workloads.remote),

@@ -12,7 +12,8 @@ Platforms (where the handlers run and how the sidecar is hosted):
 - ``sidecar_process``: the sidecar alone in a child process, so its RSS can be read;
 - ``fanout``: like ``embedded``, hosting the fan-out function as well as the counter it sends to;
 - ``calls``: like ``embedded``, hosting the relay too, and driving the relay: each invocation is a
-  durable call to the counter of the same key, whose reply the relay returns (checked the same way).
+  durable call to the counter of the same key, whose reply the relay returns (checked the same way);
+- ``sagas``: likewise with the booking, a saga of two steps (two counters) returning the first's value.
 
 The other platforms host only the counter (``SidecarConfig.functions``), so an idle fan-out
 function's partitions do not cost the counter workloads anything.
@@ -161,6 +162,16 @@ async def fanout(nats_url: str, etcd_endpoint: str) -> AsyncIterator[Platform]:
     ns = _namespace()
     async with _in_process(nats_url, etcd_endpoint, invoker.EmbeddedInvoker(bench_app.make_app(ns)), ns,
                            also=(bench_app.fanout_type(ns),)) as p:
+        yield p
+
+
+@contextlib.asynccontextmanager
+async def sagas(nats_url: str, etcd_endpoint: str) -> AsyncIterator[Platform]:
+    """The embedded platform hosting the booking too; the load invokes it: a two-step saga over counters."""
+    ns = _namespace()
+    booking = bench_app.saga_type(ns)
+    async with _in_process(nats_url, etcd_endpoint, invoker.EmbeddedInvoker(bench_app.make_app(ns)), ns,
+                           also=(booking,), entry=(booking, bench_app.SAGA_HANDLER)) as p:
         yield p
 
 
