@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import random
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -96,6 +98,29 @@ class Shop:
         @order.handler
         async def call_self(ctx: Context) -> None:
             await ctx.call(self.order, ctx.key, "note", text="x")
+
+        @order.handler
+        async def stamp(ctx: Context, item: str) -> dict[str, object]:
+            """Side effects and clocks before a call: run once, the same values in the replay."""
+            self.runs["stamp"] += 1
+
+            def side_effect() -> int:
+                self.runs["side effect"] += 1
+                return 41 + self.runs["side effect"]
+
+            at = ctx.now()
+            roll = ctx.random().randint(1, 10**9)
+            ticket = await ctx.run("ticket", side_effect)
+            left = await ctx.call(self.inventory, item, "reserve", qty=1)
+            return {"at": at, "roll": roll, "ticket": ticket, "left": left}
+
+        @order.handler
+        async def wobbly(ctx: Context, item: str) -> int:
+            """Takes a different path on its replay: refused, not silently mixed up."""
+            self.runs["wobbly"] += 1
+            if self.runs["wobbly"] > 1:
+                await ctx.run("extra", lambda: 1)
+            return int(await ctx.call(self.inventory, item, "reserve", qty=1))
 
         @order.handler
         async def note(ctx: Context, text: str) -> list[str]:
@@ -210,6 +235,25 @@ async def test_a_suspended_invocation_survives_its_sidecar_being_replaced(shop, 
             assert await c.get_state(shop.inventory, "nut") == {"stock": 5}
         assert shop.runs["place"] == 2 and shop.runs["reserve nut"] == 1
         assert not await _exists(etcd_server, shop.order, "o8")
+
+
+async def test_runs_clocks_and_randoms_are_journaled_across_the_replay(shop, nats_server, etcd_server) -> None:
+    async with platform(shop, nats_server, etcd_server) as c:
+        before = time.time()
+        got = await c.invoke(shop.order, "o10", "stamp", item="oat", idempotency_key="stamp-o10")
+        assert shop.runs["stamp"] == 2  # first run and replay
+        assert shop.runs["side effect"] == 1  # the replay took the ticket from the journal
+        assert got["ticket"] == 42 and got["left"] == 9
+        assert before <= got["at"] <= time.time()  # the first run's clock, not the replay's
+        assert got["roll"] == random.Random("stamp-o10").randint(1, 10**9)  # seeded by the invocation id
+
+
+async def test_a_replay_that_diverges_from_its_journal_is_an_error(shop, nats_server, etcd_server) -> None:
+    async with platform(shop, nats_server, etcd_server) as c:
+        with pytest.raises(statefn.InvocationFailed) as err:
+            await c.invoke(shop.order, "o11", "wobbly", item="rye")
+        assert (err.value.kind, err.value.error_type) == ("handler_error", "ReplayDiverged")
+        assert "step 1 is now a run 'extra', its journal holds a call's reply" in err.value.message
 
 
 async def test_a_copy_of_a_suspended_request_beside_its_reply_loses_nothing(

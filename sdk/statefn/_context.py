@@ -6,7 +6,11 @@ succeeds, and then together with everything else the invocation did (one commit)
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import inspect
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from statefn import _codec, _envelope, _errors, _naming, _saga, _state, _wire
 
@@ -17,8 +21,8 @@ _MISSING: Any = object()
 class Context:
     """Passed as the first argument to every handler."""
 
-    __slots__ = ("_attempt", "_calls", "_function", "_invocation_id", "_journal", "_key", "_pending_call",
-                 "_sends", "_specs", "_stored", "_values")
+    __slots__ = ("_attempt", "_function", "_invocation_id", "_journal", "_key", "_ops", "_pending_call", "_random",
+                 "_recorded", "_sends", "_specs", "_stored", "_values")
 
     def __init__(
         self,
@@ -40,8 +44,10 @@ class Context:
         self._invocation_id = invocation_id
         self._attempt = attempt
         self._journal = journal or []
-        self._calls = 0
+        self._ops = 0  # journaled operations (calls and runs) so far, in order
+        self._recorded: list[bytes] = []  # runs past the journal: journaled if this run suspends
         self._pending_call: _wire.Outgoing | None = None
+        self._random: random.Random | None = None
 
     @property
     def key(self) -> str:
@@ -130,10 +136,12 @@ class Context:
             raise _errors.InvalidCall(
                 f"{function}({key!r}) cannot call its own key: the key stays locked until this invocation "
                 "ends, so the call could never run; use ctx.send for a message to self")
-        index = self._calls
-        self._calls += 1
-        if index < len(self._journal):
-            reply = _envelope.Reply.decode(self._journal[index])
+        entry = self._next_entry()
+        if entry is not None:
+            raw = _codec.unpack(entry)
+            if _is_run(raw):
+                raise self._diverged(f"call {function}.{handler}", raw)
+            reply = _envelope.Reply.decode(entry)
             if reply.ok:
                 return _codec.unpack(reply.value) if reply.value is not None else None
             err = reply.error
@@ -145,6 +153,61 @@ class Context:
             self._pending_call = _wire.Outgoing(function=function, key=key, handler=handler, args=plain,
                                                 purpose=purpose)
         raise _errors.Suspended()
+
+    async def run(self, name: str, fn: Callable[[], T | Awaitable[T]]) -> Any:
+        """Run a side effect (or anything non-deterministic) once; replays return its journaled result.
+
+        The result must be msgpack-encodable; it is returned in its plain form (as a replay gets
+        it), so the first run and the replays see the same value. It is journaled when the
+        invocation next suspends at a call: a run whose invocation ends without a call, or is
+        retried, may run again on the next attempt.
+        """
+        found, value = self._replay_run(name)
+        if found:
+            return value
+        out = fn()
+        if inspect.isawaitable(out):
+            out = await out
+        return self._record_run(name, out)
+
+    def now(self) -> float:
+        """The wall-clock time (seconds since the epoch), the same in every replay of this invocation."""
+        found, value = self._replay_run("~now")
+        return cast(float, value) if found else cast(float, self._record_run("~now", time.time()))
+
+    def random(self) -> random.Random:
+        """A random generator seeded by the invocation id: the same numbers in every replay."""
+        if self._random is None:
+            self._random = random.Random(self._invocation_id)
+        return self._random
+
+    def _next_entry(self) -> bytes | None:
+        index = self._ops
+        self._ops += 1
+        known = self._journal[index] if index < len(self._journal) else None
+        if known is None and self._pending_call is not None:
+            raise _errors.Suspended()  # past a call still waiting: nothing more happens in this run
+        return known
+
+    def _replay_run(self, name: str) -> tuple[bool, Any]:
+        entry = self._next_entry()
+        if entry is None:
+            return False, None
+        raw = _codec.unpack(entry)
+        if not _is_run(raw) or raw[1] != name:
+            raise self._diverged(f"run {name!r}", raw)
+        return True, raw[2]
+
+    def _record_run(self, name: str, value: Any) -> Any:
+        entry = _codec.pack([_RUN, name, _codec.to_plain(value)])
+        self._recorded.append(entry)
+        return _codec.unpack(entry)[2]
+
+    def _diverged(self, doing: str, raw: Any) -> _errors.ReplayDiverged:
+        had = f"run {raw[1]!r}" if _is_run(raw) else "a call's reply"
+        return _errors.ReplayDiverged(
+            f"{self._function}({self._key!r}) replayed differently: step {self._ops} is now a {doing}, "
+            f"its journal holds {had}; code between calls must be deterministic (use ctx.now, ctx.random, ctx.run)")
 
     # ---- used by the runtime ----
     def _changes(self, max_state_bytes: int) -> dict[str, bytes | None]:
@@ -165,6 +228,13 @@ class Context:
             if encoded != old:
                 changes[name] = encoded
         return changes
+
+
+_RUN = "~run"
+
+
+def _is_run(raw: Any) -> bool:
+    return isinstance(raw, list) and len(raw) == 3 and raw[0] == _RUN
 
 
 class _Deleted:

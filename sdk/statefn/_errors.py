@@ -92,6 +92,10 @@ class SagaFailed(StatefnError):
         self.incomplete = incomplete
 
 
+class ReplayDiverged(StatefnError):
+    """A replayed handler did something else than its journal recorded (non-deterministic code)."""
+
+
 class InvalidCall(StatefnError, ValueError):
     """A call that can never complete, refused at the call site (e.g. a key calling itself)."""
 

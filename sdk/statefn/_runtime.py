@@ -61,7 +61,8 @@ async def _invoke_one(
         reply = _codec.pack(_codec.to_plain(out))
         changes = ctx._changes(max_state_bytes)
     except _errors.Suspended:
-        return _wire.Result(id=inv.id, call=ctx._pending_call, sends=ctx._sends[inv.sends_done:])
+        return _wire.Result(id=inv.id, call=ctx._pending_call, sends=ctx._sends[inv.sends_done:],
+                            journal_added=ctx._recorded)
     except _errors.Retry as exc:
         return _wire.Result(id=inv.id, error=_error(_errors.KIND_HANDLER, exc, retry=True, after=exc.after))
     except _errors.StateTooLarge as exc:

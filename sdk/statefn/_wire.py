@@ -71,6 +71,8 @@ class Result:
     call: Outgoing | None = None
     # Not run: an earlier invocation of the same key suspended; it waits for that one to end.
     deferred: bool = False
+    # Suspended: the results of ctx.run/ctx.now made past the journal, to journal before the call's reply.
+    journal_added: list[bytes] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(slots=True)
@@ -116,11 +118,12 @@ def _result_to_plain(r: Result) -> list[Any]:
         [dataclasses.astuple(s) for s in r.sends],
         dataclasses.astuple(r.call) if r.call else None,
         r.deferred,
+        r.journal_added,
     ]
 
 
 def _result_from_plain(raw: list[Any]) -> Result:
-    rid, reply, err, state, sends, call, deferred = raw
+    rid, reply, err, state, sends, call, deferred, journal_added = raw
     return Result(
         id=rid,
         reply=reply,
@@ -129,6 +132,7 @@ def _result_from_plain(raw: list[Any]) -> Result:
         sends=[Outgoing(*s) for s in sends],
         call=Outgoing(*call) if call else None,
         deferred=deferred,
+        journal_added=journal_added,
     )
 
 

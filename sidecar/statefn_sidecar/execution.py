@@ -183,6 +183,7 @@ class Executor:
         assert result.call is not None and item.message is not None
         record = self._progress(item) if item.resume is not None else suspension.Suspension(item.id, item.message)
         record.sends_done += len(result.sends)
+        record.journal.extend(result.journal_added)  # ctx.run/ctx.now results, in order before the call
         record.waiting = record.call_id(len(record.journal))
         message = self._outgoing(oc, key, result.call, result.call.purpose or "call")  # saga.step, saga.compensate
         message.caller = _envelope.CallerAddress(str(self.fn), partition, key, record.waiting)
