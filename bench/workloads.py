@@ -166,23 +166,24 @@ async def fanout(nats_url: str, etcd_endpoint: str) -> AsyncIterator[Platform]:
 
 
 @contextlib.asynccontextmanager
-async def sagas(nats_url: str, etcd_endpoint: str) -> AsyncIterator[Platform]:
-    """The embedded platform hosting the booking too; the load invokes it: a two-step saga over counters."""
+async def _driving(nats_url: str, etcd_endpoint: str, type_of: Callable[[str], str],
+                   handler: str) -> AsyncIterator[Platform]:
+    """The embedded platform hosting one more function, which the load invokes instead of the counter."""
     ns = _namespace()
-    booking = bench_app.saga_type(ns)
+    entry = type_of(ns)
     async with _in_process(nats_url, etcd_endpoint, invoker.EmbeddedInvoker(bench_app.make_app(ns)), ns,
-                           also=(booking,), entry=(booking, bench_app.SAGA_HANDLER)) as p:
+                           also=(entry,), entry=(entry, handler)) as p:
         yield p
 
 
-@contextlib.asynccontextmanager
-async def calls(nats_url: str, etcd_endpoint: str) -> AsyncIterator[Platform]:
-    """The embedded platform hosting the relay too; the load invokes the relay, which calls the counter."""
-    ns = _namespace()
-    relay = bench_app.relay_type(ns)
-    async with _in_process(nats_url, etcd_endpoint, invoker.EmbeddedInvoker(bench_app.make_app(ns)), ns,
-                           also=(relay,), entry=(relay, bench_app.RELAY_HANDLER)) as p:
-        yield p
+def calls(nats_url: str, etcd_endpoint: str) -> contextlib.AbstractAsyncContextManager[Platform]:
+    """Driving the relay: each invocation a durable call to the counter of the same key, returning its reply."""
+    return _driving(nats_url, etcd_endpoint, bench_app.relay_type, bench_app.RELAY_HANDLER)
+
+
+def sagas(nats_url: str, etcd_endpoint: str) -> contextlib.AbstractAsyncContextManager[Platform]:
+    """Driving the booking: each invocation a two-step saga over counters, returning the first's value."""
+    return _driving(nats_url, etcd_endpoint, bench_app.saga_type, bench_app.SAGA_HANDLER)
 
 
 @contextlib.asynccontextmanager
