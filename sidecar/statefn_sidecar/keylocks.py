@@ -34,7 +34,6 @@ class Queued:
     etcd_key: bytes
     item_id: str
     message: _envelope.Message
-    idem_pending: bool
 
 
 class KeyLocks:
@@ -58,9 +57,9 @@ class KeyLocks:
             record = suspension.Suspension.decode(value)
             self.suspended[record.message.key] = record
         for etcd_key, value in queued:
-            item_id, message, idem_pending = suspension.decode_queued(value)
+            item_id, message = suspension.decode_queued(value)
             number = int(etcd_key.rsplit(b"/", 1)[1])
-            self._append(message.key, Queued(number, etcd_key, item_id, message, idem_pending))
+            self._append(message.key, Queued(number, etcd_key, item_id, message))
 
     def locked(self, key: str) -> bool:
         return key in self.suspended or bool(self._inbox.get(key))
@@ -93,7 +92,7 @@ class KeyLocks:
             _log.warning("a resume timer for key %r finds no invocation to resume; dropped", msg.key)
             return Route.DROP
         item.resume = record
-        item.idem_pending = record.idem_pending
+        item.idem_pending = suspension.idem_pending(record.message)
         item.message = dataclasses.replace(record.message, attempt=attempt)
         return Route.RUN
 
@@ -103,7 +102,7 @@ class KeyLocks:
         assert msg is not None
         number = self._next_number.get(msg.key, 1)
         self._next_number[msg.key] = number + 1
-        return Queued(number, self._keys.inbox(msg.key, number), item.id, msg, item.idem_pending)
+        return Queued(number, self._keys.inbox(msg.key, number), item.id, msg)
 
     def ready(self, limit: int) -> list[items.Item]:
         """The heads of inboxes whose key is no longer suspended, one per key."""
@@ -116,7 +115,7 @@ class KeyLocks:
             head = queue[0]
             self._taken.add(key)
             out.append(items.Item(kind=items.Kind.INBOX, id=head.item_id, message=head.message,
-                                  inbox_key=head.etcd_key, idem_pending=head.idem_pending))
+                                  inbox_key=head.etcd_key, idem_pending=suspension.idem_pending(head.message)))
         return out
 
     def has_ready(self) -> bool:

@@ -227,7 +227,7 @@ class Planner:
                     txn.require_absent(ikey)
                 txn.put(ikey, record, lease=self._idem_lease)
                 eff.idem_records[idem] = record
-        self._add_suspension(txn, eff, oc, bool(idem))
+        self._add_suspension(txn, eff, oc)
         # Effects.
         for (key, name), value in oc.state.items():
             skey = self.keys.state(key, name)
@@ -270,12 +270,11 @@ class Planner:
             eff.entries.append(entry)
             eff.chan_out[DLQ_TARGET] = seq
 
-    def _add_suspension(self, txn: commit.Txn, eff: Effects, oc: Outcome, idem_pending: bool) -> None:
+    def _add_suspension(self, txn: commit.Txn, eff: Effects, oc: Outcome) -> None:
         """Write or drop the suspension record, and queue the item in its key's inbox if it must wait."""
         item = oc.item
         if oc.suspend is not None:
             key = oc.suspend.message.key
-            oc.suspend.idem_pending = idem_pending
             txn.put(self.keys.suspended(key), oc.suspend.encode())
             eff.suspended[key] = oc.suspend
         elif item.resume is not None:  # it ended (reply or error): the key is unlocked
@@ -283,8 +282,7 @@ class Planner:
             txn.delete(self.keys.suspended(key))
             eff.suspended[key] = None
         if oc.queued is not None:
-            oc.queued.idem_pending = idem_pending
-            txn.put(oc.queued.etcd_key, suspension.queued_entry(oc.queued.message, oc.queued.item_id, idem_pending))
+            txn.put(oc.queued.etcd_key, suspension.queued_entry(oc.queued.message, oc.queued.item_id))
             eff.queued.append(oc.queued)
 
     def _add_timer(self, txn: commit.Txn, eff: Effects, due_ms: int, payload: bytes) -> None:

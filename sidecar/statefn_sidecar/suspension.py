@@ -19,31 +19,39 @@ class Suspension:
     message: _envelope.Message
     journal: list[bytes] = dataclasses.field(default_factory=list)  # encoded replies, one per call
     sends_done: int = 0
-    waiting: str = ""           # the call id whose reply resumes it; "" while a retry timer is due
-    idem_pending: bool = False  # its idempotency record says PENDING (written when it first suspended)
+    waiting: str = ""  # the call id whose reply resumes it; "" while a retry timer is due
 
     def call_id(self, index: int) -> str:
         return f"{self.invocation_id}#{index}"
 
     def encode(self) -> bytes:
         return _codec.pack([self.invocation_id, self.message.to_plain(), self.journal, self.sends_done,
-                            self.waiting, self.idem_pending])
+                            self.waiting])
 
     @classmethod
     def decode(cls, data: bytes) -> Suspension:
-        inv_id, plain, journal, sends_done, waiting, idem_pending = _codec.unpack(data)
-        return cls(inv_id, _envelope.Message.from_plain(plain), list(journal), sends_done, waiting, idem_pending)
+        inv_id, plain, journal, sends_done, waiting = _codec.unpack(data)
+        return cls(inv_id, _envelope.Message.from_plain(plain), list(journal), sends_done, waiting)
 
     @property
     def size(self) -> int:
         return sum(len(r) for r in self.journal) + len(_codec.pack(self.message.to_plain())) + 128
 
 
-def queued_entry(message: _envelope.Message, item_id: str, idem_pending: bool) -> bytes:
+def queued_entry(message: _envelope.Message, item_id: str) -> bytes:
     """An inbox entry: a message that waits for its key to be unlocked."""
-    return _codec.pack([item_id, message.to_plain(), idem_pending])
+    return _codec.pack([item_id, message.to_plain()])
 
 
-def decode_queued(data: bytes) -> tuple[str, _envelope.Message, bool]:
-    item_id, plain, idem_pending = _codec.unpack(data)
-    return item_id, _envelope.Message.from_plain(plain), idem_pending
+def decode_queued(data: bytes) -> tuple[str, _envelope.Message]:
+    item_id, plain = _codec.unpack(data)
+    return item_id, _envelope.Message.from_plain(plain)
+
+
+def idem_pending(message: _envelope.Message) -> bool:
+    """Whether a suspended or queued message's idempotency record says PENDING.
+
+    Every message that carries an idempotency key had its PENDING record written (or found)
+    when it was first suspended or queued; channel messages carry none.
+    """
+    return bool(message.idempotency_key)
