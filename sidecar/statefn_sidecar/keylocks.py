@@ -44,13 +44,6 @@ class KeyLocks:
         self._next_number: dict[str, int] = {}
         self._taken: set[str] = set()  # keys whose inbox head is in the batch being run
 
-    def __len__(self) -> int:
-        return len(self.suspended)
-
-    @property
-    def queued(self) -> int:
-        return sum(len(q) for q in self._inbox.values())
-
     def load(self, suspended: list[bytes], queued: list[tuple[bytes, bytes]]) -> None:
         """Rebuild from etcd values: suspension records, and inbox entries with their keys (in key order)."""
         for value in suspended:
