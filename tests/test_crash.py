@@ -13,12 +13,13 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import aetcd
 import nats.errors
 import pytest
 
 import statefn
 from statefn import _naming
-from statefn_sidecar import devservers
+from statefn_sidecar import devservers, layout
 from tests import procs
 from tests.apps import bank
 
@@ -139,27 +140,29 @@ async def test_exactly_once_under_crashes(servers, namespace) -> None:
     assert wrong == {}, f"{len(wrong)} counters differ (got, expected): {dict(list(wrong.items())[:10])}"
 
 
-@pytest.mark.parametrize("handler", ["run", "saga"])
+@pytest.mark.parametrize("handler", ["run", "saga", "send_tx"])
 async def test_durable_calls_conserve_money_under_crashes(servers, namespace, handler) -> None:
     """Transfers are two durable calls each; kill -9 sidecars meanwhile: every call ran exactly once.
 
     Transfers share 40 transfer keys, so most of them wait in a locked key's inbox at some point. As
     sagas, one in ten goes to a closed account: its deposit fails and the withdrawal is refunded, so
-    every saga ends complete or fully compensated, and the money is still all there.
+    every saga ends complete or fully compensated, and the money is still all there. As transactions
+    (``send_tx``, coordinated by the source account itself), one in ten aborts the same way, many
+    die under wait-die and run again, and afterwards no key is left prepared or locked.
     """
     accounts, transfers = [f"a{i}" for i in range(30)], 600
     rng = random.Random(3)
     plan = []
     for i in range(transfers):
         source, target = rng.sample(accounts, 2)
-        if handler == "saga" and i % 10 == 9:
+        if handler != "run" and i % 10 == 9:
             target = f"closed{i % 3}"
         plan.append((f"t{i % 40}", f"x{i}", source, target, rng.randint(1, 5)))
     expected = collections.Counter({a: bank.OPENING_BALANCE for a in accounts})
     outcomes = {}
     for _, ref, source, target, amount in plan:
         if target.startswith("closed"):
-            outcomes[ref] = "compensated"
+            outcomes[ref] = "compensated" if handler == "saga" else "aborted"
             continue
         outcomes[ref] = "done"
         expected[source] -= amount
@@ -181,10 +184,13 @@ async def test_durable_calls_conserve_money_under_crashes(servers, namespace, ha
 
             async def one(key: str, ref: str, source: str, target: str, amount: int) -> None:
                 want = ref if handler == "run" else outcomes[ref]
+                fn, args = f"{namespace}/transfer", {"source": source}
+                if handler == "send_tx":
+                    fn, key, args = f"{namespace}/account", source, {}
                 while True:
                     try:
-                        assert await c.invoke(f"{namespace}/transfer", key, handler, idempotency_key=ref, ref=ref,
-                                              source=source, target=target, amount=amount) == want
+                        assert await c.invoke(fn, key, handler, idempotency_key=ref, ref=ref,
+                                              target=target, amount=amount, **args) == want
                         return
                     except (statefn.InvocationTimeout, nats.errors.Error, OSError, TimeoutError):
                         await asyncio.sleep(0.2)
@@ -198,12 +204,21 @@ async def test_durable_calls_conserve_money_under_crashes(servers, namespace, ha
             elapsed = time.monotonic() - t0
             done.set()
             await chaos_task
+            # A transaction's reply comes with its decision; the participants apply it just after.
+            locked = await leftover_locks(servers[1], f"{namespace}/account")
+            for _ in range(100):
+                if not locked:
+                    break
+                await asyncio.sleep(0.2)
+                locked = await leftover_locks(servers[1], f"{namespace}/account")
             balances = {a: (await c.get_state(f"{namespace}/account", a)).get("balance", bank.OPENING_BALANCE)
                         for a in accounts}
             closed = [(await c.get_state(f"{namespace}/account", f"closed{i}")).get("balance") for i in range(3)]
             refs = collections.Counter()
             for i in range(40):
                 refs.update((await c.get_state(f"{namespace}/transfer", f"t{i}")).get("done", []))
+            for a in accounts:
+                refs.update((await c.get_state(f"{namespace}/account", a)).get("sent", []))
     _log.warning("%d transfers (%s, 2 durable calls each) in %.1fs with %d kill -9", transfers, handler, elapsed,
                  kills)
     assert kills >= 2
@@ -212,6 +227,19 @@ async def test_durable_calls_conserve_money_under_crashes(servers, namespace, ha
     assert closed == [None, None, None]  # nothing was ever deposited to a closed account
     recorded = {ref for _, ref, *_ in plan} if handler == "run" else {f"{r}:{o}" for r, o in outcomes.items()}
     assert set(refs) == recorded and max(refs.values()) == 1
+    assert locked == []  # no key left prepared, suspended or with messages waiting in its inbox
+
+
+async def leftover_locks(etcd_s: devservers.EtcdServer, function: str) -> list[bytes]:
+    fn = _naming.FunctionType.parse(function)
+    host, port = etcd_s.endpoint.rsplit(":", 1)
+    found: list[bytes] = []
+    async with aetcd.Client(host=host, port=int(port)) as raw:
+        for p in range(8):
+            keys = layout.PartitionKeys(fn, p)
+            for prefix in (keys.prepared_prefix, keys.suspended_prefix, keys.inbox_prefix):
+                found += [kv.key for kv in await raw.get_prefix(prefix)]
+    return found
 
 
 async def test_zombie_is_fenced(servers, namespace) -> None:

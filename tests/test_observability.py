@@ -32,6 +32,7 @@ APP = "tests.apps.chain:app"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 SAGA_TRACE = "5a6a0000000000000000000000005a6a"
+TX_TRACE = "2bc00000000000000000000000002bc0"
 
 
 def _otel_env(receiver: otlp_receiver.OtlpReceiver, service: str) -> dict[str, str]:
@@ -245,6 +246,37 @@ def test_saga_steps_and_compensations_are_spans(chain: Chain) -> None:
         assert by_id[producer.parent_id].attributes[tracing.OUTCOME] == "suspended"
         (invoke,) = named(spans, caused)
         assert (invoke.parent_id, invoke.service) == (producer.span_id, "sidecar-back")
+
+
+def test_transaction_phases_are_spans(chain: Chain) -> None:
+    """A transaction across the two sidecars: prepares, decisions and their application are spans in one trace."""
+    ns = chain.namespace
+    status, body = _post(chain.url("front", "f3", "move"), {"keys": ["t1"]},
+                         {"traceparent": f"00-{TX_TRACE}-{CALLER_SPAN}-01"})
+    assert (status, body) == (200, {"result": 1})
+
+    def named(spans: list[otlp_receiver.ReceivedSpan], name: str) -> list[otlp_receiver.ReceivedSpan]:
+        return [s for s in spans if s.trace_id == TX_TRACE and s.name == name]
+
+    def complete(spans: list[otlp_receiver.ReceivedSpan]) -> bool:
+        return len(named(spans, f"tx.commit {ns}/front")) == 2 and len(named(spans, f"tx.commit {ns}/back")) == 2
+
+    spans = chain.receiver.wait_for(complete)
+    by_id = {s.span_id: s for s in spans}
+    runs = named(spans, f"invoke {ns}/front.move")
+    # Suspended at each prepare, then the run that decides and returns.
+    assert sorted(r.attributes[tracing.OUTCOME] for r in runs) == ["ok", "suspended", "suspended"]
+    (decider,) = [r for r in runs if r.attributes[tracing.OUTCOME] == "ok"]
+    for participant, handler, service in ((f"{ns}/front", "count", "sidecar-front"),
+                                          (f"{ns}/back", "record", "sidecar-back")):
+        (prepare,) = named(spans, f"tx.prepare {participant}")
+        assert prepare.kind == "PRODUCER" and by_id[prepare.parent_id].name == f"invoke {ns}/front.move"
+        (invoke,) = named(spans, f"invoke {participant}.{handler}")
+        assert invoke.parent_id == prepare.span_id and invoke.service == service
+        assert invoke.attributes[tracing.OUTCOME] == "prepared"
+        producer, consumer = sorted(named(spans, f"tx.commit {participant}"), key=lambda s: s.kind != "PRODUCER")
+        assert (producer.kind, producer.parent_id) == ("PRODUCER", decider.span_id)
+        assert (consumer.kind, consumer.parent_id, consumer.service) == ("CONSUMER", producer.span_id, service)
 
 
 async def test_a_traced_caller_of_the_client_continues_its_trace(

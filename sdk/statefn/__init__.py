@@ -18,10 +18,12 @@ from statefn._errors import (
     SagaFailed,
     StateTooLarge,
     StatefnError,
+    TransactionAborted,
     UnknownFunction,
 )
 from statefn._state import StateSpec
 from statefn._saga import Saga
+from statefn._transaction import Transaction
 from statefn._context import Context
 from statefn._function import App, HandlerSpec, StatefulFunction
 from statefn._client import Client
@@ -47,5 +49,7 @@ __all__ = [
     "StateTooLarge",
     "StatefnError",
     "StatefulFunction",
+    "Transaction",
+    "TransactionAborted",
     "UnknownFunction",
 ]

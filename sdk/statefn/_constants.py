@@ -27,6 +27,12 @@ ORIGIN_CLIENT = "client"
 # The handler name of a durable call's reply on its way back to the caller's partition (never a
 # user handler: names starting with "~" are not valid Python identifiers).
 RESPONSE_HANDLER = "~response"
+# Two-phase commit's control messages: the coordinator's decision to a prepared participant, and a
+# participant's question to a coordinator it has not heard from (answered by a decision).
+COMMIT_HANDLER = "~commit"
+ABORT_HANDLER = "~abort"
+INQUIRE_HANDLER = "~inquire"
+TX_CONTROL_HANDLERS = frozenset({COMMIT_HANDLER, ABORT_HANDLER, INQUIRE_HANDLER})
 
 # ---- etcd layout ----------------------------------------------------------------------------------
 ETCD_ROOT = "/statefn"
@@ -43,6 +49,9 @@ DEFAULT_LEASE_TTL_S = 10
 DEFAULT_ACK_WAIT_S = 30.0
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_INVOKE_TIMEOUT_S = 30.0
+# How long a transaction's coordinator waits for one participant's vote before it aborts, and how
+# often a prepared participant that has heard no decision asks its coordinator.
+DEFAULT_TX_TIMEOUT_S = 10.0
 
 # etcd's own defaults (--max-txn-ops, --max-request-bytes); commits are split to stay under them.
 ETCD_MAX_TXN_OPS = 128

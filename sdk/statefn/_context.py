@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-from statefn import _codec, _envelope, _errors, _naming, _saga, _state, _wire
+from statefn import _codec, _constants, _envelope, _errors, _naming, _saga, _state, _transaction, _wire
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -21,8 +21,9 @@ _MISSING: Any = object()
 class Context:
     """Passed as the first argument to every handler."""
 
-    __slots__ = ("_attempt", "_function", "_invocation_id", "_journal", "_key", "_ops", "_pending_call", "_random",
-                 "_recorded", "_sends", "_specs", "_stored", "_values")
+    __slots__ = ("_attempt", "_decided", "_function", "_in_tx", "_invocation_id", "_journal", "_key", "_ops",
+                 "_participant", "_pending_call", "_random", "_recorded", "_sends", "_specs", "_stored", "_tx_count",
+                 "_tx_ts", "_values", "_worked")
 
     def __init__(
         self,
@@ -34,6 +35,7 @@ class Context:
         invocation_id: str = "",
         attempt: int = 1,
         journal: list[bytes] | None = None,
+        participant: bool = False,
     ) -> None:
         self._function = function
         self._key = key
@@ -48,6 +50,12 @@ class Context:
         self._recorded: list[bytes] = []  # runs past the journal: journaled if this run suspends
         self._pending_call: _wire.Outgoing | None = None
         self._random: random.Random | None = None
+        self._participant = participant  # runs tentatively as a transaction's participant
+        self._tx_count = 0
+        self._tx_ts: float | None = None
+        self._in_tx = False
+        self._decided: list[list[str]] = []  # transactions decided past the journal: [id, outcome]
+        self._worked = False  # made a durable call or ran a side effect outside a transaction
 
     @property
     def key(self) -> str:
@@ -130,9 +138,49 @@ class Context:
         """
         return _saga.Saga(self, compensation_rounds)
 
-    async def _call(self, function: str, key: str, handler: str, args: dict[str, Any], purpose: str) -> Any:
+    def transaction(self, *, timeout: float = _constants.DEFAULT_TX_TIMEOUT_S) -> _transaction.Transaction:
+        """Serializable two-phase commit: ``async with ctx.transaction() as tx: await tx.call(...)``.
+
+        Participants run tentatively under a lock on their key and vote with their reply; the
+        block's end commits them all, or aborts them all if it raised. Deadlocks are avoided by
+        wait-die (the younger transaction gets :class:`TransactionAborted`); a participant that
+        does not vote within ``timeout`` seconds aborts the transaction. The coordinator's own
+        key may take part (``tx.call(ctx.function, ctx.key, ...)``): it then commits with the others.
+        """
+        if self._participant:
+            raise _errors.InvalidCall(f"{self._function}({self._key!r}) runs as a transaction participant and "
+                                      "cannot start a transaction")
+        if self._in_tx:
+            raise _errors.InvalidCall("transactions do not nest: end the current `async with ctx.transaction()` first")
+        return _transaction.Transaction(self, timeout)
+
+    def _begin_transaction(self, timeout: float) -> _wire.TxInfo:
+        if self._tx_ts is None:  # one timestamp per invocation: a retried transaction keeps its age (wait-die)
+            self._tx_ts = self.now()
+        self._tx_count += 1
+        self._in_tx = True
+        return _wire.TxInfo(f"{self._invocation_id}~tx{self._tx_count}", self._tx_ts, self._function, self._key,
+                            timeout)
+
+    def _decide_transaction(self, info: _wire.TxInfo, commit: bool, participants: list[tuple[str, str]]) -> None:
+        """Send the decision to every prepared participant; a replay that passes it again sends nothing new."""
+        self._in_tx = False
+        handler, purpose = _transaction.decision_handler(commit)
+        for function, key in participants:
+            self._sends.append(_wire.Outgoing(function=function, key=key, handler=handler, args={},
+                                              purpose=purpose, tx=info))
+        if self._ops >= len(self._journal):  # past the journal: decided in this run, not in an earlier one
+            self._decided.append([info.id, "committed" if commit else "aborted"])
+
+    async def _call(self, function: str, key: str, handler: str, args: dict[str, Any], purpose: str,
+                    tx: _wire.TxInfo | None = None) -> Any:
         _naming.FunctionType.parse(function)
-        if function == self._function and key == self._key:
+        if self._participant:
+            raise _errors.InvalidCall(
+                f"{self._function}({self._key!r}) runs as a transaction participant and cannot call "
+                f"{function}({key!r}): a participant only stages its own effects until the decision")
+        self._worked = self._worked or tx is None
+        if function == self._function and key == self._key and tx is None:
             raise _errors.InvalidCall(
                 f"{function}({key!r}) cannot call its own key: the key stays locked until this invocation "
                 "ends, so the call could never run; use ctx.send for a message to self")
@@ -151,7 +199,7 @@ class Context:
         if self._pending_call is None:  # only the first unanswered call goes out (calls run one at a time)
             plain = {k: _codec.to_plain(v) for k, v in args.items()}
             self._pending_call = _wire.Outgoing(function=function, key=key, handler=handler, args=plain,
-                                                purpose=purpose)
+                                                purpose=purpose, tx=tx)
         raise _errors.Suspended()
 
     async def run(self, name: str, fn: Callable[[], T | Awaitable[T]]) -> Any:
@@ -162,6 +210,7 @@ class Context:
         invocation next suspends at a call: a run whose invocation ends without a call, or is
         retried, may run again on the next attempt.
         """
+        self._worked = True
         found, value = self._replay_run(name)
         if found:
             return value
@@ -210,6 +259,15 @@ class Context:
             f"its journal holds {had}; code between calls must be deterministic (use ctx.now, ctx.random, ctx.run)")
 
     # ---- used by the runtime ----
+    def _restartable(self, exc: BaseException) -> bool:
+        """Whether an escaping TransactionAborted may run the invocation again from scratch.
+
+        Only if the aborted transactions were all it did durably: no call or side effect outside
+        them, and no message but their decisions (which stay sent). Run again, it starts afresh.
+        """
+        return (isinstance(exc, _errors.TransactionAborted) and not self._worked
+                and all(s.tx is not None and s.purpose != _transaction.PREPARE for s in self._sends))
+
     def _changes(self, max_state_bytes: int) -> dict[str, bytes | None]:
         """Re-encode every value the handler touched; mutations in place count as writes."""
         changes: dict[str, bytes | None] = {}

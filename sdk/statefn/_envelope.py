@@ -26,10 +26,13 @@ class Message:
     attempt: int = 1
     # A durable call: where its reply goes, as a RESPONSE_HANDLER message on a channel.
     caller: CallerAddress | None = None
+    # A transaction's prepare (runs tentatively), decision or inquiry: the transaction it belongs to.
+    tx: _wire.TxInfo | None = None
 
     def to_plain(self) -> list[Any]:
         return [self.key, self.handler, self.args, self.origin, self.traceparent, self.reply_to,
-                self.idempotency_key, self.attempt, self.caller.to_plain() if self.caller else None]
+                self.idempotency_key, self.attempt, self.caller.to_plain() if self.caller else None,
+                self.tx.to_plain() if self.tx else None]
 
     @property
     def is_response(self) -> bool:
@@ -40,7 +43,18 @@ class Message:
         msg = cls(*raw[:8])
         if len(raw) > 8 and raw[8]:
             msg.caller = CallerAddress(*raw[8])
+        if len(raw) > 9:
+            msg.tx = _wire.TxInfo.from_plain(raw[9])
         return msg
+
+    @property
+    def is_tx_control(self) -> bool:
+        """A decision or an inquiry: handled by the sidecar itself, past any lock on the key."""
+        return self.handler in _constants.TX_CONTROL_HANDLERS
+
+    @property
+    def is_prepare(self) -> bool:
+        return self.tx is not None and not self.is_tx_control and not self.is_response
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,10 +74,25 @@ class CallerAddress:
         return [self.function, self.partition, self.key, self.call_id]
 
 
-def response_message(caller: CallerAddress, reply: Reply, *, origin: str, traceparent: str | None) -> Message:
-    """The message that carries a call's reply (or error) back to the waiting caller."""
-    return Message(key=caller.key, handler=_constants.RESPONSE_HANDLER,
-                   args={"call": caller.call_id, "reply": reply.encode()}, origin=origin, traceparent=traceparent)
+def response_message(caller: CallerAddress, reply: Reply, *, origin: str, traceparent: str | None,
+                     prepared: tuple[str, str, _wire.TxInfo] | None = None) -> Message:
+    """The message that carries a call's reply (or error) back to the waiting caller.
+
+    A participant's yes vote names the prepared participant (function, key, transaction), so a
+    coordinator that no longer waits for it (it timed out, or ended) can release it with an abort.
+    """
+    args: dict[str, Any] = {"call": caller.call_id, "reply": reply.encode()}
+    if prepared is not None:
+        function, key, tx = prepared
+        args["prepared"] = [function, key, tx.to_plain()]
+    return Message(key=caller.key, handler=_constants.RESPONSE_HANDLER, args=args, origin=origin,
+                   traceparent=traceparent)
+
+
+def tx_control_message(handler: str, tx: _wire.TxInfo, key: str, *, origin: str, traceparent: str | None,
+                       args: dict[str, Any] | None = None) -> Message:
+    """A decision (``~commit``/``~abort``) to a participant's key, or an ``~inquire`` to the coordinator's."""
+    return Message(key=key, handler=handler, args=args or {}, origin=origin, traceparent=traceparent, tx=tx)
 
 
 # What an idempotency record holds while its invocation waits (suspended at a call, or queued

@@ -50,6 +50,8 @@ KIND_UNKNOWN_FUNCTION = "unknown_function"
 KIND_INVALID_ARGUMENT = "invalid_argument"
 KIND_STATE_TOO_LARGE = "state_too_large"
 KIND_UNDECODABLE = "undecodable"
+KIND_TX_CONFLICT = "tx_conflict"    # wait-die: an older transaction holds the participant's key
+KIND_TX_TIMEOUT = "tx_timeout"      # a participant's vote did not arrive within the transaction's timeout
 
 
 class InvocationFailed(StatefnError):
@@ -76,6 +78,21 @@ class CallFailed(StatefnError):
         self.message = message
         self.error_type = error_type
         self.target = target
+
+
+class TransactionAborted(CallFailed):
+    """Raised by ``await tx.call(...)`` when the transaction cannot go on, and out of its block.
+
+    ``kind`` says why: ``tx_conflict`` (an older transaction holds the participant's key; by
+    wait-die the younger one gives way) or ``tx_timeout`` (no vote within the timeout). The
+    transaction is then doomed: it aborts at the end of its block even if the error is caught
+    inside, and every prepared participant is released.
+
+    Let it propagate: when the transaction was the invocation's only durable work, the platform
+    runs the invocation again from the start, with backoff, after it ended and unlocked its key
+    (a loop inside the handler would keep the key locked, and an older transaction waiting for
+    it would wait until its timeout). Otherwise it is a terminal error, like any exception.
+    """
 
 
 class SagaFailed(StatefnError):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pydantic
 
-from statefn import _codec, _context, _errors, _function, _tracecontext, _wire
+from statefn import _codec, _context, _errors, _function, _tracecontext, _transaction, _wire
 
 _log = logging.getLogger("statefn.runtime")
 
@@ -51,7 +51,7 @@ async def _invoke_one(
         return _wire.Result(id=inv.id, error=_error(
             _errors.KIND_INVALID_ARGUMENT, f"{fn.type}.{inv.handler}: {_validation_message(exc)}"))
     ctx = _context.Context(function=str(fn.type), key=key, specs=fn.states, stored=stored,
-                           invocation_id=inv.id, attempt=inv.attempt, journal=inv.journal)
+                           invocation_id=inv.id, attempt=inv.attempt, journal=inv.journal, participant=inv.prepare)
     kwargs = {name: getattr(args, name) for name in type(args).model_fields}
     try:
         with _tracecontext.activated(inv.traceparent):
@@ -62,15 +62,30 @@ async def _invoke_one(
         changes = ctx._changes(max_state_bytes)
     except _errors.Suspended:
         return _wire.Result(id=inv.id, call=ctx._pending_call, sends=ctx._sends[inv.sends_done:],
-                            journal_added=ctx._recorded)
+                            journal_added=ctx._recorded, transactions=ctx._decided)
     except _errors.Retry as exc:
-        return _wire.Result(id=inv.id, error=_error(_errors.KIND_HANDLER, exc, retry=True, after=exc.after))
+        return _failed(ctx, inv, _error(_errors.KIND_HANDLER, exc, retry=True, after=exc.after))
     except _errors.StateTooLarge as exc:
-        return _wire.Result(id=inv.id, error=_error(_errors.KIND_STATE_TOO_LARGE, exc))
+        return _failed(ctx, inv, _error(_errors.KIND_STATE_TOO_LARGE, exc))
+    except _errors.TransactionAborted as exc:
+        # Restartable: run again from scratch by the sidecar once the key is unlocked; else terminal.
+        return _failed(ctx, inv, _wire.ErrorInfo(kind=exc.kind, message=str(exc), type=type(exc).__name__,
+                                                 retry=ctx._restartable(exc)))
     except Exception as exc:
         _log.warning("%s(%r).%s failed (attempt %d)", fn.type, key, inv.handler, inv.attempt, exc_info=exc)
-        return _wire.Result(id=inv.id, error=_error(_errors.KIND_HANDLER, exc))
-    return _wire.Result(id=inv.id, reply=reply, state=changes, sends=ctx._sends[inv.sends_done:])
+        return _failed(ctx, inv, _error(_errors.KIND_HANDLER, exc))
+    return _wire.Result(id=inv.id, reply=reply, state=changes, sends=ctx._sends[inv.sends_done:],
+                        transactions=ctx._decided)
+
+
+def _failed(ctx: _context.Context, inv: _wire.Invocation, error: _wire.ErrorInfo) -> _wire.Result:
+    """A failed invocation drops its effects, but not the decisions of transactions it ended.
+
+    Prepared participants wait for them; the sidecar keeps them when the failure is terminal
+    (a retried attempt makes the same decision again, from the same journal).
+    """
+    decisions = [s for s in ctx._sends[inv.sends_done:] if s.tx is not None and s.purpose != _transaction.PREPARE]
+    return _wire.Result(id=inv.id, error=error, sends=decisions, transactions=ctx._decided)
 
 
 async def _run_key(app: _function.App, req: _wire.KeyRequest, max_state_bytes: int) -> list[_wire.Result]:
@@ -80,13 +95,15 @@ async def _run_key(app: _function.App, req: _wire.KeyRequest, max_state_bytes: i
         return [_wire.Result(id=i.id, error=_error(_errors.KIND_UNKNOWN_FUNCTION, msg)) for i in req.invocations]
     stored = dict(req.state)
     results: list[_wire.Result] = []
+    locked = False
     for inv in req.invocations:
-        if results and (results[-1].call is not None or results[-1].deferred):
-            # The key is locked by the invocation that suspended: the rest wait for it, in order.
+        if locked:
+            # The key is locked by the invocation that suspended (or prepared): the rest wait for it, in order.
             results.append(_wire.Result(id=inv.id, deferred=True))
             continue
         result = await _invoke_one(fn, req.key, stored, inv, max_state_bytes)
-        if result.error is None:
+        locked = result.call is not None or (inv.prepare and result.error is None)
+        if result.error is None and not inv.prepare:  # a prepare's changes are staged until the decision
             for name, value in result.state.items():
                 if value is None:
                     stored.pop(name, None)

@@ -14,6 +14,27 @@ from typing import Any
 from statefn import _codec
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TxInfo:
+    """A transaction as its messages carry it: who coordinates it, and its age for wait-die."""
+
+    id: str
+    ts: float               # when its invocation first began a transaction: older wins under wait-die
+    function: str           # the coordinator's address
+    key: str
+    timeout: float
+
+    def older_than(self, other: TxInfo) -> bool:
+        return (self.ts, self.id) < (other.ts, other.id)
+
+    def to_plain(self) -> list[Any]:
+        return [self.id, self.ts, self.function, self.key, self.timeout]
+
+    @classmethod
+    def from_plain(cls, raw: Any) -> TxInfo | None:
+        return cls(*raw) if raw else None
+
+
 @dataclasses.dataclass(slots=True)
 class Invocation:
     id: str
@@ -26,6 +47,8 @@ class Invocation:
     # many of its sends were committed already (a replay does not send them again).
     journal: list[bytes] = dataclasses.field(default_factory=list)
     sends_done: int = 0
+    # A transaction participant's prepare: its effects are staged, not applied, until the decision.
+    prepare: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -46,8 +69,19 @@ class Outgoing:
     args: dict[str, Any]
     delay: float | None = None
     traceparent: str | None = None
-    # What a call is for, as its span says: "" (a plain call), "saga.step" or "saga.compensate".
+    # What a call is for, as its span says: "" (a plain call), "saga.step", "saga.compensate",
+    # "tx.prepare"; or a transaction's decision: "tx.commit", "tx.abort".
     purpose: str = ""
+    tx: TxInfo | None = None
+
+    def to_plain(self) -> list[Any]:
+        return [self.function, self.key, self.handler, self.args, self.delay, self.traceparent, self.purpose,
+                self.tx.to_plain() if self.tx else None]
+
+    @classmethod
+    def from_plain(cls, raw: list[Any]) -> Outgoing:
+        function, key, handler, args, delay, traceparent, purpose, tx = raw
+        return cls(function, key, handler, args, delay, traceparent, purpose, TxInfo.from_plain(tx))
 
 
 @dataclasses.dataclass(slots=True)
@@ -73,6 +107,8 @@ class Result:
     deferred: bool = False
     # Suspended: the results of ctx.run/ctx.now made past the journal, to journal before the call's reply.
     journal_added: list[bytes] = dataclasses.field(default_factory=list)
+    # Transactions this run decided, as [id, "committed" | "aborted"] (their decisions are in ``sends``).
+    transactions: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(slots=True)
@@ -115,24 +151,26 @@ def _result_to_plain(r: Result) -> list[Any]:
         r.reply,
         dataclasses.astuple(r.error) if r.error else None,
         r.state,
-        [dataclasses.astuple(s) for s in r.sends],
-        dataclasses.astuple(r.call) if r.call else None,
+        [s.to_plain() for s in r.sends],
+        r.call.to_plain() if r.call else None,
         r.deferred,
         r.journal_added,
+        r.transactions,
     ]
 
 
 def _result_from_plain(raw: list[Any]) -> Result:
-    rid, reply, err, state, sends, call, deferred, journal_added = raw
+    rid, reply, err, state, sends, call, deferred, journal_added, transactions = raw
     return Result(
         id=rid,
         reply=reply,
         error=ErrorInfo(*err) if err else None,
         state=state,
-        sends=[Outgoing(*s) for s in sends],
-        call=Outgoing(*call) if call else None,
+        sends=[Outgoing.from_plain(s) for s in sends],
+        call=Outgoing.from_plain(call) if call else None,
         deferred=deferred,
         journal_added=journal_added,
+        transactions=transactions,
     )
 
 

@@ -13,9 +13,9 @@ import logging
 import time
 from typing import Any, Protocol
 
-from statefn import _envelope, _errors, _naming, _wire
+from statefn import _constants, _envelope, _errors, _naming, _wire
 from statefn_sidecar import invoker as invoker_mod
-from statefn_sidecar import items, keylocks, metrics, observe, planner, statecache, suspension
+from statefn_sidecar import items, keylocks, metrics, observe, participants, planner, statecache, suspension
 
 _log = logging.getLogger("statefn.execution")
 
@@ -50,11 +50,14 @@ class Executor:
         self._router = router
         self._max_state_bytes = max_state_bytes
         self.metrics = metrics.FunctionMetrics(str(fn))
+        self._participants = participants.Participants(self)
 
     async def run(self, batch: list[items.Item], cache: statecache.StateCache, partition: int,
                   locks: keylocks.KeyLocks) -> list[planner.Outcome]:
         outcomes = [planner.Outcome(item=it) for it in batch]
         by_key: dict[str, list[planner.Outcome]] = {}
+        control: list[planner.Outcome] = []
+        locks.start_round()
         for oc in outcomes:
             if oc.item.kind not in items.RUNNABLE:
                 continue
@@ -64,15 +67,22 @@ class Executor:
                 by_key.setdefault(oc.item.message.key, []).append(oc)
             elif route is keylocks.Route.QUEUE:
                 oc.queued = locks.entry_for(oc.item)
+            elif route is keylocks.Route.DIE:
+                participants.die(oc, self.fn)
+            elif route is keylocks.Route.CONTROL:
+                control.append(oc)
             else:
                 oc.dropped = True
-        observe.start_invocations((oc for ocs in by_key.values() for oc in ocs), str(self.fn), partition)
+                await self._participants.release_orphan(oc)
+        observe.start_invocations([*(oc for ocs in by_key.values() for oc in ocs), *control], str(self.fn), partition)
+        for oc in control:
+            await self._participants.control(oc, locks)
         if by_key:
             await cache.load(list(by_key))
             request = _wire.BatchRequest(
                 keys=[
                     _wire.KeyRequest(
-                        function=str(self.fn), key=key, state=dict(cache.get(key)),
+                        function=str(self.fn), key=key, state=participants.state_for(key, ocs, cache, locks),
                         invocations=[self._invocation(oc) for oc in ocs],
                     )
                     for key, ocs in by_key.items()
@@ -85,12 +95,14 @@ class Executor:
                     if result.deferred:
                         oc.queued = locks.entry_for(oc.item)
                     else:
-                        await self._decide(oc, key, result, partition)
+                        await self._decide(oc, key, result, partition, locks)
         for oc in outcomes:
             item = oc.item
-            if item.kind is items.Kind.DELAYED_SEND:
+            if item.kind is items.Kind.INQUIRE:
+                await self._participants.inquire(oc, locks)
+            elif item.kind is items.Kind.DELAYED_SEND:
                 assert item.message is not None and item.target_function is not None
-                target = await self._target(item.target_function, item.message.key)
+                target = await self.target(item.target_function, item.message.key)
                 oc.sends.append(planner.Send(target, item.message))
             elif item.kind is items.Kind.DEAD:
                 assert item.dead is not None
@@ -107,7 +119,7 @@ class Executor:
         traceparent = msg.traceparent if oc.span is None else observe.traceparent_of(oc)
         if item.resume is None:
             return _wire.Invocation(id=item.id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
-                                    origin=msg.origin, traceparent=traceparent)
+                                    origin=msg.origin, traceparent=traceparent, prepare=msg.is_prepare)
         progress = self._progress(item)
         return _wire.Invocation(id=progress.invocation_id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
                                 origin=msg.origin, traceparent=traceparent, journal=progress.journal,
@@ -119,7 +131,7 @@ class Executor:
         record = item.resume
         assert record is not None and item.message is not None
         journal = [*record.journal, item.response] if item.response is not None else list(record.journal)
-        return suspension.Suspension(record.invocation_id, item.message, journal, record.sends_done)
+        return suspension.Suspension(record.invocation_id, item.message, journal, record.sends_done, tx=record.tx)
 
     async def _call(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
         delay = 0.1
@@ -131,36 +143,40 @@ class Executor:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _target(self, function: str, key: str) -> _naming.PartitionId:
+    async def target(self, function: str, key: str) -> _naming.PartitionId:
         ftype = _naming.FunctionType.parse(function)
         count = self._partition_count if ftype == self.fn else await self._router.partitions(function)
         return _naming.PartitionId(ftype, _naming.partition_of(key, count))
 
-    async def _decide(self, oc: planner.Outcome, key: str, result: _wire.Result, partition: int) -> None:
+    async def _decide(self, oc: planner.Outcome, key: str, result: _wire.Result, partition: int,
+                      locks: keylocks.KeyLocks) -> None:
         item = oc.item
         assert item.message is not None
         err = result.error
         if err is None:
             try:
-                for s in result.sends:
-                    message = self._outgoing(oc, key, s, "send")
-                    if s.delay:
-                        oc.delayed.append((int((time.time() + s.delay) * 1000), s.function, message))
-                    else:
-                        oc.sends.append(planner.Send(await self._target(s.function, s.key), message))
+                await self._add_sends(oc, key, result.sends)
+                oc.tx_decisions = [outcome for _, outcome in result.transactions]
                 if result.call is not None:
                     await self._suspend(oc, key, result, partition)
                     return
             except (_errors.UnknownFunction, _errors.InvalidFunctionType) as exc:
                 err = _wire.ErrorInfo(kind=_errors.KIND_UNKNOWN_FUNCTION, message=str(exc))
             else:
-                oc.state = {(key, name): value for name, value in result.state.items()}
                 oc.reply = _envelope.Reply(ok=True, value=result.reply)
+                if item.message.is_prepare:
+                    participants.stage(oc, key, result.state, locks)
+                else:
+                    oc.state = {(key, name): value for name, value in result.state.items()}
                 return
+        restart = err.kind in (_errors.KIND_TX_CONFLICT, _errors.KIND_TX_TIMEOUT)  # only ever with retry set
         if err.retry and item.message.attempt < self.policy.max_attempts:
             after = err.retry_after if err.retry_after is not None else self.policy.backoff(item.message.attempt)
             oc.retry_at_ms = int((time.time() + after) * 1000)
-            if item.resume is not None:  # keep the reply in hand journaled for the next attempt
+            if restart:  # from scratch once its key is unlocked (no suspension record), its decisions sent
+                oc.restart = True
+                await self._add_decisions(oc, key, result)
+            elif item.resume is not None:  # keep the reply in hand journaled for the next attempt
                 oc.suspend = self._progress(item)
             return
         if err.retry:
@@ -168,11 +184,33 @@ class Executor:
                 kind=_errors.KIND_RETRIES_EXHAUSTED, type=err.type,
                 message=f"gave up after {item.message.attempt} attempts: {err.message}")
         oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
+        await self._add_decisions(oc, key, result)
+
+    async def _add_decisions(self, oc: planner.Outcome, key: str, result: _wire.Result) -> None:
+        """A failed run's effects are dropped, but not the decisions of transactions it ended.
+
+        Prepared participants wait for them. (A run retried from its journal makes them again instead.)
+        """
+        oc.sends.clear()
+        oc.tx_decisions = [outcome for _, outcome in result.transactions]
+        try:
+            await self._add_sends(oc, key, [s for s in result.sends if s.handler in _constants.TX_CONTROL_HANDLERS])
+        except (_errors.UnknownFunction, _errors.InvalidFunctionType) as exc:
+            _log.error("%s(%r): a transaction decision has no route (%s); its participants will ask", self.fn,
+                       key, exc)
+
+    async def _add_sends(self, oc: planner.Outcome, key: str, sends: list[_wire.Outgoing]) -> None:
+        for s in sends:
+            message = self._outgoing(oc, key, s, s.purpose or "send")  # tx.commit, tx.abort: decisions
+            if s.delay:
+                oc.delayed.append((int((time.time() + s.delay) * 1000), s.function, message))
+            else:
+                oc.sends.append(planner.Send(await self.target(s.function, s.key), message))
 
     def _outgoing(self, oc: planner.Outcome, key: str, out: _wire.Outgoing, verb: str) -> _envelope.Message:
         assert oc.item.message is not None
         message = _envelope.Message(key=out.key, handler=out.handler, args=out.args, origin=f"{self.fn}:{key}",
-                                    traceparent=out.traceparent or oc.item.message.traceparent)
+                                    traceparent=out.traceparent or oc.item.message.traceparent, tx=out.tx)
         if not out.traceparent:
             message.traceparent = observe.send_traceparent(oc, message, out.function, out.delay or 0.0, verb)
         return message
@@ -185,7 +223,9 @@ class Executor:
         record.sends_done += len(result.sends)
         record.journal.extend(result.journal_added)  # ctx.run/ctx.now results, in order before the call
         record.waiting = record.call_id(len(record.journal))
-        message = self._outgoing(oc, key, result.call, result.call.purpose or "call")  # saga.step, saga.compensate
+        record.tx = result.call.tx  # inside a transaction, its coordinator holds this key for it (wait-die)
+        # The span says what the call is for: saga.step, saga.compensate, tx.prepare.
+        message = self._outgoing(oc, key, result.call, result.call.purpose or "call")
         message.caller = _envelope.CallerAddress(str(self.fn), partition, key, record.waiting)
-        oc.sends.append(planner.Send(await self._target(result.call.function, result.call.key), message))
+        oc.sends.append(planner.Send(await self.target(result.call.function, result.call.key), message))
         oc.suspend = record

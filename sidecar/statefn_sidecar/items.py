@@ -25,6 +25,7 @@ class Kind(enum.Enum):
     DROP_TIMER = "drop"      # a retry whose invocation turned out to be recorded: delete the timer
     INBOX = "inbox"          # a message that waited in its locked key's inbox, now at its head
     RESUME = "resume"        # a timer: retry a suspended invocation (attempt + 1) from its journal
+    INQUIRE = "inquire"      # a timer: a prepared participant has heard no decision; ask its coordinator
 
 
 RUNNABLE = frozenset({Kind.INGRESS, Kind.CHANNEL, Kind.RETRY, Kind.INBOX, Kind.RESUME})  # run a handler

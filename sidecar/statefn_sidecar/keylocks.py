@@ -1,9 +1,11 @@
-"""Which keys are locked by a suspended invocation, and the messages waiting for them.
+"""Which keys are locked by a suspended invocation or a prepared transaction, and the messages waiting for them.
 
-A key is locked while an invocation on it is suspended at a durable call, and stays locked
-while its inbox still holds messages that queued up meanwhile: every message to a locked key
-joins the inbox's tail, and the inbox drains one head per batch once nothing is suspended. So
-per-key order holds across suspensions, and a replay reads the state its first run read.
+A key is locked while an invocation on it is suspended at a durable call, or while it is
+prepared for a transaction, and stays locked while its inbox still holds messages that queued
+up meanwhile: every message to a locked key joins the inbox's tail, and the inbox drains one
+head per batch once nothing holds the key. So per-key order holds across suspensions, and a
+replay reads the state its first run read. A transaction's prepare may instead run at once (its
+own transaction holds the key) or die (wait-die: a younger transaction never waits for an older one).
 
 Like the state cache, this is the owner's in-memory view of etcd keys that only its fenced
 commits write; it is rebuilt from etcd when a partition is taken.
@@ -16,8 +18,8 @@ import dataclasses
 import enum
 import logging
 
-from statefn import _envelope
-from statefn_sidecar import items, layout, suspension
+from statefn import _envelope, _wire
+from statefn_sidecar import items, layout, suspension, twophase
 
 _log = logging.getLogger("statefn.keylocks")
 
@@ -26,6 +28,8 @@ class Route(enum.Enum):
     RUN = "run"        # run the handler now
     QUEUE = "queue"    # its key is locked: put it in the key's inbox
     DROP = "drop"      # a reply nobody waits for any more: only its bookkeeping is committed
+    DIE = "die"        # a prepare that must not wait for the transaction holding its key: it votes no
+    CONTROL = "control"  # a transaction's decision or inquiry: the sidecar handles it, past any lock
 
 
 @dataclasses.dataclass(slots=True)
@@ -43,31 +47,65 @@ class KeyLocks:
         self._inbox: dict[str, collections.deque[Queued]] = {}
         self._next_number: dict[str, int] = {}
         self._taken: set[str] = set()  # keys whose inbox head is in the batch being run
+        self.prepared: dict[str, twophase.Prepared] = {}
+        self._claims: dict[str, _wire.TxInfo] = {}  # keys a prepare in the batch being routed will hold
 
-    def load(self, suspended: list[bytes], queued: list[tuple[bytes, bytes]]) -> None:
-        """Rebuild from etcd values: suspension records, and inbox entries with their keys (in key order)."""
+    def load(self, suspended: list[bytes], queued: list[tuple[bytes, bytes]], prepared: list[bytes]) -> None:
+        """Rebuild from etcd: suspension and prepared records, and inbox entries with their keys (in key order)."""
         for value in suspended:
             record = suspension.Suspension.decode(value)
             self.suspended[record.message.key] = record
+        for value in prepared:
+            staged = twophase.Prepared.decode(value)
+            self.prepared[staged.key] = staged
         for etcd_key, value in queued:
             item_id, message = suspension.decode_queued(value)
             number = int(etcd_key.rsplit(b"/", 1)[1])
             self._append(message.key, Queued(number, etcd_key, item_id, message))
 
     def locked(self, key: str) -> bool:
-        return key in self.suspended or bool(self._inbox.get(key))
+        return key in self.suspended or key in self.prepared or bool(self._inbox.get(key))
+
+    def holder(self, key: str) -> _wire.TxInfo | None:
+        """The transaction that holds a key: prepared for it, or its coordinator suspended on it."""
+        prepared = self.prepared.get(key)
+        if prepared is not None:
+            return prepared.tx
+        record = self.suspended.get(key)
+        return record.tx if record is not None else None
+
+    def start_round(self) -> None:
+        """A batch (or its re-run) is about to be routed: no prepare in it holds a key yet."""
+        self._claims.clear()
 
     def route(self, item: items.Item) -> Route:
         """Decide an item's fate before its batch runs; a resuming item gets its suspension attached."""
         msg = item.message
         assert msg is not None
+        if msg.is_tx_control:
+            return Route.CONTROL
         if item.resume is not None:
             return Route.RUN  # routed already (run again after an idempotency conflict in its batch)
         if item.kind is items.Kind.RESUME or msg.is_response:
             return self._resume(item, self.suspended.get(msg.key))
+        if msg.is_prepare:
+            return self._prepare(item, msg)
         if item.kind is items.Kind.INBOX:
             return Route.RUN
         return Route.QUEUE if self.locked(msg.key) else Route.RUN
+
+    def _prepare(self, item: items.Item, msg: _envelope.Message) -> Route:
+        assert msg.tx is not None
+        holder = self._claims.get(msg.key) or self.holder(msg.key)
+        if holder is not None and holder.id == msg.tx.id:
+            return Route.RUN  # its own transaction holds the key (the coordinator's key, or a second prepare)
+        # An inbox head is taken only once nothing holds its key.
+        if holder is None and (item.kind is items.Kind.INBOX or not self.locked(msg.key)):
+            self._claims[msg.key] = msg.tx  # it runs, and holds the key from now on
+            return Route.RUN
+        if holder is None:
+            return Route.QUEUE  # held by an invocation outside any transaction, which ends on its own
+        return Route.QUEUE if twophase.wait_die(msg.tx, holder) else Route.DIE
 
     def _resume(self, item: items.Item, record: suspension.Suspension | None) -> Route:
         msg = item.message
@@ -103,7 +141,7 @@ class KeyLocks:
         for key, queue in self._inbox.items():
             if len(out) >= limit:
                 break
-            if not queue or key in self.suspended or key in self._taken:
+            if not queue or key in self.suspended or key in self.prepared or key in self._taken:
                 continue
             head = queue[0]
             self._taken.add(key)
@@ -112,20 +150,26 @@ class KeyLocks:
         return out
 
     def has_ready(self) -> bool:
-        return any(q and k not in self.suspended and k not in self._taken for k, q in self._inbox.items())
+        return any(q and k not in self.suspended and k not in self.prepared and k not in self._taken
+                   for k, q in self._inbox.items())
 
     def release_taken(self) -> None:
         """The batch is over: heads it did not consume may be taken again."""
         self._taken.clear()
 
     def apply(self, suspended: dict[str, suspension.Suspension | None], queued: list[Queued],
-              dequeued: list[tuple[str, bytes]]) -> None:
-        """A commit landed: mirror its suspension records and inbox writes (heads leave in order)."""
+              dequeued: list[tuple[str, bytes]], prepared: dict[str, twophase.Prepared | None]) -> None:
+        """A commit landed: mirror its suspension and prepared records and inbox writes (heads leave in order)."""
         for key, record in suspended.items():
             if record is None:
                 self.suspended.pop(key, None)
             else:
                 self.suspended[key] = record
+        for key, staged in prepared.items():
+            if staged is None:
+                self.prepared.pop(key, None)
+            else:
+                self.prepared[key] = staged
         for key, etcd_key in dequeued:
             queue = self._inbox.get(key)
             if queue and queue[0].etcd_key == etcd_key:

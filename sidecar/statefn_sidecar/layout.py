@@ -77,6 +77,14 @@ class PartitionKeys:
     def inbox(self, key: str, number: int) -> bytes:
         return f"{self.prefix}inbox/{_naming.escape_key(key)}/{number:012d}".encode()
 
+    # Keys prepared for a transaction: the staged effects, applied or dropped by its decision.
+    @property
+    def prepared_prefix(self) -> bytes:
+        return f"{self.prefix}prepared/".encode()
+
+    def prepared(self, key: str) -> bytes:
+        return f"{self.prefix}prepared/{_naming.escape_key(key)}".encode()
+
     # Idempotency records of ingress invocations (with a TTL lease).
     def idempotency(self, idem_key: str) -> bytes:
         return f"{self.prefix}idem/{_naming.escape_key(idem_key)}".encode()

@@ -22,8 +22,20 @@ INVOCATIONS = prometheus_client.Counter(
     "statefn_invocations",
     "Invocations committed, by outcome: ok; retry (statefn.Retry, runs again later); error (terminal: the "
     "caller got the error and the message was dead-lettered); suspended (waits for a durable call's reply); "
-    "queued (its key was locked by a suspended invocation; it waits in the key's inbox).",
+    "queued (its key was locked by a suspended invocation; it waits in the key's inbox); prepared (a "
+    "transaction participant's effects staged, its key locked until the decision).",
     ["function", "outcome"])
+TRANSACTIONS = prometheus_client.Counter(
+    "statefn_transactions",
+    "Transactions decided by coordinators of this function, by outcome: committed or aborted.",
+    ["function", "outcome"])
+TRANSACTION_PARTICIPANTS = prometheus_client.Counter(
+    "statefn_transaction_participant_events",
+    "What two-phase commit did on this function's keys as a participant: prepared, died (wait-die refused "
+    "a younger transaction), committed, aborted, stale (a decision for a key not prepared), inquired (asked "
+    "a silent coordinator); and as a coordinator: inquiry_pending, inquiry_abort, orphan_abort (released a "
+    "participant whose vote came after the coordinator gave up on it).",
+    ["function", "event"])
 INVOCATION_SECONDS = prometheus_client.Histogram(
     "statefn_invocation_duration_seconds",
     "From the start of the batch that ran an invocation to its commit (handler + state + commit).",
@@ -54,6 +66,7 @@ class FunctionMetrics:
     """One function type's series, bound once: a labelled child costs a dict lookup per use."""
 
     __slots__ = (
+        "_function",
         "backlog",
         "batch",
         "bytes",
@@ -63,10 +76,16 @@ class FunctionMetrics:
         "latency",
         "outcomes",
         "partitions",
+        "transactions",
+        "tx_events",
     )
 
     def __init__(self, function: str) -> None:
-        self.outcomes = {o: INVOCATIONS.labels(function, o) for o in ("ok", "retry", "error", "suspended", "queued")}
+        self.outcomes = {o: INVOCATIONS.labels(function, o)
+                         for o in ("ok", "retry", "error", "suspended", "queued", "prepared")}
+        self.transactions = {o: TRANSACTIONS.labels(function, o) for o in ("committed", "aborted")}
+        self.tx_events: dict[str, prometheus_client.Counter] = {}
+        self._function = function
         self.latency = INVOCATION_SECONDS.labels(function)
         self.commits = COMMITS.labels(function)
         self.batch = COMMIT_BATCH.labels(function)
@@ -78,6 +97,12 @@ class FunctionMetrics:
 
     def outcome(self, label: str) -> prometheus_client.Counter:
         return self.outcomes[label]
+
+    def tx_event(self, event: str) -> prometheus_client.Counter:
+        counter = self.tx_events.get(event)
+        if counter is None:
+            counter = self.tx_events[event] = TRANSACTION_PARTICIPANTS.labels(self._function, event)
+        return counter
 
 
 async def handle_metrics(_: web.Request) -> web.Response:

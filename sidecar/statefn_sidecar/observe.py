@@ -25,8 +25,10 @@ def start_invocations(outcomes: Iterable[planner.Outcome], function: str, partit
         msg = oc.item.message
         if msg is None or oc.item.kind not in items.RUNNABLE:
             continue
+        # A 2PC decision or inquiry runs no handler: its span is named for the phase ("tx.commit bank/account").
+        name = f"tx.{msg.handler[1:]} {function}" if msg.is_tx_control else f"invoke {function}.{msg.handler}"
         oc.span = tracer.start_span(
-            f"invoke {function}.{msg.handler}", context=tracing.extract(msg.traceparent),
+            name, context=tracing.extract(msg.traceparent),
             kind=trace.SpanKind.CONSUMER,
             attributes={tracing.FUNCTION: function, tracing.KEY: msg.key, tracing.HANDLER: msg.handler,
                         tracing.ATTEMPT: msg.attempt, tracing.PARTITION: partition,
@@ -60,12 +62,16 @@ def committed(m: metrics.FunctionMetrics, outcomes: list[planner.Outcome], txn_b
     now = time.monotonic()
     ran = 0
     for oc in outcomes:
+        for decision in oc.tx_decisions:
+            m.transactions[decision].inc()
+        if oc.tx_event is not None:
+            m.tx_event(oc.tx_event).inc()
         if oc.item.kind not in items.RUNNABLE:
             if oc.dead_letter is not None:
                 m.dead_letters.inc()  # an undecodable message
             continue
         label = oc.label
-        if label == "dropped":
+        if label in ("dropped", "control"):
             continue
         ran += 1
         m.outcome(label).inc()

@@ -100,15 +100,16 @@ class PartitionWorker:
         self.epoch = epoch
         t = self._etcd.transactions
         k = self.keys
-        _, (chan_in, chan_out, pending, stored_timers, suspended, queued, marker) = await self._etcd.transaction(
-            compare=[],
-            success=[t.get(p, layout.prefix_end(p)) for p in
-                     (k.chan_in_prefix, k.chan_out_prefix, k.outbox_prefix, k.timers_prefix,
-                      k.suspended_prefix, k.inbox_prefix)]
-            + [t.get(k.commit_marker)],
-            failure=[],
-        )
-        self.locks.load([v for v, _ in suspended], [(kv.key, v) for v, kv in queued])
+        _, (chan_in, chan_out, pending, stored_timers, suspended, queued, prepared, marker) = \
+            await self._etcd.transaction(
+                compare=[],
+                success=[t.get(p, layout.prefix_end(p)) for p in
+                         (k.chan_in_prefix, k.chan_out_prefix, k.outbox_prefix, k.timers_prefix,
+                          k.suspended_prefix, k.inbox_prefix, k.prepared_prefix)]
+                + [t.get(k.commit_marker)],
+                failure=[],
+            )
+        self.locks.load([v for v, _ in suspended], [(kv.key, v) for v, kv in queued], [v for v, _ in prepared])
         self._chan_in.update({kv.key[len(k.chan_in_prefix):].decode(): tuple(_codec.unpack(v)) for v, kv in chan_in})
         self._chan_out.update({kv.key[len(k.chan_out_prefix):].decode(): _codec.unpack(v) for v, kv in chan_out})
         self._trimmed_upto = dict(self._chan_out)
@@ -317,7 +318,7 @@ class PartitionWorker:
         self._chan_in.update(eff.chan_in)
         self._chan_out.update(eff.chan_out)
         self._trimmed_upto.update(eff.trimmed)
-        self.locks.apply(eff.suspended, eff.queued, eff.dequeued)
+        self.locks.apply(eff.suspended, eff.queued, eff.dequeued, eff.prepared)
         for tkey in eff.timers_removed:
             self._timers.remove(tkey)
         for due, tkey, payload in eff.timers_added:

@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from statefn import _codec, _constants, _envelope, _errors, _naming, _wire
-from statefn_sidecar import commit, items, keylocks, layout, outbox, suspension
+from statefn_sidecar import commit, items, keylocks, layout, outbox, suspension, timers, twophase
 
 DLQ_TARGET = "~dlq"
 # Bundles are split so a NATS message stays well under the default max_payload (1 MiB).
@@ -36,16 +36,22 @@ class Outcome:
     delayed: list[tuple[int, str, _envelope.Message]] = dataclasses.field(default_factory=list)
     reply: _envelope.Reply | None = None       # the final reply (and idempotency record)
     retry_at_ms: int | None = None             # schedule another attempt
+    restart: bool = False                      # ...from scratch, not from its journal (an aborted transaction)
     dead_letter: dict[str, Any] | None = None
     suspend: suspension.Suspension | None = None  # waits for a call's reply (or a resume timer)
     queued: keylocks.Queued | None = None         # its key is locked: it joins the key's inbox
     dropped: bool = False                         # a reply nobody waits for: bookkeeping only
+    prepare: twophase.Prepared | None = None      # staged for a transaction: write the record, lock the key
+    decided: twophase.Prepared | None = None      # its transaction decided: drop the record, unlock the key
+    tx_event: str | None = None                   # what a 2PC message did, for the metrics (participants)
+    tx_decisions: list[str] = dataclasses.field(default_factory=list)  # "committed"/"aborted" (coordinators)
     started: float = dataclasses.field(default_factory=time.monotonic)  # for the latency histogram
     span: Any = None                           # the invocation's span while tracing is on
 
     @property
     def label(self) -> str:
-        """ok, retry, error (terminal: answered with the error and dead-lettered), suspended, queued or dropped."""
+        """ok, retry, error (terminal: answered with the error and dead-lettered), suspended, queued, prepared;
+        dropped or control when no handler ran (a reply nobody waits for; a 2PC decision, inquiry or refusal)."""
         if self.retry_at_ms is not None:
             return "retry"
         if self.dead_letter is not None:
@@ -54,15 +60,21 @@ class Outcome:
             return "suspended"
         if self.queued is not None:
             return "queued"
-        return "dropped" if self.dropped else "ok"
+        if self.dropped:
+            return "dropped"
+        if self.item.kind in items.RUNNABLE and self.item.message is not None and self.item.message.is_prepare:
+            return "prepared" if self.prepare is not None else "control"  # staged, or died under wait-die
+        return "control" if self.tx_event is not None else "ok"
 
     def fail(self, error: _wire.ErrorInfo, dead_letter: dict[str, Any]) -> None:
         self.state.clear()
-        self.sends.clear()
+        # Decisions of transactions it ended still go out: prepared participants wait for them.
+        self.sends[:] = [s for s in self.sends if s.message.is_tx_control]
         self.delayed.clear()
         self.retry_at_ms = None
         self.suspend = None
         self.queued = None
+        self.prepare = None
         self.reply = _envelope.Reply(ok=False, error=error)
         self.dead_letter = dead_letter
 
@@ -83,6 +95,7 @@ class Effects:
     suspended: dict[str, suspension.Suspension | None] = dataclasses.field(default_factory=dict)
     queued: list[keylocks.Queued] = dataclasses.field(default_factory=list)
     dequeued: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
+    prepared: dict[str, twophase.Prepared | None] = dataclasses.field(default_factory=dict)
 
 
 def dead_letter_record(fn: _naming.FunctionType, partition: int, item: items.Item,
@@ -198,6 +211,12 @@ class Planner:
         if oc.item.inbox_key is not None:
             ops += 1
             size += len(oc.item.inbox_key) + 64
+        if oc.prepare is not None or oc.decided is not None:  # the record, and its inquiry timer
+            ops += 4
+            size += (oc.prepare.size if oc.prepare else 0) + 512
+        if oc.suspend is not None and oc.suspend.tx is not None:  # the coordinator's timeout timer
+            ops += 2
+            size += 1024
         return ops, size, compares
 
     def _add(self, txn: commit.Txn, eff: Effects, oc: Outcome,
@@ -238,10 +257,12 @@ class Planner:
             eff.state.setdefault(key, {})[name] = value
         for s in oc.sends:
             pending.setdefault(s.target.token, []).append((s, _codec.pack(s.message.to_plain())))
+        self._add_prepared(txn, eff, oc)
         msg = item.message
         if oc.reply is not None and msg is not None and msg.caller is not None:
+            vote = (str(self.fn), msg.key, msg.tx) if oc.prepare is not None and msg.tx is not None else None
             response = _envelope.response_message(msg.caller, oc.reply, origin=f"{self.fn}:{msg.key}",
-                                                  traceparent=msg.traceparent)
+                                                  traceparent=msg.traceparent, prepared=vote)
             back = Send(_naming.PartitionId(_naming.FunctionType.parse(msg.caller.function), msg.caller.partition),
                         response)
             pending.setdefault(back.target.token, []).append((back, _codec.pack(response.to_plain())))
@@ -249,11 +270,14 @@ class Planner:
             self._add_timer(txn, eff, due_ms, timer_payload_send(function, message))
         if oc.retry_at_ms is not None:
             assert msg is not None
-            if item.resume is not None:  # run again from its journal, which the suspension record keeps
+            if item.resume is not None and not oc.restart:  # run again from its journal, kept in the record
                 payload = timer_payload_resume(msg.key, msg.attempt + 1)
             else:
                 retry = dataclasses.replace(msg, attempt=msg.attempt + 1)
-                payload = timer_payload_retry(item.id, retry, item.idem_pending)
+                # A restart is a new invocation: replies and votes still on their way to the old one find
+                # no call of the new one waiting for them.
+                inv_id = f"{item.resume.invocation_id.split('/')[0]}/{msg.attempt + 1}" if item.resume else item.id
+                payload = timer_payload_retry(inv_id, retry, item.idem_pending)
             self._add_timer(txn, eff, oc.retry_at_ms, payload)
         if oc.dead_letter is not None:
             oc.dead_letter["partition"] = self.keys.partition
@@ -270,11 +294,29 @@ class Planner:
             eff.entries.append(entry)
             eff.chan_out[DLQ_TARGET] = seq
 
+    def _add_prepared(self, txn: commit.Txn, eff: Effects, oc: Outcome) -> None:
+        """Write a participant's prepared record (arming its inquiry timer), or drop it once decided."""
+        staged = oc.prepare
+        if staged is not None:
+            if not staged.timer:
+                payload = twophase.timer_payload_inquire(staged.key, staged.tx.id)
+                staged.timer = self._add_timer(txn, eff, timers.now_ms() + int(staged.tx.timeout * 1000), payload)
+            txn.put(self.keys.prepared(staged.key), staged.encode())
+            eff.prepared[staged.key] = staged
+        if oc.decided is not None:
+            txn.delete(self.keys.prepared(oc.decided.key))
+            self._cancel_timer(txn, eff, oc.decided.timer)
+            eff.prepared[oc.decided.key] = None
+
     def _add_suspension(self, txn: commit.Txn, eff: Effects, oc: Outcome) -> None:
         """Write or drop the suspension record, and queue the item in its key's inbox if it must wait."""
         item = oc.item
+        if item.resume is not None:  # the prepare it waited for has its vote: its timeout is moot
+            self._cancel_timer(txn, eff, item.resume.timer)
         if oc.suspend is not None:
             key = oc.suspend.message.key
+            if oc.suspend.tx is not None and oc.suspend.waiting and not oc.suspend.timer:
+                oc.suspend.timer = self._arm_vote_timeout(txn, eff, oc.suspend)
             txn.put(self.keys.suspended(key), oc.suspend.encode())
             eff.suspended[key] = oc.suspend
         elif item.resume is not None:  # it ended (reply or error): the key is unlocked
@@ -285,10 +327,33 @@ class Planner:
             txn.put(oc.queued.etcd_key, suspension.queued_entry(oc.queued.message, oc.queued.item_id))
             eff.queued.append(oc.queued)
 
-    def _add_timer(self, txn: commit.Txn, eff: Effects, due_ms: int, payload: bytes) -> None:
+    def _arm_vote_timeout(self, txn: commit.Txn, eff: Effects, record: suspension.Suspension) -> bytes:
+        """A coordinator waits for a vote at most its transaction's timeout: then a timeout reply resumes it.
+
+        The reply is a delayed send to the coordinator's own key; if the vote came first, the
+        coordinator no longer waits for that call and the late timeout is dropped like any stale reply.
+        """
+        assert record.tx is not None
+        msg = record.message
+        caller = _envelope.CallerAddress(str(self.fn), self.keys.partition, msg.key, record.waiting)
+        error = _wire.ErrorInfo(kind=_errors.KIND_TX_TIMEOUT,
+                                message=f"no vote within the transaction's timeout of {record.tx.timeout:g}s")
+        timeout = _envelope.response_message(caller, _envelope.Reply(ok=False, error=error),
+                                             origin=f"{self.fn}:{msg.key}", traceparent=msg.traceparent)
+        due_ms = timers.now_ms() + int(record.tx.timeout * 1000)
+        return self._add_timer(txn, eff, due_ms, timer_payload_send(str(self.fn), timeout))
+
+    def _add_timer(self, txn: commit.Txn, eff: Effects, due_ms: int, payload: bytes) -> bytes:
         tkey = self.keys.timer(due_ms, uuid.uuid4().hex[:16])
         txn.put(tkey, payload)
         eff.timers_added.append((due_ms, tkey, payload))
+        return tkey
+
+    @staticmethod
+    def _cancel_timer(txn: commit.Txn, eff: Effects, tkey: bytes) -> None:
+        if tkey:
+            txn.delete(tkey)
+            eff.timers_removed.append(tkey)
 
     def _next_seq(self, target: str) -> int:
         seq = self._chan_out.get(target, 0) + 1

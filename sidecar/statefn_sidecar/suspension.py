@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from statefn import _codec, _envelope
+from statefn import _codec, _envelope, _wire
 
 
 @dataclasses.dataclass(slots=True)
@@ -20,18 +20,23 @@ class Suspension:
     journal: list[bytes] = dataclasses.field(default_factory=list)  # encoded replies, one per call
     sends_done: int = 0
     waiting: str = ""  # the call id whose reply resumes it; "" while a retry timer is due
+    # Inside a transaction: the transaction its coordinator runs (it holds this key under wait-die),
+    # and the timer that answers the prepare it waits for with a timeout ("" until its commit arms one).
+    tx: _wire.TxInfo | None = None
+    timer: bytes = b""
 
     def call_id(self, index: int) -> str:
         return f"{self.invocation_id}#{index}"
 
     def encode(self) -> bytes:
         return _codec.pack([self.invocation_id, self.message.to_plain(), self.journal, self.sends_done,
-                            self.waiting])
+                            self.waiting, self.tx.to_plain() if self.tx else None, self.timer])
 
     @classmethod
     def decode(cls, data: bytes) -> Suspension:
-        inv_id, plain, journal, sends_done, waiting = _codec.unpack(data)
-        return cls(inv_id, _envelope.Message.from_plain(plain), list(journal), sends_done, waiting)
+        inv_id, plain, journal, sends_done, waiting, tx, timer = _codec.unpack(data)
+        return cls(inv_id, _envelope.Message.from_plain(plain), list(journal), sends_done, waiting,
+                   _wire.TxInfo.from_plain(tx), timer)
 
     @property
     def size(self) -> int:

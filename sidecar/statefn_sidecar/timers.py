@@ -55,6 +55,10 @@ class TimerHeap:
                 _, target_key, attempt = raw
                 out.append(items.Item(kind=items.Kind.RESUME, id=key.decode(), timer_key=key,
                                       message=_envelope.Message(key=target_key, handler="", args={}, attempt=attempt)))
+            elif raw[0] == "inquire":  # the key may still be prepared for that transaction
+                _, target_key, tx_id = raw
+                out.append(items.Item(kind=items.Kind.INQUIRE, id=key.decode(), timer_key=key,
+                                      message=_envelope.Message(key=target_key, handler="", args={"tx": tx_id})))
             else:
                 _, function, plain = raw
                 out.append(items.Item(kind=items.Kind.DELAYED_SEND, id=key.decode(),

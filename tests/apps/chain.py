@@ -58,6 +58,22 @@ async def trip(ctx: Context, key: str) -> str:
         return "compensated"
 
 
+@front.handler
+async def move(ctx: Context, keys: list[str]) -> int:
+    """A transaction over the front's own key and the back's keys: its phases show in the trace."""
+    async with ctx.transaction() as tx:
+        await tx.call(str(front.type), ctx.key, "count")
+        for k in keys:
+            await tx.call(str(back.type), k, "record", origin=ctx.key)
+    return len(keys)
+
+
+@front.handler
+async def count(ctx: Context) -> int:
+    ctx[calls] += 1
+    return ctx[calls]
+
+
 @back.handler
 async def unrecord(ctx: Context) -> int:
     ctx[received] -= 1
