@@ -1,6 +1,6 @@
 """The functions the platform workloads drive: a keyed counter, a fan-out that sends to counters, and
 a relay that makes a durable call to the counter of the same key and returns its reply, and a
-booking that runs a two-step saga over counters.
+booking that runs a two-step saga over counters, and a transfer that runs a transaction over two counters.
 
 It is a module (not built inside a workload) because two kinds of child process import it by
 name: the remote function server (``counter_remote``) and the sidecar whose memory is measured
@@ -24,6 +24,8 @@ RELAY_NAME = "relay"
 RELAY_HANDLER = "forward"
 SAGA_NAME = "booking"
 SAGA_HANDLER = "book"
+TX_NAME = "transfer"
+TX_HANDLER = "move"
 
 
 def function_type(namespace: str) -> str:
@@ -40,6 +42,10 @@ def relay_type(namespace: str) -> str:
 
 def saga_type(namespace: str) -> str:
     return f"{namespace}/{SAGA_NAME}"
+
+
+def tx_type(namespace: str) -> str:
+    return f"{namespace}/{TX_NAME}"
 
 
 def fanout_keys(prefix: str, n: int) -> list[str]:
@@ -86,7 +92,18 @@ def make_app(namespace: str) -> statefn.App:
             await saga.call(function_type(namespace), f"{ctx.key}-b", HANDLER, compensate=(HANDLER, {"by": -1}))
         return first
 
-    return statefn.App(counter, fanout, relay, booking)
+    # A transaction over two counters (this key's, then "<key>-b"): two prepares, five commits before the
+    # reply, then each participant's commit of the decision; it returns the first counter's value.
+    transfer = StatefulFunction(tx_type(namespace))
+
+    @transfer.handler
+    async def move(ctx: Context) -> int:
+        async with ctx.transaction() as tx:
+            first: int = await tx.call(function_type(namespace), ctx.key, HANDLER)
+            await tx.call(function_type(namespace), f"{ctx.key}-b", HANDLER)
+        return first
+
+    return statefn.App(counter, fanout, relay, booking, transfer)
 
 
 app = make_app(os.environ.get(NS_ENV, "bench"))

@@ -36,6 +36,8 @@ CALL_SINGLE = "call_embedded_single"
 CALL = "call_embedded"
 FLOOR_SAGA = "floor_saga"
 SAGA_SINGLE = "saga_embedded_single"
+TX_SINGLE = "tx_embedded_single"
+TX = "tx_embedded"
 # Keys one fan-out invocation sends to.
 FANOUTS = (10, 100)
 SWEEP_PREFIX = "sweep_"  # registry names of sweeps; their key in the JSON's "sweeps" drops it
@@ -48,6 +50,8 @@ class Sizes:
     call_single: int = 500
     call_load: int = 5_000
     saga_single: int = 300
+    tx_single: int = 300
+    tx_load: int = 3_000
     floor_warmup: int = 100
     floor_batched: int = 20_000
     single: int = 1_000
@@ -72,8 +76,8 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(floor_single=50, floor_call=20, call_single=20, call_load=100, saga_single=10,
-              floor_warmup=5, floor_batched=512, single=30, single_keys=10, load=300,
+QUICK = Sizes(floor_single=50, floor_call=20, call_single=20, call_load=100, saga_single=10, tx_single=10,
+              tx_load=100, floor_warmup=5, floor_batched=512, single=30, single_keys=10, load=300,
               load_keys=50, concurrency=32, remote=200, memory_keys=500, sweep_levels=(1, 4, 32), sweep_min=40,
               sweep_per_flight=4, fanout_messages=30)
 
@@ -183,6 +187,14 @@ REGISTRY: tuple[Workload, ...] = (
     Workload(SAGA_SINGLE, lambda e, tick: workloads.load(
         e.p, count=e.sizes.saga_single, key_count=e.sizes.single_keys, concurrency=1, tick=tick, prefix="s"),
         lambda s: s.saga_single, platform=workloads.sagas, throughput_floor=FLOOR_SAGA, p50_floor=FLOOR_SAGA),
+    # A transaction over two counters: its reply waits for the same five hops as the saga (the participants
+    # apply the decision after it); many in flight against the batched floor (seven commits each).
+    Workload(TX_SINGLE, lambda e, tick: workloads.load(
+        e.p, count=e.sizes.tx_single, key_count=e.sizes.single_keys, concurrency=1, tick=tick, prefix="s"),
+        lambda s: s.tx_single, platform=workloads.transactions, throughput_floor=FLOOR_SAGA, p50_floor=FLOOR_SAGA),
+    Workload(TX, lambda e, tick: workloads.load(
+        e.p, count=e.sizes.tx_load, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
+        lambda s: s.tx_load, platform=workloads.transactions),
     Workload(REMOTE, lambda e, tick: workloads.load(
         e.p, count=e.sizes.remote, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
         lambda s: s.remote, platform=workloads.remote),

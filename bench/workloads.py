@@ -13,7 +13,8 @@ Platforms (where the handlers run and how the sidecar is hosted):
 - ``fanout``: like ``embedded``, hosting the fan-out function as well as the counter it sends to;
 - ``calls``: like ``embedded``, hosting the relay too, and driving the relay: each invocation is a
   durable call to the counter of the same key, whose reply the relay returns (checked the same way);
-- ``sagas``: likewise with the booking, a saga of two steps (two counters) returning the first's value.
+- ``sagas``: likewise with the booking, a saga of two steps (two counters) returning the first's value;
+- ``transactions``: likewise with the transfer, a transaction over two counters returning the first's value.
 
 The other platforms host only the counter (``SidecarConfig.functions``), so an idle fan-out
 function's partitions do not cost the counter workloads anything.
@@ -181,6 +182,11 @@ def calls(nats_url: str, etcd_endpoint: str) -> contextlib.AbstractAsyncContextM
     return _driving(nats_url, etcd_endpoint, bench_app.relay_type, bench_app.RELAY_HANDLER)
 
 
+def transactions(nats_url: str, etcd_endpoint: str) -> contextlib.AbstractAsyncContextManager[Platform]:
+    """Driving the transfer: each invocation a transaction over two counters, returning the first's value."""
+    return _driving(nats_url, etcd_endpoint, bench_app.tx_type, bench_app.TX_HANDLER)
+
+
 def sagas(nats_url: str, etcd_endpoint: str) -> contextlib.AbstractAsyncContextManager[Platform]:
     """Driving the booking: each invocation a two-step saga over counters, returning the first's value."""
     return _driving(nats_url, etcd_endpoint, bench_app.saga_type, bench_app.SAGA_HANDLER)
@@ -283,6 +289,12 @@ async def _check_state(p: Platform, expected: collections.Counter[str]) -> None:
     keys = sorted(expected)
     counts = dict(zip(keys, await asyncio.gather(*(read(k) for k in keys)), strict=True))
     wrong = {k: (counts[k], expected[k]) for k in keys if counts[k] != expected[k]}
+    for _ in range(50):  # a transaction's reply comes with its decision; the participants apply it just after
+        if not wrong:
+            break
+        await asyncio.sleep(0.1)
+        counts.update(zip(wrong, await asyncio.gather(*(read(k) for k in wrong)), strict=True))
+        wrong = {k: (counts[k], expected[k]) for k in keys if counts[k] != expected[k]}
     if wrong:
         raise LostWork(f"committed counters differ from invocations sent for {len(wrong)} keys, "
                        f"e.g. {dict(list(wrong.items())[:5])} (got, sent)")
@@ -342,7 +354,9 @@ def _sidecar_notes(before: collections.Counter[str], after: collections.Counter[
     """What the sidecar did meanwhile: how well it batched, and whether callers had to re-send."""
     d = after - before
     per_commit = d["invocations"] / d["commits"] if d["commits"] else 0.0
-    return f"{per_commit:.1f} invocations per commit, {d['duplicates']} re-sent requests"
+    # Retries here are transactions run again after dying under wait-die (the bench's handlers never Retry).
+    retried = f", {d['retries']} retried" if d["retries"] else ""
+    return f"{per_commit:.1f} invocations per commit, {d['duplicates']} re-sent requests{retried}"
 
 
 async def single(p: Platform, *, count: int, key_count: int, tick: stats.Tick) -> stats.Result:

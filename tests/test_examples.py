@@ -19,4 +19,6 @@ def test_counter_demo() -> None:
     assert out.stdout.count("│ ok │") == 25
     assert "200 payments by durable calls" in out.stdout
     assert "190 paid, 10 declined (insufficient funds) as expected" in out.stdout
+    assert "100 moves by transactions" in out.stdout
+    assert "90 moved, 10 declined (insufficient funds, nothing moved) as expected" in out.stdout
     assert "WRONG" not in out.stdout

@@ -17,7 +17,7 @@ from aiohttp import web
 import statefn
 from statefn import _serve
 from statefn_sidecar import config, devservers, invoker, sidecar
-from tests import helpers, test_calls, test_semantics
+from tests import helpers, test_calls, test_semantics, test_transactions
 
 
 @contextlib.asynccontextmanager
@@ -161,3 +161,19 @@ async def test_remote_mode_durable_calls(nats_server, etcd_server, namespace) ->
                 break
             await asyncio.sleep(0.1)
         assert await c.get_state(shop.audit, "r2") == {"entries": ["placing c"]}
+
+
+async def test_remote_mode_transactions(nats_server, etcd_server, namespace) -> None:
+    """Prepares, staged effects, decisions and a failed run's abort cross the HTTP protocol as embedded."""
+    bank = test_transactions.Bank(namespace)
+    port = devservers.free_port()
+    async with function_server(bank.app, port), \
+            remote_sidecar(f"http://127.0.0.1:{port}", nats_server, etcd_server, bank.app), \
+            helpers.client(nats_server, etcd_server, timeout=20) as c:
+        assert await c.invoke(bank.account, "alice", "transfer", to="bob", amount=30, ref="t1") == [70, 130]
+        with pytest.raises(statefn.InvocationFailed):
+            await c.invoke(bank.account, "carol", "transfer", to="closed-1", amount=5)
+        await test_transactions.settled(etcd_server, bank, timeout=3)
+        assert await test_transactions.balances(c, bank, "alice", "bob", "carol") == {
+            "alice": 70, "bob": 130, "carol": 100}
+        assert await c.invoke(bank.account, "gus", "move_twice", source="hal", target="ida") == 115

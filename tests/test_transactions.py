@@ -25,6 +25,7 @@ class Bank:
     def __init__(self, ns: str) -> None:
         self.runs: collections.Counter[str] = collections.Counter()
         self.gates: dict[str, asyncio.Event] = {}
+        self.ages: collections.defaultdict[str, list[float]] = collections.defaultdict(list)
         account = StatefulFunction(f"{ns}/account", max_attempts=10, backoff_initial=0.05, backoff_max=0.5)
         balance = account.state("balance", int, default=100)
         history = account.state("history", list[str], default=[])
@@ -65,6 +66,7 @@ class Bank:
             """DESIGN.md's example: the coordinator's own key takes part."""
             self.runs[f"transfer {ctx.key}"] += 1
             async with ctx.transaction(timeout=timeout) as tx:
+                self.ages[ctx.key].append(tx.age)
                 left = await tx.call(self.account, ctx.key, "withdraw", amount=amount, ref=ref)
                 now = await tx.call(self.account, to, "deposit", amount=amount, ref=ref)
             return [left, now]
@@ -188,7 +190,8 @@ async def test_a_participant_voting_no_aborts_the_others(bank, nats_server, etcd
         with pytest.raises(statefn.InvocationFailed) as err:
             await c.invoke(bank.account, "carol", "transfer", to="closed-1", amount=30, ref="t2")
         assert "closed-1 is closed" in err.value.message
-        await settled(etcd_server, bank)
+        # The abort goes out with the failed run's commit: well before the participant would ask (10 s).
+        await settled(etcd_server, bank, timeout=3)
         # carol's withdrawal was prepared (it ran, and voted yes), then aborted: nothing of it remains.
         assert bank.runs["withdraw carol"] == 1
         assert await c.invoke(bank.account, "carol", "read") == [100, []]
@@ -286,6 +289,9 @@ async def test_a_transaction_that_died_runs_again_from_scratch_once_its_key_is_f
         assert await c.invoke(bank.account, "young", "transfer", to="x", amount=2, ref="r") == [98, 103]
         assert await older == [101, "rested"]
         assert bank.runs["transfer young"] >= 3  # died at x (run, replayed with the refusal), then ran again
+        # Each run's transaction has the first one's age: a restarted transaction only gets older (no starvation).
+        ages = bank.ages["young"]
+        assert len(ages) == bank.runs["transfer young"] and len(set(ages)) == 1
         await settled(etcd_server, bank)
         assert await balances(c, bank, "young", "x") == {"young": 98, "x": 103}
         assert await c.invoke(bank.account, "young", "read") == [98, ["-2"]]  # the aborted try left nothing

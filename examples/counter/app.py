@@ -1,4 +1,4 @@
-"""A keyed counter, a bank account, and payments that move money between accounts by durable calls.
+"""A keyed counter, a bank account, and money moved between accounts by durable calls and by transactions.
 
 Run them with ``statefn dev examples.counter.app:app`` or ``make demo``.
 """
@@ -23,7 +23,8 @@ async def get(ctx: Context) -> int:
     return ctx[count]
 
 
-account = StatefulFunction("bank/account")
+# A transaction that dies under wait-die is run again (with its age kept): allow it a few tries.
+account = StatefulFunction("bank/account", max_attempts=20)
 balance = account.state("balance", int, default=0)
 
 
@@ -51,6 +52,24 @@ async def transfer(ctx: Context, to: str, amount: int) -> int:
     ctx[balance] -= amount
     ctx.send("bank/account", to, "deposit", amount=amount)
     return ctx[balance]
+
+
+@account.handler
+async def move(ctx: Context, to: str, amount: int) -> str:
+    """Withdraw here and deposit at ``to`` in one transaction (two-phase commit): both happen, or neither.
+
+    This account takes part itself. A withdrawal that fails votes no and nothing moves. A conflict
+    with another transaction (wait-die) propagates, and the platform runs the move again.
+    """
+    try:
+        async with ctx.transaction() as tx:
+            await tx.call("bank/account", ctx.key, "withdraw", amount=amount)
+            await tx.call("bank/account", to, "deposit", amount=amount)
+    except statefn.TransactionAborted:
+        raise
+    except statefn.CallFailed as exc:
+        return f"declined: {exc.message}"
+    return "moved"
 
 
 payment = StatefulFunction("bank/payment")

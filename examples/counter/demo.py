@@ -27,6 +27,7 @@ INCREMENTS = 3000
 ACCOUNTS = 5
 TRANSFERS_PER_ACCOUNT = 50
 PAYMENTS = 200
+MOVES = 100
 IN_FLIGHT = 64
 console = Console()
 
@@ -100,17 +101,38 @@ async def _exercise(c: statefn.Client) -> int:
         payments.append(lambda i=i, s=source, t=target, n=amount: c.invoke(
             "bank/payment", f"pay-{i}", "pay", source=s, target=t, amount=n, idempotency_key=f"pay-{i}"))
 
+    # Moves: one transaction each (this account's withdrawal and the other's deposit commit together);
+    # every 10th asks too much: its withdrawal votes no and neither side changes.
+    moves = []
+    move_replies: collections.Counter[str] = collections.Counter()
+    refused_expected = 0
+    for i in range(MOVES):
+        source, target = accounts[i % ACCOUNTS], accounts[(i + 3) % ACCOUNTS]
+        amount = 10**6 if i % 10 == 9 else 1 + i % 5
+        if amount < 10**6:
+            balances[source] -= amount
+            balances[target] += amount
+        else:
+            refused_expected += 1
+
+        async def one_move(s: str = source, t: str = target, n: int = amount, i: int = i) -> None:
+            reply = await c.invoke("bank/account", s, "move", to=t, amount=n, idempotency_key=f"move-{i}")
+            move_replies[str(reply).split(":")[0]] += 1
+        moves.append(one_move)
+
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         t_inc = await _run_all(increments, progress, "counter increments")
         await _run_all(deposits, progress, "bank deposits")
         t_tr = await _run_all(transfers, progress, "bank transfers")
         t_pay = await _run_all(payments, progress, "payments (durable calls)")
+        t_move = await _run_all(moves, progress, "moves (transactions)")
     outcomes: collections.Counter[str] = collections.Counter()
     for i in range(PAYMENTS):
         outcomes[(await c.get_state("bank/payment", f"pay-{i}")).get("outcome", "?").split(":")[0]] += 1
 
-    # Transfers deposit on the receiving side through a one-way message: wait until delivered.
+    # Transfers deposit on the receiving side through a one-way message, and a transaction's participants
+    # apply its commit just after its reply: wait until delivered.
     got_accounts: dict[str, int] = {}
     for _ in range(100):
         got_accounts = {a: (await c.get_state("bank/account", a)).get("balance", 0) for a in accounts}
@@ -139,6 +161,11 @@ async def _exercise(c: statefn.Client) -> int:
     console.print(f"{PAYMENTS} payments by durable calls in {t_pay:.2f}s: {outcomes['paid']} paid, "
                   f"{outcomes['declined']} declined (insufficient funds) "
                   + ("[green]as expected[/]" if paid_ok else f"[red]expected {declined_expected} declined[/]"))
+    moved_ok = move_replies == collections.Counter(moved=MOVES - refused_expected, declined=refused_expected)
+    wrong += not moved_ok
+    console.print(f"{MOVES} moves by transactions in {t_move:.2f}s: {move_replies['moved']} moved, "
+                  f"{move_replies['declined']} declined (insufficient funds, nothing moved) "
+                  + ("[green]as expected[/]" if moved_ok else f"[red]expected {refused_expected} declined[/]"))
     if wrong:
         console.print(f"[red]{wrong} value(s) wrong[/]")
         return 1

@@ -36,6 +36,7 @@ class Context:
         attempt: int = 1,
         journal: list[bytes] | None = None,
         participant: bool = False,
+        tx_age: float | None = None,
     ) -> None:
         self._function = function
         self._key = key
@@ -52,7 +53,7 @@ class Context:
         self._random: random.Random | None = None
         self._participant = participant  # runs tentatively as a transaction's participant
         self._tx_count = 0
-        self._tx_ts: float | None = None
+        self._tx_ts: float | None = tx_age
         self._in_tx = False
         self._decided: list[list[str]] = []  # transactions decided past the journal: [id, outcome]
         self._worked = False  # made a durable call or ran a side effect outside a transaction

@@ -28,11 +28,14 @@ class Message:
     caller: CallerAddress | None = None
     # A transaction's prepare (runs tentatively), decision or inquiry: the transaction it belongs to.
     tx: _wire.TxInfo | None = None
+    # An invocation run again after its transaction died: that transaction's age, which its next
+    # transactions keep, so under wait-die it only gets older and cannot starve.
+    tx_age: float | None = None
 
     def to_plain(self) -> list[Any]:
         return [self.key, self.handler, self.args, self.origin, self.traceparent, self.reply_to,
                 self.idempotency_key, self.attempt, self.caller.to_plain() if self.caller else None,
-                self.tx.to_plain() if self.tx else None]
+                self.tx.to_plain() if self.tx else None, self.tx_age]
 
     @property
     def is_response(self) -> bool:
@@ -45,6 +48,8 @@ class Message:
             msg.caller = CallerAddress(*raw[8])
         if len(raw) > 9:
             msg.tx = _wire.TxInfo.from_plain(raw[9])
+        if len(raw) > 10:
+            msg.tx_age = raw[10]
         return msg
 
     @property

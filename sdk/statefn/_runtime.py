@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import Any
 
 import pydantic
@@ -15,6 +16,7 @@ import pydantic
 from statefn import _codec, _context, _errors, _function, _tracecontext, _transaction, _wire
 
 _log = logging.getLogger("statefn.runtime")
+_CONFLICT_BACKOFF_S = 0.005
 
 
 def _error(kind: str, exc: BaseException | str, *, retry: bool = False, after: float | None = None) -> _wire.ErrorInfo:
@@ -51,7 +53,8 @@ async def _invoke_one(
         return _wire.Result(id=inv.id, error=_error(
             _errors.KIND_INVALID_ARGUMENT, f"{fn.type}.{inv.handler}: {_validation_message(exc)}"))
     ctx = _context.Context(function=str(fn.type), key=key, specs=fn.states, stored=stored,
-                           invocation_id=inv.id, attempt=inv.attempt, journal=inv.journal, participant=inv.prepare)
+                           invocation_id=inv.id, attempt=inv.attempt, journal=inv.journal, participant=inv.prepare,
+                           tx_age=inv.tx_age)
     kwargs = {name: getattr(args, name) for name in type(args).model_fields}
     try:
         with _tracecontext.activated(inv.traceparent):
@@ -68,9 +71,11 @@ async def _invoke_one(
     except _errors.StateTooLarge as exc:
         return _failed(ctx, inv, _error(_errors.KIND_STATE_TOO_LARGE, exc))
     except _errors.TransactionAborted as exc:
-        # Restartable: run again from scratch by the sidecar once the key is unlocked; else terminal.
+        # Restartable: run again from scratch by the sidecar once the key is unlocked; else terminal. The
+        # transaction it gave way to is usually decided already, its decision on the way: try again soon.
+        after = _CONFLICT_BACKOFF_S * 2 ** min(inv.attempt - 1, 8) * random.uniform(0.5, 1.0)
         return _failed(ctx, inv, _wire.ErrorInfo(kind=exc.kind, message=str(exc), type=type(exc).__name__,
-                                                 retry=ctx._restartable(exc)))
+                                                 retry=ctx._restartable(exc), retry_after=after))
     except Exception as exc:
         _log.warning("%s(%r).%s failed (attempt %d)", fn.type, key, inv.handler, inv.attempt, exc_info=exc)
         return _failed(ctx, inv, _error(_errors.KIND_HANDLER, exc))

@@ -44,6 +44,12 @@ class Transaction:
         assert self._info is not None, "use the transaction as `async with ctx.transaction() as tx`"
         return self._info.id
 
+    @property
+    def age(self) -> float:
+        """Its timestamp under wait-die (seconds since the epoch): kept by every retry of the invocation."""
+        assert self._info is not None, "use the transaction as `async with ctx.transaction() as tx`"
+        return self._info.ts
+
     async def call(self, function: str, key: str, handler: str, **args: Any) -> Any:
         """Run ``handler`` on (function, key) as a participant; its reply is its yes vote.
 

@@ -49,6 +49,8 @@ class Invocation:
     sends_done: int = 0
     # A transaction participant's prepare: its effects are staged, not applied, until the decision.
     prepare: bool = False
+    # Run again after its transaction died: the age its transactions keep (wait-die); else its first one's time.
+    tx_age: float | None = None
 
 
 @dataclasses.dataclass(slots=True)

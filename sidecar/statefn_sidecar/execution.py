@@ -119,11 +119,12 @@ class Executor:
         traceparent = msg.traceparent if oc.span is None else observe.traceparent_of(oc)
         if item.resume is None:
             return _wire.Invocation(id=item.id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
-                                    origin=msg.origin, traceparent=traceparent, prepare=msg.is_prepare)
+                                    origin=msg.origin, traceparent=traceparent, prepare=msg.is_prepare,
+                                    tx_age=msg.tx_age)
         progress = self._progress(item)
         return _wire.Invocation(id=progress.invocation_id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
                                 origin=msg.origin, traceparent=traceparent, journal=progress.journal,
-                                sends_done=progress.sends_done)
+                                sends_done=progress.sends_done, tx_age=msg.tx_age)
 
     @staticmethod
     def _progress(item: items.Item) -> suspension.Suspension:

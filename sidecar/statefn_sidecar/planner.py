@@ -274,9 +274,13 @@ class Planner:
                 payload = timer_payload_resume(msg.key, msg.attempt + 1)
             else:
                 retry = dataclasses.replace(msg, attempt=msg.attempt + 1)
-                # A restart is a new invocation: replies and votes still on their way to the old one find
-                # no call of the new one waiting for them.
-                inv_id = f"{item.resume.invocation_id.split('/')[0]}/{msg.attempt + 1}" if item.resume else item.id
+                inv_id = item.id
+                if oc.restart and item.resume is not None:
+                    # A new invocation (votes still on their way to the old one find no call of the new one
+                    # waiting), whose transactions keep the age of the one that died.
+                    inv_id = f"{item.resume.invocation_id.split('/')[0]}/{msg.attempt + 1}"
+                    if item.resume.tx is not None:
+                        retry.tx_age = item.resume.tx.ts
                 payload = timer_payload_retry(inv_id, retry, item.idem_pending)
             self._add_timer(txn, eff, oc.retry_at_ms, payload)
         if oc.dead_letter is not None:
