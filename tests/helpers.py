@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aetcd
@@ -39,3 +40,11 @@ async def etcd(server: devservers.EtcdServer) -> AsyncIterator[aetcd.Client]:
     host, port = server.endpoint.rsplit(":", 1)
     async with aetcd.Client(host=host, port=int(port)) as client:
         yield client
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll ``check`` until it holds; fail the test if it does not within ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)

@@ -144,13 +144,6 @@ async def platform(shop: Shop, nats_server, etcd_server, **kw) -> AsyncIterator[
         yield c
 
 
-async def eventually(check, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_call_returns_the_reply_and_replays_without_repeating_sends(shop, nats_server, etcd_server) -> None:
     async with platform(shop, nats_server, etcd_server) as c:
         assert await c.invoke(shop.order, "o1", "place", item="apple", qty=3) == 7
@@ -161,7 +154,7 @@ async def test_call_returns_the_reply_and_replays_without_repeating_sends(shop, 
 
         async def audited() -> bool:
             return await c.get_state(shop.audit, "o1") == {"entries": ["placing apple"]}
-        await eventually(audited)
+        await helpers.eventually(audited)
         await asyncio.sleep(0.3)
         assert await audited()  # the send before the call went out once, not once per replay
 
@@ -198,7 +191,7 @@ async def test_messages_to_a_locked_key_wait_in_order(shop, nats_server, etcd_se
     async with platform(shop, nats_server, etcd_server, retry_interval=0.5) as c:
         placing = asyncio.create_task(c.invoke(shop.order, "o6", "place", item="lime", qty=1,
                                                idempotency_key="place-o6"))
-        await eventually(lambda: _exists(etcd_server, shop.order, "o6"))
+        await helpers.eventually(lambda: _exists(etcd_server, shop.order, "o6"))
         notes = [asyncio.create_task(c.invoke(shop.order, "o6", "note", text=f"n{i}")) for i in range(3)]
         await asyncio.sleep(1.5)  # the client re-sent ``place`` meanwhile: duplicates, not new runs
         assert not placing.done() and not any(n.done() for n in notes)
@@ -225,13 +218,13 @@ async def test_a_suspended_invocation_survives_its_sidecar_being_replaced(shop, 
             pass  # registers the inventory, then leaves: calls to it wait in its stream
         async with helpers.running_sidecar(shop.callers, nats_server, etcd_server):
             await c.send(shop.order, "o8", "place", item="nut", qty=5)
-            await eventually(lambda: _exists(etcd_server, shop.order, "o8"))
+            await helpers.eventually(lambda: _exists(etcd_server, shop.order, "o8"))
         assert shop.runs["place"] == 1
         async with helpers.running_sidecar(shop.callers, nats_server, etcd_server), \
                 helpers.running_sidecar(shop.callees, nats_server, etcd_server):
             async def placed() -> bool:
                 return (await c.get_state(shop.order, "o8")).get("status") == "placed"
-            await eventually(placed, timeout=20)
+            await helpers.eventually(placed, timeout=20)
             assert await c.get_state(shop.inventory, "nut") == {"stock": 5}
         assert shop.runs["place"] == 2 and shop.runs["reserve nut"] == 1
         assert not await _exists(etcd_server, shop.order, "o8")
@@ -268,11 +261,11 @@ async def test_a_copy_of_a_suspended_request_beside_its_reply_loses_nothing(
             pass  # registers the inventory
         async with helpers.running_sidecar(shop.callers, nats_server, etcd_server):
             await c.send(shop.order, "o9", "place", idempotency_key="place-o9", item="yam", qty=2)
-            await eventually(lambda: _exists(etcd_server, shop.order, "o9"))
+            await helpers.eventually(lambda: _exists(etcd_server, shop.order, "o9"))
         async with helpers.running_sidecar(shop.callees, nats_server, etcd_server):
             async def reserved() -> bool:
                 return await c.get_state(shop.inventory, "yam") == {"stock": 8}
-            await eventually(reserved)
+            await helpers.eventually(reserved)
             await asyncio.sleep(0.5)  # the reply is published to the order's stream, which nobody reads now
         copy = _envelope.Message(key="o9", handler="place", args={"item": "yam", "qty": 2},
                                  idempotency_key="place-o9")
@@ -280,7 +273,7 @@ async def test_a_copy_of_a_suspended_request_beside_its_reply_loses_nothing(
         async with helpers.running_sidecar(shop.callers, nats_server, etcd_server):
             async def placed() -> bool:
                 return (await c.get_state(shop.order, "o9")).get("status") == "placed"
-            await eventually(placed, timeout=15)
+            await helpers.eventually(placed, timeout=15)
             await asyncio.sleep(0.5)
             assert await c.get_state(shop.order, "o9") == {"log": ["place yam"], "status": "placed"}
             assert await c.get_state(shop.inventory, "yam") == {"stock": 8}

@@ -128,13 +128,6 @@ async def platform(bank: Bank, nats_server, etcd_server) -> AsyncIterator[statef
         yield c
 
 
-async def eventually(check, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 def deposit(bank: Bank, key: str, amount: int) -> list[object]:
     return [bank.account, key, "deposit", {"amount": amount}]
 
@@ -170,7 +163,7 @@ async def settled(etcd_server, bank: Bank, timeout: float = 10.0) -> None:
             if await stored_locks(etcd_server, function) != {"prepared": [], "suspended": []}:
                 return False
         return True
-    await eventually(no_locks, timeout)
+    await helpers.eventually(no_locks, timeout)
 
 
 async def test_a_transaction_commits_every_participant_including_its_own_key(bank, nats_server, etcd_server) -> None:
@@ -182,7 +175,7 @@ async def test_a_transaction_commits_every_participant_including_its_own_key(ban
         # A participant's messages are staged too, and go out once, on commit.
         async def audited() -> bool:
             return await c.get_state(bank.audit, "alice") == {"lines": ["t1 -30"]}
-        await eventually(audited)
+        await helpers.eventually(audited)
 
 
 async def test_a_participant_voting_no_aborts_the_others(bank, nats_server, etcd_server) -> None:
@@ -221,7 +214,7 @@ async def test_wait_die_a_younger_transaction_dies_at_a_key_an_older_one_holds(b
 
         async def x_prepared() -> bool:
             return bool((await stored_locks(etcd_server, bank.account))["prepared"])
-        await eventually(x_prepared)
+        await helpers.eventually(x_prepared)
         assert await c.invoke(bank.account, "young", "steps", steps=[deposit(bank, "x", 2)]) == "aborted: tx_conflict"
         assert await older == [101, "rested"]
         await settled(etcd_server, bank)
@@ -256,7 +249,7 @@ async def test_a_vote_later_than_the_timeout_aborts_and_releases_its_participant
 
         async def released() -> bool:  # s3 votes yes a second later, to nobody: it is told to abort
             return events(bank, "orphan_abort") == orphans + 1 and events(bank, "aborted", bank.slow) >= 1
-        await eventually(released)
+        await helpers.eventually(released)
         await settled(etcd_server, bank)
         assert bank.runs["nap s3"] == 1
 
@@ -285,7 +278,7 @@ async def test_a_transaction_that_died_runs_again_from_scratch_once_its_key_is_f
 
         async def x_prepared() -> bool:
             return bool((await stored_locks(etcd_server, bank.account))["prepared"])
-        await eventually(x_prepared)
+        await helpers.eventually(x_prepared)
         assert await c.invoke(bank.account, "young", "transfer", to="x", amount=2, ref="r") == [98, 103]
         assert await older == [101, "rested"]
         assert bank.runs["transfer young"] >= 3  # died at x (run, replayed with the refusal), then ran again
