@@ -136,6 +136,10 @@ def nap(bank: Bank, key: str, seconds: float) -> list[object]:
     return [bank.slow, key, "nap", {"seconds": seconds}]
 
 
+def decided(bank: Bank, outcome: str) -> float:
+    return float(metrics.TRANSACTIONS.labels(bank.account, outcome)._value.get())
+
+
 def events(bank: Bank, event: str, function: str = "") -> float:
     value = metrics.TRANSACTION_PARTICIPANTS.labels(function or bank.account, event)._value.get()
     return float(value)
@@ -168,8 +172,11 @@ async def settled(etcd_server, bank: Bank, timeout: float = 10.0) -> None:
 
 async def test_a_transaction_commits_every_participant_including_its_own_key(bank, nats_server, etcd_server) -> None:
     async with platform(bank, nats_server, etcd_server) as c:
+        committed, applied = decided(bank, "committed"), events(bank, "committed")
         assert await c.invoke(bank.account, "alice", "transfer", to="bob", amount=30, ref="t1") == [70, 130]
         await settled(etcd_server, bank)
+        assert decided(bank, "committed") == committed + 1
+        assert events(bank, "committed") == applied + 2  # alice's and bob's prepared effects applied
         assert await balances(c, bank, "alice", "bob") == {"alice": 70, "bob": 130}
         assert bank.runs["withdraw alice"] == 1 and bank.runs["deposit bob"] == 1
         # A participant's messages are staged too, and go out once, on commit.
@@ -180,11 +187,14 @@ async def test_a_transaction_commits_every_participant_including_its_own_key(ban
 
 async def test_a_participant_voting_no_aborts_the_others(bank, nats_server, etcd_server) -> None:
     async with platform(bank, nats_server, etcd_server) as c:
+        aborted, dropped = decided(bank, "aborted"), events(bank, "aborted")
         with pytest.raises(statefn.InvocationFailed) as err:
             await c.invoke(bank.account, "carol", "transfer", to="closed-1", amount=30, ref="t2")
         assert "closed-1 is closed" in err.value.message
         # The abort goes out with the failed run's commit: well before the participant would ask (10 s).
         await settled(etcd_server, bank, timeout=3)
+        assert decided(bank, "aborted") == aborted + 1
+        assert events(bank, "aborted") == dropped + 1  # carol's prepared withdrawal (closed-1 voted no)
         # carol's withdrawal was prepared (it ran, and voted yes), then aborted: nothing of it remains.
         assert bank.runs["withdraw carol"] == 1
         assert await c.invoke(bank.account, "carol", "read") == [100, []]

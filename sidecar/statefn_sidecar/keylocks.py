@@ -5,7 +5,8 @@ prepared for a transaction, and stays locked while its inbox still holds message
 up meanwhile: every message to a locked key joins the inbox's tail, and the inbox drains one
 head per batch once nothing holds the key. So per-key order holds across suspensions, and a
 replay reads the state its first run read. A transaction's prepare may instead run at once (its
-own transaction holds the key) or die (wait-die: a younger transaction never waits for an older one).
+own transaction holds the key) or die (wait-die: a younger transaction never waits for an older one);
+one that waits goes first once the key is free.
 
 Like the state cache, this is the owner's in-memory view of etcd keys that only its fenced
 commits write; it is rebuilt from etcd when a partition is taken.
@@ -136,14 +137,14 @@ class KeyLocks:
         return Queued(number, self._keys.inbox(msg.key, number), item.id, msg)
 
     def ready(self, limit: int) -> list[items.Item]:
-        """The heads of inboxes whose key is no longer suspended, one per key."""
+        """The next message of each inbox whose key nothing holds any more, one per key."""
         out: list[items.Item] = []
         for key, queue in self._inbox.items():
             if len(out) >= limit:
                 break
             if not queue or key in self.suspended or key in self.prepared or key in self._taken:
                 continue
-            head = queue[0]
+            head = _next(queue)
             self._taken.add(key)
             out.append(items.Item(kind=items.Kind.INBOX, id=head.item_id, message=head.message,
                                   inbox_key=head.etcd_key, idem_pending=suspension.idem_pending(head.message)))
@@ -172,8 +173,11 @@ class KeyLocks:
                 self.prepared[key] = staged
         for key, etcd_key in dequeued:
             queue = self._inbox.get(key)
-            if queue and queue[0].etcd_key == etcd_key:
-                queue.popleft()
+            if queue:
+                for i, entry in enumerate(queue):
+                    if entry.etcd_key == etcd_key:
+                        del queue[i]
+                        break
             self._taken.discard(key)
             if queue is not None and not queue:
                 del self._inbox[key]
@@ -183,3 +187,28 @@ class KeyLocks:
     def _append(self, key: str, entry: Queued) -> None:
         self._inbox.setdefault(key, collections.deque()).append(entry)
         self._next_number[key] = max(self._next_number.get(key, 1), entry.number + 1)
+
+
+def _next(queue: collections.deque[Queued]) -> Queued:
+    """The head, unless a transaction waits in the queue: then the oldest one goes first.
+
+    Two kinds of entries carry a transaction's age. A prepare that wait-die let wait is an older
+    transaction; behind younger work on this key, that work would start transactions of its own
+    that die against it, over and over. It never overtakes an earlier message from its own sender
+    key, so each sender's order holds. An invocation run again after its transaction died held
+    this key when it died, ahead of everything queued since: going first restores that order.
+    """
+    best: tuple[float, str] | None = None
+    chosen = queue[0]
+    origins: set[str] = set()
+    for entry in queue:
+        msg = entry.message
+        age: float | None = None
+        if msg.is_prepare and msg.tx is not None and msg.origin not in origins:
+            age = msg.tx.ts
+        elif msg.tx_age is not None:
+            age = msg.tx_age
+        if age is not None and (best is None or (age, entry.item_id) < best):
+            best, chosen = (age, entry.item_id), entry
+        origins.add(msg.origin)
+    return chosen
