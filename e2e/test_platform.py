@@ -162,6 +162,22 @@ async def test_the_example_runs_on_the_platform(platform: harness.ControlPlane,
             async with session.get(f"{base}/bank/account/{account}/state") as resp:
                 assert (await resp.json())["state"]["balance"] == balance, account
 
+        # A transaction across pods: alice coordinates, and takes part with carol; both commit, or neither. The
+        # participants apply the decision just after the reply. Too large a move votes no and changes nothing.
+        assert await post(session, f"{base}/bank/account/alice/move", {"to": "carol", "amount": 15}) == (
+            200, {"result": "moved"})
+        status, body = await post(session, f"{base}/bank/account/carol/move", {"to": "alice", "amount": 10**6})
+        assert (status, body["result"].split(":")[0]) == (200, "declined"), body
+        for _ in range(50):
+            balances = []
+            for account in ("alice", "carol"):
+                async with session.get(f"{base}/bank/account/{account}/state") as resp:
+                    balances.append((await resp.json())["state"]["balance"])
+            if balances == [50, 20]:
+                break
+            await asyncio.sleep(0.1)
+        assert balances == [50, 20]
+
 
 SLOW_SCALING = {"minReplicas": 0, "maxReplicas": 3, "targetLagPerReplica": 20,
                 "scaleDownStabilizationSeconds": 5, "scaleToZeroAfterSeconds": 8}
