@@ -123,6 +123,26 @@ class Shop:
             return int(await ctx.call(self.inventory, item, "reserve", qty=1))
 
         @order.handler
+        async def impatient(ctx: Context, item: str, seconds: float) -> str:
+            try:
+                left = await ctx.call(self.inventory, item, "reserve", qty=1, timeout=seconds)
+            except statefn.CallFailed as exc:
+                ctx[status] = exc.kind
+                return f"{exc.kind}: {exc.message}"
+            return f"reserved, {left} left"
+
+        @order.handler
+        async def ping(ctx: Context, other: str, hops: int, seconds: float) -> str:
+            """Calls ``other``'s ping, which calls back: a cycle of calls, broken only by the timeout."""
+            if hops == 0:
+                return "pong"
+            try:
+                return str(await ctx.call(self.order, other, "ping", other=ctx.key, hops=hops - 1, seconds=seconds,
+                                          timeout=seconds))
+            except statefn.CallFailed as exc:
+                return exc.kind
+
+        @order.handler
         async def note(ctx: Context, text: str) -> list[str]:
             ctx[log].append(text)
             return ctx[log]
@@ -289,3 +309,29 @@ async def _exists(etcd_server, function: str, key: str) -> bool:
             if await etcd.get(layout.PartitionKeys(fn, p).suspended(key)) is not None:
                 return True
     return False
+
+
+async def test_a_call_that_times_out_raises_and_its_late_reply_is_dropped(shop, nats_server, etcd_server) -> None:
+    shop.gate.clear()  # the inventory holds on to the call
+    async with platform(shop, nats_server, etcd_server) as c:
+        started = time.monotonic()
+        got = await c.invoke(shop.order, "o9", "impatient", item="yam", seconds=0.5)
+        assert got == "call_timeout: no reply within the timeout of 0.5s"
+        assert 0.5 <= time.monotonic() - started < 5
+        assert await c.invoke(shop.order, "o9", "note", text="unlocked") == ["unlocked"]  # its key is free again
+        shop.gate.set()  # the call runs after all: its effects are the callee's, its reply reaches nobody
+
+        async def reserved() -> bool:
+            return await c.get_state(shop.inventory, "yam") == {"stock": 9}
+        await helpers.eventually(reserved)
+        assert await c.get_state(shop.order, "o9") == {"log": ["unlocked"], "status": "call_timeout"}
+        assert await c.invoke(shop.order, "o10", "impatient", item="yam", seconds=5.0) == "reserved, 8 left"
+
+
+async def test_a_cycle_of_calls_is_broken_by_the_timeout(shop, nats_server, etcd_server) -> None:
+    """a calls b, which calls a back: a is locked while it waits, so only a timeout can end the wait."""
+    async with platform(shop, nats_server, etcd_server) as c:
+        assert await c.invoke(shop.order, "a", "ping", other="b", hops=2, seconds=0.5) == "call_timeout"
+        # Neither key stays locked: b's call to a ran once a was free, and b ended too.
+        assert await c.invoke(shop.order, "a", "note", text="a free") == ["a free"]
+        assert await c.invoke(shop.order, "b", "note", text="b free") == ["b free"]

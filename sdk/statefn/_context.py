@@ -119,16 +119,17 @@ class Context:
         plain = {k: _codec.to_plain(v) for k, v in args.items()}
         self._sends.append(_wire.Outgoing(function=function, key=key, handler=handler, args=plain, delay=delay))
 
-    async def call(self, function: str, key: str, handler: str, **args: Any) -> Any:
+    async def call(self, function: str, key: str, handler: str, *, timeout: float | None = None, **args: Any) -> Any:
         """Invoke another function's handler and wait for its reply, durably.
 
         The call is committed with this invocation's progress and delivered exactly once; this
         key is locked until the invocation ends (later messages to it wait, in order). While the
         reply is outstanding the handler is unwound and later replayed from the start with the
         replies so far: code between calls must be deterministic. Raises :class:`CallFailed`
-        when the callee ended in an error.
+        when the callee ended in an error, or with kind ``call_timeout`` when ``timeout`` seconds
+        passed without a reply (the callee may still run; its late reply is dropped).
         """
-        return await self._call(function, key, handler, args, "")
+        return await self._call(function, key, handler, args, "", timeout=timeout)
 
     def saga(self, *, compensation_rounds: int = 5) -> _saga.Saga:
         """Steps that each commit on their own, undone in reverse order if the block fails.
@@ -174,8 +175,10 @@ class Context:
             self._decided.append([info.id, "committed" if commit else "aborted"])
 
     async def _call(self, function: str, key: str, handler: str, args: dict[str, Any], purpose: str,
-                    tx: _wire.TxInfo | None = None) -> Any:
+                    tx: _wire.TxInfo | None = None, timeout: float | None = None) -> Any:
         _naming.FunctionType.parse(function)
+        if timeout is not None and timeout <= 0:
+            raise ValueError("a call's timeout must be > 0 seconds")
         if self._participant:
             raise _errors.InvalidCall(
                 f"{self._function}({self._key!r}) runs as a transaction participant and cannot call "
@@ -200,7 +203,7 @@ class Context:
         if self._pending_call is None:  # only the first unanswered call goes out (calls run one at a time)
             plain = {k: _codec.to_plain(v) for k, v in args.items()}
             self._pending_call = _wire.Outgoing(function=function, key=key, handler=handler, args=plain,
-                                                purpose=purpose, tx=tx)
+                                                purpose=purpose, tx=tx, timeout=timeout)
         raise _errors.Suspended()
 
     async def run(self, name: str, fn: Callable[[], T | Awaitable[T]]) -> Any:

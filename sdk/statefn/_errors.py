@@ -50,6 +50,7 @@ KIND_UNKNOWN_FUNCTION = "unknown_function"
 KIND_INVALID_ARGUMENT = "invalid_argument"
 KIND_STATE_TOO_LARGE = "state_too_large"
 KIND_UNDECODABLE = "undecodable"
+KIND_CALL_TIMEOUT = "call_timeout"  # a durable call's reply did not arrive within its timeout
 KIND_TX_CONFLICT = "tx_conflict"    # wait-die: an older transaction holds the participant's key
 KIND_TX_TIMEOUT = "tx_timeout"      # a participant's vote did not arrive within the transaction's timeout
 

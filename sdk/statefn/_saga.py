@@ -44,9 +44,15 @@ class Saga:
         self._done: list[_Compensation] = []
 
     async def call(self, function: str, key: str, handler: str, *,
-                   compensate: tuple[str, dict[str, Any]] | None = None, **args: Any) -> Any:
-        """One step: ``ctx.call`` whose success registers ``compensate`` = (handler, arguments) to undo it."""
-        reply = await self._ctx._call(function, key, handler, args, STEP)
+                   compensate: tuple[str, dict[str, Any]] | None = None, timeout: float | None = None,
+                   **args: Any) -> Any:
+        """One step: ``ctx.call`` whose success registers ``compensate`` = (handler, arguments) to undo it.
+
+        A step that times out (``timeout`` seconds) fails with kind ``call_timeout``; it may still
+        run later, so its compensation is not recorded: give a step that can time out a way to be
+        undone from the next step's failure, or no timeout.
+        """
+        reply = await self._ctx._call(function, key, handler, args, STEP, timeout=timeout)
         if compensate is not None:
             comp_handler, comp_args = compensate
             self._done.append(_Compensation(function, key, comp_handler, dict(comp_args)))

@@ -62,7 +62,7 @@ class Transaction:
             raise _errors.TransactionAborted(self._doomed.kind, f"the transaction is aborted already: "
                                              f"{self._doomed.message}", target=f"{function}({key!r}).{handler}")
         try:
-            reply = await self._ctx._call(function, key, handler, args, PREPARE, tx=info)
+            reply = await self._ctx._call(function, key, handler, args, PREPARE, tx=info, timeout=info.timeout)
         except _errors.CallFailed as err:
             if err.kind not in _ABORTED_KINDS:
                 raise

@@ -75,15 +75,17 @@ class Outgoing:
     # "tx.prepare"; or a transaction's decision: "tx.commit", "tx.abort".
     purpose: str = ""
     tx: TxInfo | None = None
+    # A call's timeout in seconds: then the caller resumes with an error instead of the reply.
+    timeout: float | None = None
 
     def to_plain(self) -> list[Any]:
         return [self.function, self.key, self.handler, self.args, self.delay, self.traceparent, self.purpose,
-                self.tx.to_plain() if self.tx else None]
+                self.tx.to_plain() if self.tx else None, self.timeout]
 
     @classmethod
     def from_plain(cls, raw: list[Any]) -> Outgoing:
-        function, key, handler, args, delay, traceparent, purpose, tx = raw
-        return cls(function, key, handler, args, delay, traceparent, purpose, TxInfo.from_plain(tx))
+        function, key, handler, args, delay, traceparent, purpose, tx, timeout = raw
+        return cls(function, key, handler, args, delay, traceparent, purpose, TxInfo.from_plain(tx), timeout)
 
 
 @dataclasses.dataclass(slots=True)

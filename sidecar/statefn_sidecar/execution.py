@@ -225,6 +225,7 @@ class Executor:
         record.journal.extend(result.journal_added)  # ctx.run/ctx.now results, in order before the call
         record.waiting = record.call_id(len(record.journal))
         record.tx = result.call.tx  # inside a transaction, its coordinator holds this key for it (wait-die)
+        record.timeout = result.call.timeout or 0.0
         # The span says what the call is for: saga.step, saga.compensate, tx.prepare.
         message = self._outgoing(oc, key, result.call, result.call.purpose or "call")
         message.caller = _envelope.CallerAddress(str(self.fn), partition, key, record.waiting)

@@ -214,7 +214,7 @@ class Planner:
         if oc.prepare is not None or oc.decided is not None:  # the record, and its inquiry timer
             ops += 4
             size += (oc.prepare.size if oc.prepare else 0) + 512
-        if oc.suspend is not None and oc.suspend.tx is not None:  # the coordinator's timeout timer
+        if oc.suspend is not None and oc.suspend.timeout:  # the call's timeout timer
             ops += 2
             size += 1024
         return ops, size, compares
@@ -319,8 +319,8 @@ class Planner:
             self._cancel_timer(txn, eff, item.resume.timer)
         if oc.suspend is not None:
             key = oc.suspend.message.key
-            if oc.suspend.tx is not None and oc.suspend.waiting and not oc.suspend.timer:
-                oc.suspend.timer = self._arm_vote_timeout(txn, eff, oc.suspend)
+            if oc.suspend.timeout and oc.suspend.waiting and not oc.suspend.timer:
+                oc.suspend.timer = self._arm_call_timeout(txn, eff, oc.suspend)
             txn.put(self.keys.suspended(key), oc.suspend.encode())
             eff.suspended[key] = oc.suspend
         elif item.resume is not None:  # it ended (reply or error): the key is unlocked
@@ -331,20 +331,22 @@ class Planner:
             txn.put(oc.queued.etcd_key, suspension.queued_entry(oc.queued.message, oc.queued.item_id))
             eff.queued.append(oc.queued)
 
-    def _arm_vote_timeout(self, txn: commit.Txn, eff: Effects, record: suspension.Suspension) -> bytes:
-        """A coordinator waits for a vote at most its transaction's timeout: then a timeout reply resumes it.
+    def _arm_call_timeout(self, txn: commit.Txn, eff: Effects, record: suspension.Suspension) -> bytes:
+        """A caller waits for a reply at most its call's timeout: then a timeout error resumes it.
 
-        The reply is a delayed send to the coordinator's own key; if the vote came first, the
-        coordinator no longer waits for that call and the late timeout is dropped like any stale reply.
+        The error is a delayed send to the caller's own key, answering the call it waits for. If the
+        reply came first, the caller no longer waits for that call and the late timeout is dropped
+        like any stale reply (and the timer is cancelled when the reply resumes it). A transaction's
+        prepare waits at most the transaction's timeout (kind ``tx_timeout``, which aborts it).
         """
-        assert record.tx is not None
         msg = record.message
         caller = _envelope.CallerAddress(str(self.fn), self.keys.partition, msg.key, record.waiting)
-        error = _wire.ErrorInfo(kind=_errors.KIND_TX_TIMEOUT,
-                                message=f"no vote within the transaction's timeout of {record.tx.timeout:g}s")
+        kind = _errors.KIND_TX_TIMEOUT if record.tx is not None else _errors.KIND_CALL_TIMEOUT
+        what = "vote" if record.tx is not None else "reply"
+        error = _wire.ErrorInfo(kind=kind, message=f"no {what} within the timeout of {record.timeout:g}s")
         timeout = _envelope.response_message(caller, _envelope.Reply(ok=False, error=error),
                                              origin=f"{self.fn}:{msg.key}", traceparent=msg.traceparent)
-        due_ms = timers.now_ms() + int(record.tx.timeout * 1000)
+        due_ms = timers.now_ms() + int(record.timeout * 1000)
         return self._add_timer(txn, eff, due_ms, timer_payload_send(str(self.fn), timeout))
 
     def _add_timer(self, txn: commit.Txn, eff: Effects, due_ms: int, payload: bytes) -> bytes:

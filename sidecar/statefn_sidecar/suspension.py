@@ -20,23 +20,24 @@ class Suspension:
     journal: list[bytes] = dataclasses.field(default_factory=list)  # encoded replies, one per call
     sends_done: int = 0
     waiting: str = ""  # the call id whose reply resumes it; "" while a retry timer is due
-    # Inside a transaction: the transaction its coordinator runs (it holds this key under wait-die),
-    # and the timer that answers the prepare it waits for with a timeout ("" until its commit arms one).
+    # Inside a transaction: the transaction its coordinator runs (it holds this key under wait-die).
+    # A call with a timeout: the timer that answers it with a timeout error ("" until its commit arms one).
     tx: _wire.TxInfo | None = None
     timer: bytes = b""
+    timeout: float = 0.0  # the call it waits for times out after this many seconds (0: never)
 
     def call_id(self, index: int) -> str:
         return f"{self.invocation_id}#{index}"
 
     def encode(self) -> bytes:
         return _codec.pack([self.invocation_id, self.message.to_plain(), self.journal, self.sends_done,
-                            self.waiting, self.tx.to_plain() if self.tx else None, self.timer])
+                            self.waiting, self.tx.to_plain() if self.tx else None, self.timer, self.timeout])
 
     @classmethod
     def decode(cls, data: bytes) -> Suspension:
-        inv_id, plain, journal, sends_done, waiting, tx, timer = _codec.unpack(data)
+        inv_id, plain, journal, sends_done, waiting, tx, timer, timeout = _codec.unpack(data)
         return cls(inv_id, _envelope.Message.from_plain(plain), list(journal), sends_done, waiting,
-                   _wire.TxInfo.from_plain(tx), timer)
+                   _wire.TxInfo.from_plain(tx), timer, timeout)
 
     @property
     def size(self) -> int:
