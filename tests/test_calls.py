@@ -143,6 +143,15 @@ class Shop:
                 return exc.kind
 
         @order.handler
+        async def nap(ctx: Context, seconds: float) -> float:
+            self.runs["nap"] += 1
+            started = ctx.now()
+            ctx[log].append("before")
+            await ctx.sleep(seconds)
+            ctx[log].append("after")
+            return ctx.now() - started
+
+        @order.handler
         async def note(ctx: Context, text: str) -> list[str]:
             ctx[log].append(text)
             return ctx[log]
@@ -335,3 +344,30 @@ async def test_a_cycle_of_calls_is_broken_by_the_timeout(shop, nats_server, etcd
         # Neither key stays locked: b's call to a ran once a was free, and b ended too.
         assert await c.invoke(shop.order, "a", "note", text="a free") == ["a free"]
         assert await c.invoke(shop.order, "b", "note", text="b free") == ["b free"]
+
+
+async def test_a_durable_sleep_suspends_and_resumes_from_its_timer(shop, nats_server, etcd_server) -> None:
+    async with platform(shop, nats_server, etcd_server) as c:
+        napping = asyncio.create_task(c.invoke(shop.order, "s1", "nap", seconds=0.6))
+        await helpers.eventually(lambda: _exists(etcd_server, shop.order, "s1"))
+        # While it sleeps its key is locked: a later message waits, and runs after it.
+        noted = asyncio.create_task(c.invoke(shop.order, "s1", "note", text="later"))
+        slept = await napping
+        assert 0.6 <= slept < 5  # ctx.now() before, and after in the replay
+        assert await noted == ["before", "after", "later"]
+        assert shop.runs["nap"] == 2  # up to the sleep, then the replay to the end
+        assert not await _exists(etcd_server, shop.order, "s1")
+
+
+async def test_a_durable_sleep_outlives_its_sidecar(shop, nats_server, etcd_server) -> None:
+    async with helpers.client(nats_server, etcd_server, timeout=30) as c:
+        async with helpers.running_sidecar(shop.callers, nats_server, etcd_server):
+            await c.send(shop.order, "s2", "nap", seconds=1.5)
+            await helpers.eventually(lambda: _exists(etcd_server, shop.order, "s2"))
+        assert shop.runs["nap"] == 1  # stopped while it sleeps: the timer is in etcd
+
+        async def woke() -> bool:
+            return (await c.get_state(shop.order, "s2")).get("log") == ["before", "after"]
+        async with helpers.running_sidecar(shop.callers, nats_server, etcd_server):
+            await helpers.eventually(woke, timeout=20)
+        assert shop.runs["nap"] == 2

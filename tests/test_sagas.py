@@ -9,6 +9,7 @@ others still ran.
 from __future__ import annotations
 
 import collections
+import time
 
 import pytest
 
@@ -30,9 +31,10 @@ class Travel:
         f = self.functions
 
         @trip.handler
-        async def plan(ctx: Context, car_fails: bool = False, own_failure: bool = False, rounds: int = 5) -> str:
+        async def plan(ctx: Context, car_fails: bool = False, own_failure: bool = False, rounds: int = 5,
+                       backoff: float = 0.0) -> str:
             try:
-                async with ctx.saga(compensation_rounds=rounds) as saga:
+                async with ctx.saga(compensation_rounds=rounds, compensation_backoff=backoff) as saga:
                     await saga.call(f["hotel"], "paris", "book", trip=ctx.key, compensate=("cancel", {"trip": ctx.key}))
                     await saga.call(f["flight"], "cdg", "book", trip=ctx.key, compensate=("cancel", {"trip": ctx.key}))
                     if own_failure:
@@ -116,6 +118,15 @@ async def test_a_compensation_that_fails_for_a_while_is_tried_again(travel) -> N
     assert await c.invoke(t.trip, "t4", "plan", car_fails=True) == "cancelled: no car available"
     assert t.undone == ["flight", "hotel"] and t.cancel_failures["flight"] == 0
     assert await t.bookings(c, "flight", "cdg") == []
+
+
+async def test_compensation_rounds_can_wait_a_durable_backoff(travel) -> None:
+    t, c = travel
+    t.cancel_failures["flight"] = 4  # two rounds of two attempts fail: 0.4 s and 0.8 s of sleep before the next
+    started = time.monotonic()
+    assert await c.invoke(t.trip, "t6", "plan", car_fails=True, backoff=0.4) == "cancelled: no car available"
+    assert time.monotonic() - started >= 1.2
+    assert t.undone == ["flight", "hotel"] and await t.bookings(c, "flight", "cdg") == []
 
 
 async def test_a_compensation_that_keeps_failing_is_reported_and_the_others_still_run(travel) -> None:

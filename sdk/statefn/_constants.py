@@ -27,6 +27,8 @@ ORIGIN_CLIENT = "client"
 # The handler name of a durable call's reply on its way back to the caller's partition (never a
 # user handler: names starting with "~" are not valid Python identifiers).
 RESPONSE_HANDLER = "~response"
+# The call a durable ``ctx.sleep`` waits for: it goes nowhere; its timer answers it when due.
+SLEEP_HANDLER = "~sleep"
 # Two-phase commit's control messages: the coordinator's decision to a prepared participant, and a
 # participant's question to a coordinator it has not heard from (answered by a decision).
 COMMIT_HANDLER = "~commit"

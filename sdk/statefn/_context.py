@@ -131,14 +131,26 @@ class Context:
         """
         return await self._call(function, key, handler, args, "", timeout=timeout)
 
-    def saga(self, *, compensation_rounds: int = 5) -> _saga.Saga:
+    async def sleep(self, seconds: float) -> None:
+        """Wait durably: the invocation suspends, its key stays locked, and a timer in etcd resumes it.
+
+        Unlike ``asyncio.sleep``, it survives crashes and moves of its partition, and holds no
+        worker meanwhile. The handler is replayed after it, like after a call.
+        """
+        if seconds < 0:
+            raise ValueError("sleep needs seconds >= 0")
+        await self._call(self._function, self._key, _constants.SLEEP_HANDLER, {}, SLEEP,
+                         timeout=max(seconds, _MIN_SLEEP_S))
+
+    def saga(self, *, compensation_rounds: int = 5, compensation_backoff: float = 0.0) -> _saga.Saga:
         """Steps that each commit on their own, undone in reverse order if the block fails.
 
         ``async with ctx.saga() as saga: await saga.call(..., compensate=("cancel", {...}))``.
         Each compensation is a durable call, tried up to ``compensation_rounds`` times (each try
-        includes the callee's own retries); what still fails is reported in :class:`SagaFailed`.
+        includes the callee's own retries), with a durable sleep of ``compensation_backoff``
+        seconds, doubling, between tries; what still fails is reported in :class:`SagaFailed`.
         """
-        return _saga.Saga(self, compensation_rounds)
+        return _saga.Saga(self, compensation_rounds, compensation_backoff)
 
     def transaction(self, *, timeout: float = _constants.DEFAULT_TX_TIMEOUT_S) -> _transaction.Transaction:
         """Serializable two-phase commit: ``async with ctx.transaction() as tx: await tx.call(...)``.
@@ -184,7 +196,7 @@ class Context:
                 f"{self._function}({self._key!r}) runs as a transaction participant and cannot call "
                 f"{function}({key!r}): a participant only stages its own effects until the decision")
         self._worked = self._worked or tx is None
-        if function == self._function and key == self._key and tx is None:
+        if function == self._function and key == self._key and tx is None and purpose != SLEEP:
             raise _errors.InvalidCall(
                 f"{function}({key!r}) cannot call its own key: the key stays locked until this invocation "
                 "ends, so the call could never run; use ctx.send for a message to self")
@@ -293,6 +305,8 @@ class Context:
 
 
 _RUN = "~run"
+SLEEP = "sleep"  # the purpose of the pending "call" a sleep waits for
+_MIN_SLEEP_S = 0.001  # a sleep's timer is its call's timeout, which must be > 0
 
 
 def _is_run(raw: Any) -> bool:

@@ -36,11 +36,14 @@ class _Compensation:
 class Saga:
     """Returned by ``ctx.saga()``; use it as ``async with``."""
 
-    def __init__(self, ctx: _context.Context, compensation_rounds: int) -> None:
+    def __init__(self, ctx: _context.Context, compensation_rounds: int, compensation_backoff: float = 0.0) -> None:
         if compensation_rounds < 1:
             raise ValueError("compensation_rounds must be at least 1")
+        if compensation_backoff < 0:
+            raise ValueError("compensation_backoff must be >= 0 seconds")
         self._ctx = ctx
         self._rounds = compensation_rounds
+        self._backoff = compensation_backoff
         self._done: list[_Compensation] = []
 
     async def call(self, function: str, key: str, handler: str, *,
@@ -69,7 +72,9 @@ class Saga:
         incomplete: list[str] = []
         for comp in reversed(self._done):
             last: _errors.CallFailed | None = None
-            for _ in range(self._rounds):
+            for round_ in range(self._rounds):
+                if round_ and self._backoff:  # a durable sleep between rounds: 1x, 2x, 4x ... the backoff
+                    await self._ctx.sleep(self._backoff * 2 ** (round_ - 1))
                 try:
                     await self._ctx._call(comp.function, comp.key, comp.handler, comp.args, COMPENSATE)
                     break

@@ -226,6 +226,10 @@ class Executor:
         record.waiting = record.call_id(len(record.journal))
         record.tx = result.call.tx  # inside a transaction, its coordinator holds this key for it (wait-die)
         record.timeout = result.call.timeout or 0.0
+        if result.call.handler == _constants.SLEEP_HANDLER:  # ctx.sleep: no message; the timer wakes it
+            record.sleeping = True
+            oc.suspend = record
+            return
         # The span says what the call is for: saga.step, saga.compensate, tx.prepare.
         message = self._outgoing(oc, key, result.call, result.call.purpose or "call")
         message.caller = _envelope.CallerAddress(str(self.fn), partition, key, record.waiting)

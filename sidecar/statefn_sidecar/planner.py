@@ -332,7 +332,7 @@ class Planner:
             eff.queued.append(oc.queued)
 
     def _arm_call_timeout(self, txn: commit.Txn, eff: Effects, record: suspension.Suspension) -> bytes:
-        """A caller waits for a reply at most its call's timeout: then a timeout error resumes it.
+        """A caller waits for a reply at most its call's timeout: then a timeout error resumes it (a sleep: its end).
 
         The error is a delayed send to the caller's own key, answering the call it waits for. If the
         reply came first, the caller no longer waits for that call and the late timeout is dropped
@@ -341,11 +341,15 @@ class Planner:
         """
         msg = record.message
         caller = _envelope.CallerAddress(str(self.fn), self.keys.partition, msg.key, record.waiting)
-        kind = _errors.KIND_TX_TIMEOUT if record.tx is not None else _errors.KIND_CALL_TIMEOUT
-        what = "vote" if record.tx is not None else "reply"
-        error = _wire.ErrorInfo(kind=kind, message=f"no {what} within the timeout of {record.timeout:g}s")
-        timeout = _envelope.response_message(caller, _envelope.Reply(ok=False, error=error),
-                                             origin=f"{self.fn}:{msg.key}", traceparent=msg.traceparent)
+        if record.sleeping:  # ctx.sleep: the timer's answer is what it waits for
+            reply = _envelope.Reply(ok=True, value=None)
+        else:
+            kind = _errors.KIND_TX_TIMEOUT if record.tx is not None else _errors.KIND_CALL_TIMEOUT
+            what = "vote" if record.tx is not None else "reply"
+            reply = _envelope.Reply(ok=False, error=_wire.ErrorInfo(
+                kind=kind, message=f"no {what} within the timeout of {record.timeout:g}s"))
+        timeout = _envelope.response_message(caller, reply, origin=f"{self.fn}:{msg.key}",
+                                             traceparent=msg.traceparent)
         due_ms = timers.now_ms() + int(record.timeout * 1000)
         return self._add_timer(txn, eff, due_ms, timer_payload_send(str(self.fn), timeout))
 

@@ -25,19 +25,21 @@ class Suspension:
     tx: _wire.TxInfo | None = None
     timer: bytes = b""
     timeout: float = 0.0  # the call it waits for times out after this many seconds (0: never)
+    sleeping: bool = False  # ctx.sleep: nothing was sent; the timer's answer is the awaited reply, not an error
 
     def call_id(self, index: int) -> str:
         return f"{self.invocation_id}#{index}"
 
     def encode(self) -> bytes:
         return _codec.pack([self.invocation_id, self.message.to_plain(), self.journal, self.sends_done,
-                            self.waiting, self.tx.to_plain() if self.tx else None, self.timer, self.timeout])
+                            self.waiting, self.tx.to_plain() if self.tx else None, self.timer, self.timeout,
+                            self.sleeping])
 
     @classmethod
     def decode(cls, data: bytes) -> Suspension:
-        inv_id, plain, journal, sends_done, waiting, tx, timer, timeout = _codec.unpack(data)
+        inv_id, plain, journal, sends_done, waiting, tx, timer, timeout, sleeping = _codec.unpack(data)
         return cls(inv_id, _envelope.Message.from_plain(plain), list(journal), sends_done, waiting,
-                   _wire.TxInfo.from_plain(tx), timer, timeout)
+                   _wire.TxInfo.from_plain(tx), timer, timeout, sleeping)
 
     @property
     def size(self) -> int:
