@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from e2e import harness, objects, operator_proc
 from e2e.objects import condition, wait_for
@@ -31,6 +32,12 @@ def paused(log: str) -> bool:
     return resumed < pausing or resumed == -1
 
 
+def registered(cluster: harness.ControlPlane, priority: int) -> bool:
+    """Whether a peer of this priority has written its keep-alive into the KopfPeering object."""
+    status = objects.get(cluster, NS, "kopfpeering", "statefn").get("status") or {}
+    return any(isinstance(peer, dict) and peer.get("priority") == priority for peer in status.values())
+
+
 def test_only_the_leader_acts_and_a_standby_takes_over(crds: harness.ControlPlane,
                                                        plane: operator_proc.DataPlane) -> None:
     cluster = crds
@@ -43,6 +50,12 @@ def test_only_the_leader_acts_and_a_standby_takes_over(crds: harness.ControlPlan
     try:
         low.wait_for_log("statefn operator:")
         high.wait_for_log("statefn operator:")
+        # Peering settles: until the standby has seen the leader's keep-alive, a standby that found no peer at
+        # its first look acts (kopf pauses it when it notices the leader). Only the leader acts from then on.
+        settled = lambda: registered(cluster, 20) and paused(low.log())  # noqa: E731
+        wait_for(settled, what="the standby paused for the leader")
+        time.sleep(1.0)  # a peering event from before the leader's keep-alive may still be on its way to the standby
+        wait_for(settled, what="the standby still paused for the leader")
         apply(cluster, "first")
         wait_for(lambda: provisioned(cluster, "first"), what="first Provisioned")
         assert "reconciled op-peering/first" in high.log()
