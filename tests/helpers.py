@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aetcd
 
 import statefn
-from statefn_sidecar import config, devservers, invoker, sidecar
+from statefn import _naming
+from statefn_sidecar import config, devservers, invoker, layout, sidecar
+
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -48,3 +51,28 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
+
+
+async def eventually_value(get: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 10.0) -> T:
+    """Poll ``get`` until ``done`` holds for its value, or the timeout passes; return the last value."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    value = await get()
+    while not done(value) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.2)
+        value = await get()
+    return value
+
+
+async def locks_left(server: devservers.EtcdServer, function: str, partitions: int, *,
+                     timers: bool = False) -> list[bytes]:
+    """The keys of a function that are still prepared, suspended, or have messages waiting in an inbox
+    (and, with ``timers``, the timers still scheduled)."""
+    fn = _naming.FunctionType.parse(function)
+    found: list[bytes] = []
+    async with etcd(server) as raw:
+        for p in range(partitions):
+            keys = layout.PartitionKeys(fn, p)
+            prefixes = [keys.prepared_prefix, keys.suspended_prefix, keys.inbox_prefix]
+            for prefix in prefixes + ([keys.timers_prefix] if timers else []):
+                found += [kv.key for kv in await raw.get_prefix(prefix)]
+    return found

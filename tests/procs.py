@@ -36,6 +36,15 @@ def wait_ready(proc: subprocess.Popen[Any], health_port: int, timeout: float = 3
     raise TimeoutError(f"sidecar not ready after {timeout}s:\n{log()[-3000:]}")
 
 
+def keep_logs(group: list[SidecarProcess], name: str) -> str:
+    """Copy a group's logs (every incarnation of each sidecar) into one directory, for a failure to point at."""
+    out = Path(tempfile.gettempdir()) / name
+    out.mkdir(parents=True, exist_ok=True)
+    for i, sc in enumerate(group):
+        (out / f"sidecar-{i}.log").write_text(sc.log_text())
+    return str(out)
+
+
 class SidecarProcess:
     def __init__(self, app: str, namespace: str, nats: devservers.NatsServer, etcd: devservers.EtcdServer,
                  *, faults: str = "", env: dict[str, str] | None = None, **settings: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,11 +12,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import nats
 import pytest
 from typer.testing import CliRunner
 
 from statefn_cli import main
-from statefn_sidecar import devservers
+from statefn_sidecar import deadletters, devservers
 from tests import procs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,11 +62,27 @@ def test_invoke_state_and_sigterm(sidecar_proc, nats_server, etcd_server) -> Non
     assert out.stderr.strip().startswith("error: unknown function nosuch/fn: no sidecar has registered it")
     out = statefn("dlq", "list", "--function", "bank/account", *conn)
     assert out.returncode == 0 and "withdraw" in out.stdout and "insufficient funds" in out.stdout
+    # A withdrawal that failed inside a payment answered the payment's durable call: never replayed.
+    out = statefn("invoke", "bank/payment", "cli-pay", "pay", "--arg", "source=cli-alice", "--arg", "target=cli-bob",
+                  "--arg", "amount=100", *conn)
+    assert out.stdout.strip().startswith('"declined: insufficient funds'), out.stderr
+    seq = asyncio.run(dead_letter_of(nats_server, "bank/account", "bank/payment('cli-pay')"))
+    out = statefn("dlq", "replay", str(seq), *conn)
+    assert out.returncode == 1 and "not replayed" in out.stdout and "answered a durable call" in out.stdout
     # SIGTERM: the sidecar hands its partitions back and exits cleanly.
     sidecar_proc.send_signal(signal.SIGTERM)
     assert sidecar_proc.wait(30) == 0
     log = sidecar_proc.stdout.read()
     assert "released partition" in log and " ERROR " not in log
+
+
+async def dead_letter_of(nats_server: devservers.NatsServer, function: str, caller: str) -> int:
+    nc = await nats.connect(nats_server.url)
+    try:
+        letters = await deadletters.list_dead_letters(nc.jetstream(), function=function)
+    finally:
+        await nc.close()
+    return next(d.seq for d in letters if d.record.get("caller") == caller)
 
 
 def test_usage_errors_are_one_line() -> None:

@@ -13,14 +13,13 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
-import aetcd
 import nats.errors
 import pytest
 
 import statefn
 from statefn import _naming
-from statefn_sidecar import devservers, layout
-from tests import procs
+from statefn_sidecar import devservers
+from tests import helpers, procs
 from tests.apps import bank
 
 pytestmark = pytest.mark.crash
@@ -205,12 +204,12 @@ async def test_durable_calls_conserve_money_under_crashes(servers, namespace, ha
             done.set()
             await chaos_task
             # A transaction's reply comes with its decision; the participants apply it just after.
-            locked = await leftover_locks(servers[1], f"{namespace}/account")
+            locked = await helpers.locks_left(servers[1], f"{namespace}/account", 8)
             for _ in range(100):
                 if not locked:
                     break
                 await asyncio.sleep(0.2)
-                locked = await leftover_locks(servers[1], f"{namespace}/account")
+                locked = await helpers.locks_left(servers[1], f"{namespace}/account", 8)
             balances = {a: (await c.get_state(f"{namespace}/account", a)).get("balance", bank.OPENING_BALANCE)
                         for a in accounts}
             closed = [(await c.get_state(f"{namespace}/account", f"closed{i}")).get("balance") for i in range(3)]
@@ -228,18 +227,6 @@ async def test_durable_calls_conserve_money_under_crashes(servers, namespace, ha
     recorded = {ref for _, ref, *_ in plan} if handler == "run" else {f"{r}:{o}" for r, o in outcomes.items()}
     assert set(refs) == recorded and max(refs.values()) == 1
     assert locked == []  # no key left prepared, suspended or with messages waiting in its inbox
-
-
-async def leftover_locks(etcd_s: devservers.EtcdServer, function: str) -> list[bytes]:
-    fn = _naming.FunctionType.parse(function)
-    host, port = etcd_s.endpoint.rsplit(":", 1)
-    found: list[bytes] = []
-    async with aetcd.Client(host=host, port=int(port)) as raw:
-        for p in range(8):
-            keys = layout.PartitionKeys(fn, p)
-            for prefix in (keys.prepared_prefix, keys.suspended_prefix, keys.inbox_prefix):
-                found += [kv.key for kv in await raw.get_prefix(prefix)]
-    return found
 
 
 async def test_zombie_is_fenced(servers, namespace) -> None:

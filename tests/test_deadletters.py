@@ -27,7 +27,7 @@ def make_app(ns: str, broken: dict[str, bool]) -> statefn.App:
     return statefn.App(orders)
 
 
-async def _letters(c: statefn.Client, fn: str, n: int) -> list[deadletters.DeadLetter]:
+async def _letters(c: statefn.Client, fn: str | None, n: int) -> list[deadletters.DeadLetter]:
     js = c.nats.jetstream()
     for _ in range(100):
         letters = await deadletters.list_dead_letters(js, function=fn)
@@ -115,3 +115,68 @@ async def test_a_lost_ack_never_dead_letters_twice(nats_server, etcd_server, nam
     finally:
         await owner.stop()
         await nc.close()
+
+
+def make_shop(ns: str, broken: set[str]) -> statefn.App:
+    stock = StatefulFunction(f"{ns}/stock", max_attempts=1)
+    left = stock.state("left", int, default=5)
+    order = StatefulFunction(f"{ns}/order", max_attempts=1)
+    stock_fn = str(stock.type)
+
+    @stock.handler
+    async def take(ctx: Context, qty: int) -> int:
+        if ctx.key in broken:
+            raise RuntimeError(f"{ctx.key}: scale offline")
+        ctx[left] -= qty
+        return ctx[left]
+
+    @order.handler
+    async def place(ctx: Context, items: list[str]) -> str:
+        for item in items:
+            await ctx.call(stock_fn, item, "take", qty=1)
+        return "placed"
+
+    @order.handler
+    async def place_all_or_nothing(ctx: Context, items: list[str]) -> str:
+        async with ctx.transaction() as tx:
+            for item in items:
+                await tx.call(stock_fn, item, "take", qty=1)
+        return "placed"
+
+    return statefn.App(stock, order)
+
+
+async def test_a_replay_that_would_not_be_exactly_once_is_refused(nats_server, etcd_server, namespace) -> None:
+    """A callee's error answered its caller, a participant's aborted its transaction: neither may run again alone.
+
+    An invocation that failed after finished calls would repeat them: only with ``repeat_steps``.
+    """
+    broken = {"bolts"}
+    async with helpers.running_sidecar(make_shop(namespace, broken), nats_server, etcd_server), \
+            helpers.client(nats_server, etcd_server, timeout=20) as c:
+        with pytest.raises(statefn.InvocationFailed):
+            await c.invoke(f"{namespace}/order", "o1", "place", items=["nuts", "bolts"])
+        with pytest.raises(statefn.InvocationFailed):
+            await c.invoke(f"{namespace}/order", "o2", "place_all_or_nothing", items=["nuts", "bolts"])
+        letters = {(d.function.rsplit("/", 1)[1], d.record["key"], bool(d.record["transaction"])): d
+                   for d in await _letters(c, None, 4)}
+        callee, participant = letters["stock", "bolts", False], letters["stock", "bolts", True]
+        caller, coordinator = letters["order", "o1", False], letters["order", "o2", False]
+        assert callee.record["caller"] == f"{namespace}/order('o1')"
+        assert (caller.record["journaled"], caller.record["caller"], caller.record["transaction"]) == (2, None, None)
+        broken.clear()
+        for letter, reason in ((callee, "answered a durable call from"), (participant, "participant of transaction"),
+                               (caller, r"finished 2 durable step\(s\)"), (coordinator, "durable step")):
+            with pytest.raises(statefn.StatefnError, match=reason):
+                await deadletters.replay(c, letter)
+        for letter in (participant, callee):  # never, whatever the operator says
+            with pytest.raises(statefn.StatefnError):
+                await deadletters.replay(c, letter, repeat_steps=True)
+        await deadletters.replay(c, caller, repeat_steps=True)  # the operator accepts that nuts is taken again
+
+        async def placed() -> bool:
+            return (await c.get_state(f"{namespace}/stock", "bolts")).get("left") == 4
+        await helpers.eventually(placed)
+        assert await c.get_state(f"{namespace}/stock", "nuts") == {"left": 3}
+        remaining = {d.seq for d in await deadletters.list_dead_letters(c.nats.jetstream())}
+        assert caller.seq not in remaining and {callee.seq, participant.seq, coordinator.seq} <= remaining

@@ -1,14 +1,17 @@
-"""Which message of a locked key's inbox runs next once the key is free (in memory, no servers).
+"""How a partition routes what it pulled against its locked keys (in memory, no servers).
 
-Plain messages run in arrival order. A transaction waiting in the inbox goes first, oldest first:
-a waiting prepare (wait-die let an older transaction wait) unless an earlier message from its own
-sender is still queued, and an invocation run again after its transaction died.
+Which message of a locked key's inbox runs next once the key is free: plain messages run in arrival
+order. A transaction waiting in the inbox goes first, oldest first: a waiting prepare (wait-die let an
+older transaction wait) unless an earlier message from its own sender is still queued, and an
+invocation run again after its transaction died. And at most one decision per key and round.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from statefn import _envelope, _naming, _wire
-from statefn_sidecar import items, keylocks, layout
+from statefn_sidecar import items, keylocks, layout, suspension, twophase
 
 KEY = "k"
 
@@ -76,3 +79,74 @@ def test_taking_an_entry_from_the_middle_keeps_the_rest_in_order() -> None:
     (head,) = locks.ready(10)
     locks.apply({}, [], [(KEY, head.inbox_key)], {})  # type: ignore[list-item]
     assert _next_id(locks) == "m2"
+
+
+# ---- one decision per key and round -------------------------------------------------------------
+# Routing reads the records as they were before the batch: once an item of a round runs on a key
+# (or decides its transaction), anything later in the round that depends on the key's records waits
+# for the round's commit (LATER) and is then routed against what it wrote.
+
+def _suspended(waiting: str, tx: _wire.TxInfo | None = None) -> keylocks.KeyLocks:
+    locks = keylocks.KeyLocks(layout.PartitionKeys(_naming.FunctionType.parse("ns/acct"), 0))
+    record = suspension.Suspension("inv", _envelope.Message(key=KEY, handler="move", args={}, idempotency_key="i"),
+                                   waiting=waiting, tx=tx, timer=b"t" if waiting else b"")
+    locks.apply({KEY: record}, [], [], {})
+    return locks
+
+
+def _answer(call: str, ok: bool, i: int) -> items.Item:
+    reply = _envelope.Reply(ok=ok, value=b"\xc0") if ok else _envelope.Reply(
+        ok=False, error=_wire.ErrorInfo(kind="tx_timeout", message="late"))
+    caller = _envelope.CallerAddress("ns/acct", 0, KEY, call)
+    return items.Item(kind=items.Kind.CHANNEL, id=f"c{i}",
+                      message=_envelope.response_message(caller, reply, origin="ns/x:y", traceparent=None))
+
+
+def test_two_answers_to_one_call_in_one_round_resume_it_once() -> None:
+    locks = _suspended("inv#2")
+    vote, timeout = _answer("inv#2", True, 0), _answer("inv#2", False, 1)
+    locks.start_round()
+    assert locks.route(vote) is keylocks.Route.RUN
+    assert vote.resume is not None and vote.message is not None and vote.message.handler == "move"
+    assert locks.route(timeout) is keylocks.Route.LATER
+    # The vote's commit: the invocation now waits for its next call.
+    locks.apply({KEY: dataclasses.replace(vote.resume, waiting="inv#3")}, [], [], {})
+    locks.start_round()
+    assert locks.route(timeout) is keylocks.Route.DROP  # it answers a call nothing waits for any more
+
+
+def test_an_item_whose_round_did_not_commit_is_routed_afresh() -> None:
+    locks = _suspended("inv#1")
+    answer = _answer("inv#1", True, 0)
+    locks.start_round()
+    assert locks.route(answer) is keylocks.Route.RUN
+    locks.start_round()  # its commit was refused (another item's idempotency record existed): run again
+    assert locks.route(answer) is keylocks.Route.RUN
+    assert answer.arrived is not None and answer.arrived.is_response and answer.response is not None
+    locks.apply({KEY: None}, [], [], {})  # another round's commit ended the invocation meanwhile
+    locks.start_round()
+    assert locks.route(answer) is keylocks.Route.DROP
+    assert answer.resume is None and answer.message is not None and answer.message.is_response
+
+
+def test_a_prepare_after_a_run_on_its_key_waits_for_the_round() -> None:
+    locks = _locks()
+    locks.start_round()
+    plain = items.Item(kind=items.Kind.INGRESS, id="i", message=_plain("client"))
+    prepare = items.Item(kind=items.Kind.CHANNEL, id="p", message=_prepare("ns/coord:c", _tx(5.0, "t")))
+    assert locks.route(plain) is keylocks.Route.RUN
+    assert locks.route(prepare) is keylocks.Route.LATER  # the plain run may lock the key under a transaction
+
+
+def test_a_decision_and_anything_else_about_its_key_take_one_round_each() -> None:
+    tx = _tx(5.0, "t")
+    locks = _locks()
+    locks.apply({}, [], [], {KEY: twophase.Prepared(KEY, tx, {"balance": b"\x01"}, timer=b"timer")})
+    decide = [items.Item(kind=items.Kind.CHANNEL, id=f"d{i}", message=_envelope.tx_control_message(
+        handler, tx, KEY, origin="ns/coord:c", traceparent=None)) for i, handler in enumerate(("~commit", "~abort"))]
+    inquire = items.Item(kind=items.Kind.INQUIRE, id="timer", timer_key=b"timer",
+                         message=_envelope.Message(key=KEY, handler="", args={"tx": "t"}))
+    locks.start_round()
+    assert locks.route(decide[0]) is keylocks.Route.CONTROL
+    assert locks.route(decide[1]) is keylocks.Route.LATER  # it must see whether the commit applied
+    assert locks.route(inquire) is keylocks.Route.LATER   # and must not re-arm what was just decided

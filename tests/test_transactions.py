@@ -63,7 +63,7 @@ class Bank:
 
         @account.handler
         async def transfer(ctx: Context, to: str, amount: int, ref: str = "", timeout: float = 10.0) -> list[int]:
-            """DESIGN.md's example: the coordinator's own key takes part."""
+            """The transfer of docs/transactions.md: the coordinator's own key takes part."""
             self.runs[f"transfer {ctx.key}"] += 1
             async with ctx.transaction(timeout=timeout) as tx:
                 self.ages[ctx.key].append(tx.age)
@@ -281,7 +281,7 @@ async def test_a_prepared_participant_whose_coordinator_failed_asks_and_is_relea
 
 async def test_a_transaction_that_died_runs_again_from_scratch_once_its_key_is_free(bank, nats_server,
                                                                                     etcd_server) -> None:
-    """DESIGN.md's transfer lets TransactionAborted escape: the invocation ends, unlocking its key, and runs again."""
+    """The transfer of docs/transactions.md lets TransactionAborted escape: the invocation ends and runs again."""
     async with platform(bank, nats_server, etcd_server) as c:
         older = asyncio.create_task(c.invoke(bank.account, "old", "steps",
                                              steps=[deposit(bank, "x", 1), nap(bank, "s", 1.0)]))

@@ -123,14 +123,22 @@ def dlq_replay_cmd(
     seqs: Annotated[list[int] | None, typer.Argument(help="dead letter sequence numbers")] = None,
     replay_all: Annotated[bool, typer.Option("--all")] = False,
     function: Annotated[str | None, typer.Option("--function", help="with --all: only this namespace/name")] = None,
+    repeat_steps: Annotated[bool, typer.Option(
+        "--repeat-steps", help="also replay invocations that finished calls or ctx.run steps before failing "
+                               "(a replay runs from the start: those steps run again)")] = False,
     nats_url: common.NatsOpt = common.DEFAULT_NATS,
     etcd: common.EtcdOpt = common.DEFAULT_ETCD,
 ) -> None:
-    """Send dead letters again as new invocations (each runs once even if replayed twice)."""
+    """Send dead letters again as new invocations (each runs once even if replayed twice).
+
+    Letters whose replay would apply effects twice, or effects a caller was told did not happen,
+    are refused with the reason and left in place; the command then exits with status 1.
+    """
     if bool(seqs) == replay_all:
         raise common.fail("give dead letter sequence numbers, or --all")
 
-    async def main() -> None:
+    async def main() -> int:
+        refused = 0
         async with statefn.Client(nats=nats_url, etcd=etcd) as client:
             js = client.nats.jetstream()
             if replay_all:
@@ -140,9 +148,16 @@ def dlq_replay_cmd(
             with Progress(console=common.console, transient=True) as progress:
                 task = progress.add_task("replaying", total=len(letters))
                 for letter in letters:
-                    idem = await deadletters.replay(client, letter)
-                    common.console.print(f"replayed {letter.seq} ({letter.function} {letter.record.get('key')!r}."
-                                         f"{letter.record.get('handler')}) as {idem}")
+                    try:
+                        idem = await deadletters.replay(client, letter, repeat_steps=repeat_steps)
+                    except statefn.StatefnError as exc:
+                        refused += 1
+                        common.console.print(f"[red]not replayed[/red]: {exc}")
+                    else:
+                        common.console.print(f"replayed {letter.seq} ({letter.function} "
+                                             f"{letter.record.get('key')!r}.{letter.record.get('handler')}) as {idem}")
                     progress.advance(task)
+        return refused
 
-    common.run(main())
+    if common.run(main()):
+        raise typer.Exit(1)

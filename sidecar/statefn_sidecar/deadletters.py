@@ -3,6 +3,12 @@
 A replay is a new ingress invocation whose idempotency key is derived from the dead letter's
 stream sequence (``dlq-replay:<seq>``): replaying the same entry twice runs it once. The
 original key cannot be reused, because the terminal failure recorded its error under it.
+
+A replay runs the invocation from the start, on its own. That is refused where it would apply
+effects someone was told did not happen: a callee whose error answered a durable call (the caller
+went on without it), and a transaction participant (its transaction aborted). An invocation that
+had finished durable steps (call replies, ``ctx.run``) before failing would repeat them: that
+needs ``repeat_steps``, which says the operator knows those steps may run twice.
 """
 
 from __future__ import annotations
@@ -63,12 +69,30 @@ async def get_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter:
     return DeadLetter(seq=seq, record=_codec.unpack(msg.data or b""))
 
 
-async def replay(client: statefn.Client, letter: DeadLetter) -> str:
-    """Send the dead invocation again (as a new invocation), then delete the dead letter."""
+def replay_refusal(letter: DeadLetter, *, repeat_steps: bool = False) -> str | None:
+    """Why a replay of this dead letter would not be exactly-once, or None if it would be."""
     rec = letter.record
     if not rec.get("handler") or rec.get("key") is None:
-        raise statefn.StatefnError(
-            f"dead letter {letter.seq} cannot be replayed: its message was undecodable ({letter.error.get('message')})")
+        return f"its message was undecodable ({letter.error.get('message')})"
+    if rec.get("transaction"):
+        return (f"it was a participant of transaction {rec['transaction']}, which aborted; run again alone, its "
+                "effects would happen outside the transaction")
+    if rec.get("caller"):
+        return (f"it answered a durable call from {rec['caller']} with its error, and that caller went on without "
+                "it; run again, its effects would happen after the caller was told they did not")
+    if rec.get("journaled") and not repeat_steps:
+        return (f"it had finished {rec['journaled']} durable step(s) (call replies, ctx.run results) before it "
+                "failed, and a replay runs it from the start: those steps would run again (allow it with "
+                "repeat_steps / --repeat-steps)")
+    return None
+
+
+async def replay(client: statefn.Client, letter: DeadLetter, *, repeat_steps: bool = False) -> str:
+    """Send the dead invocation again (as a new invocation), then delete the dead letter."""
+    refusal = replay_refusal(letter, repeat_steps=repeat_steps)
+    if refusal is not None:
+        raise statefn.StatefnError(f"dead letter {letter.seq} cannot be replayed: {refusal}")
+    rec = letter.record
     idem = f"dlq-replay:{letter.seq}"
     await client.send(str(rec["function"]), str(rec["key"]), str(rec["handler"]), idempotency_key=idem,
                       **(rec.get("args") or {}))

@@ -53,20 +53,33 @@ class Executor:
         self._participants = participants.Participants(self)
 
     async def run(self, batch: list[items.Item], cache: statecache.StateCache, partition: int,
-                  locks: keylocks.KeyLocks) -> list[planner.Outcome]:
-        outcomes = [planner.Outcome(item=it) for it in batch]
+                  locks: keylocks.KeyLocks) -> tuple[list[planner.Outcome], list[items.Item]]:
+        """Run one round: the batch up to its first item routed ``LATER``; returns the outcomes and the rest.
+
+        The rest waits for this round's commit, so that it is routed against what that commit wrote.
+        """
+        outcomes: list[planner.Outcome] = []
         by_key: dict[str, list[planner.Outcome]] = {}
         control: list[planner.Outcome] = []
+        cancelled: set[bytes] = set()  # call timeout timers of invocations resumed in this round
+        later: list[items.Item] = []
         locks.start_round()
-        for oc in outcomes:
-            if oc.item.kind not in items.RUNNABLE:
+        for i, item in enumerate(batch):
+            route = locks.route(item)
+            if route is keylocks.Route.LATER:
+                later = batch[i:]
+                break
+            oc = planner.Outcome(item=item)
+            outcomes.append(oc)
+            if route is keylocks.Route.OWN:
                 continue
-            route = locks.route(oc.item)
-            assert oc.item.message is not None
+            assert item.message is not None
             if route is keylocks.Route.RUN:
-                by_key.setdefault(oc.item.message.key, []).append(oc)
+                by_key.setdefault(item.message.key, []).append(oc)
+                if item.resume is not None and item.resume.timer:
+                    cancelled.add(item.resume.timer)
             elif route is keylocks.Route.QUEUE:
-                oc.queued = locks.entry_for(oc.item)
+                oc.queued = locks.entry_for(item)
             elif route is keylocks.Route.DIE:
                 participants.die(oc, self.fn)
             elif route is keylocks.Route.CONTROL:
@@ -93,6 +106,9 @@ class Executor:
             for (key, ocs), results in zip(by_key.items(), response.results, strict=True):
                 for oc, result in zip(ocs, results, strict=True):
                     if result.deferred:
+                        # Only plain messages share a key within a round (routing sends anything that reads
+                        # the key's records LATER), so what waits is the message as it arrived.
+                        assert oc.item.resume is None, "a resumed invocation was deferred"
                         oc.queued = locks.entry_for(oc.item)
                     else:
                         await self._decide(oc, key, result, partition, locks)
@@ -102,6 +118,8 @@ class Executor:
                 await self._participants.inquire(oc, locks)
             elif item.kind is items.Kind.DELAYED_SEND:
                 assert item.message is not None and item.target_function is not None
+                if item.timer_key in cancelled:
+                    continue  # a call's timeout whose reply came first: deleting the timer is all
                 target = await self.target(item.target_function, item.message.key)
                 oc.sends.append(planner.Send(target, item.message))
             elif item.kind is items.Kind.DEAD:
@@ -109,7 +127,7 @@ class Executor:
                 err = _wire.ErrorInfo(kind=_errors.KIND_UNDECODABLE,
                                       message=f"cannot decode the message: {item.dead['reason']}")
                 oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
-        return outcomes
+        return outcomes, later
 
     def _invocation(self, oc: planner.Outcome) -> _wire.Invocation:
         item = oc.item

@@ -65,9 +65,28 @@ class Item:
     # Its idempotency record exists and says PENDING (it was queued or suspended): overwrite it.
     idem_pending: bool = False
     # Runs a suspended invocation again (a call's reply arrived, or a RESUME timer is due); ``message``
-    # is then the suspended invocation's, and ``response`` the reply that resumes it.
+    # is then the suspended invocation's, ``response`` the reply that resumes it, and ``arrived`` the
+    # message as it arrived (the reply, or the timer's), to route it again if its round does not commit.
     resume: suspension.Suspension | None = None
     response: bytes | None = None
+    arrived: _envelope.Message | None = None
+
+    def resume_with(self, record: suspension.Suspension, message: _envelope.Message) -> None:
+        """Route this reply (or resume timer) to the invocation suspended on its key, which runs instead."""
+        assert self.message is not None and self.arrived is None
+        self.arrived = self.message
+        if self.message.is_response:
+            self.response = self.message.args["reply"]
+        self.resume = record
+        self.idem_pending = suspension.idem_pending(record.message)
+        self.message = message
+
+    def unroute(self) -> None:
+        """Undo ``resume_with``: the item is what arrived again (its round was not committed)."""
+        if self.arrived is not None:
+            self.message, self.arrived = self.arrived, None
+            self.resume = self.response = None
+            self.idem_pending = False
 
     @property
     def key(self) -> str | None:

@@ -10,6 +10,14 @@ one that waits goes first once the key is free.
 
 Like the state cache, this is the owner's in-memory view of etcd keys that only its fenced
 commits write; it is rebuilt from etcd when a partition is taken.
+
+Routing reads that view as it was before the batch, so it is only right for one decision per key
+and round: once an item of a round runs on a key, or decides its transaction, the key's records
+are about to change, and any later item in the round whose fate depends on them (a reply or resume
+timer for the invocation suspended there, a prepare, a decision, an inquiry) is routed ``LATER``:
+the round ends before it, commits, and the rest of the batch is routed again against the records
+that commit wrote. Without this, two answers to one call in one batch (a vote and its vote
+timeout) both resumed the same suspension and ran the rest of the invocation twice.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import dataclasses
 import enum
 import logging
 
-from statefn import _envelope, _wire
+from statefn import _constants, _envelope, _wire
 from statefn_sidecar import items, layout, suspension, twophase
 
 _log = logging.getLogger("statefn.keylocks")
@@ -31,6 +39,8 @@ class Route(enum.Enum):
     DROP = "drop"      # a reply nobody waits for any more: only its bookkeeping is committed
     DIE = "die"        # a prepare that must not wait for the transaction holding its key: it votes no
     CONTROL = "control"  # a transaction's decision or inquiry: the sidecar handles it, past any lock
+    OWN = "own"        # no handler runs: a delayed send, an inquiry timer, a dead letter, a timer to delete
+    LATER = "later"    # its key's records change in this round: route it after this round's commit
 
 
 @dataclasses.dataclass(slots=True)
@@ -49,7 +59,7 @@ class KeyLocks:
         self._next_number: dict[str, int] = {}
         self._taken: set[str] = set()  # keys whose inbox head is in the batch being run
         self.prepared: dict[str, twophase.Prepared] = {}
-        self._claims: dict[str, _wire.TxInfo] = {}  # keys a prepare in the batch being routed will hold
+        self._changing: set[str] = set()  # keys whose records an item routed in this round may change
 
     def load(self, suspended: list[bytes], queued: list[tuple[bytes, bytes]], prepared: list[bytes]) -> None:
         """Rebuild from etcd: suspension and prepared records, and inbox entries with their keys (in key order)."""
@@ -76,34 +86,46 @@ class KeyLocks:
         return record.tx if record is not None else None
 
     def start_round(self) -> None:
-        """A batch (or its re-run) is about to be routed: no prepare in it holds a key yet."""
-        self._claims.clear()
+        """A batch (or what is left of it after a commit) is about to be routed against the committed records."""
+        self._changing.clear()
 
     def route(self, item: items.Item) -> Route:
-        """Decide an item's fate before its batch runs; a resuming item gets its suspension attached."""
+        """Decide an item's fate in this round; a resuming item gets its suspension attached."""
+        item.unroute()  # routed in an earlier round whose commit did not land: decide afresh
+        if item.kind in (items.Kind.DELAYED_SEND, items.Kind.DEAD, items.Kind.DROP_TIMER):
+            return Route.OWN
         msg = item.message
         assert msg is not None
+        reads_records = (item.kind in (items.Kind.RESUME, items.Kind.INQUIRE) or msg.is_response
+                         or msg.is_prepare or msg.is_tx_control)
+        if reads_records and msg.key in self._changing:
+            return Route.LATER
+        if item.kind is items.Kind.INQUIRE:
+            return Route.OWN
         if msg.is_tx_control:
+            if msg.handler != _constants.INQUIRE_HANDLER:
+                self._changing.add(msg.key)  # a decision unlocks the key
             return Route.CONTROL
-        if item.resume is not None:
-            return Route.RUN  # routed already (run again after an idempotency conflict in its batch)
         if item.kind is items.Kind.RESUME or msg.is_response:
-            return self._resume(item, self.suspended.get(msg.key))
-        if msg.is_prepare:
-            return self._prepare(item, msg)
-        if item.kind is items.Kind.INBOX:
-            return Route.RUN
-        return Route.QUEUE if self.locked(msg.key) else Route.RUN
+            route = self._resume(item, self.suspended.get(msg.key))
+        elif msg.is_prepare:
+            route = self._prepare(item, msg)
+        elif item.kind is items.Kind.INBOX:
+            route = Route.RUN
+        else:
+            route = Route.QUEUE if self.locked(msg.key) else Route.RUN
+        if route is Route.RUN:
+            self._changing.add(msg.key)
+        return route
 
     def _prepare(self, item: items.Item, msg: _envelope.Message) -> Route:
         assert msg.tx is not None
-        holder = self._claims.get(msg.key) or self.holder(msg.key)
+        holder = self.holder(msg.key)
         if holder is not None and holder.id == msg.tx.id:
             return Route.RUN  # its own transaction holds the key (the coordinator's key, or a second prepare)
         # An inbox head is taken only once nothing holds its key.
         if holder is None and (item.kind is items.Kind.INBOX or not self.locked(msg.key)):
-            self._claims[msg.key] = msg.tx  # it runs, and holds the key from now on
-            return Route.RUN
+            return Route.RUN  # it runs, and holds the key from now on
         if holder is None:
             return Route.QUEUE  # held by an invocation outside any transaction, which ends on its own
         return Route.QUEUE if twophase.wait_die(msg.tx, holder) else Route.DIE
@@ -118,14 +140,11 @@ class KeyLocks:
                 _log.warning("a reply for call %s of key %r arrived but nothing waits for it; dropped",
                              call_id, msg.key)
                 return Route.DROP
-            item.response = msg.args["reply"]
             attempt = record.message.attempt
         elif record is None or record.waiting:
             _log.warning("a resume timer for key %r finds no invocation to resume; dropped", msg.key)
             return Route.DROP
-        item.resume = record
-        item.idem_pending = suspension.idem_pending(record.message)
-        item.message = dataclasses.replace(record.message, attempt=attempt)
+        item.resume_with(record, dataclasses.replace(record.message, attempt=attempt))
         return Route.RUN
 
     def entry_for(self, item: items.Item) -> Queued:

@@ -260,9 +260,12 @@ class PartitionWorker:
             while pending:
                 if any(i.idempotency_key for i in pending):
                     await self.ensure_idem_lease()
-                outcomes = await self._executor.run(pending, self.cache, self.partition, self.locks)
+                outcomes, later = await self._executor.run(pending, self.cache, self.partition, self.locks)
                 plans = self._planner().plan(outcomes, self._pending_trims())
-                pending = await self._commit_plans(plans)
+                # What did not commit runs again, in batch order, then what waited for this round's commit;
+                # a timer that a commit meanwhile cancelled (a call answered before its timeout) is gone.
+                pending = [i for i in await self._commit_plans(plans) + later
+                           if i.timer_key is None or self._timers.scheduled(i.timer_key)]
         except commit.Fenced:
             self.locks.release_taken()
             # Hand what we pulled straight back to the new owner instead of waiting for ack_wait.

@@ -100,7 +100,14 @@ class Effects:
 
 def dead_letter_record(fn: _naming.FunctionType, partition: int, item: items.Item,
                        error: _wire.ErrorInfo) -> dict[str, Any]:
+    """What the dead-letter stream keeps of a failed invocation, with what a replay must know about it.
+
+    ``caller`` and ``transaction`` name who was already told of the failure (a durable call's caller,
+    or a transaction that aborted on it); ``journaled`` counts the durable steps (call replies,
+    ``ctx.run`` results) it had finished. A replay runs the invocation again from the start, alone.
+    """
     msg = item.message
+    journaled = len(item.resume.journal) + (item.response is not None) if item.resume is not None else 0
     return {
         "function": str(fn),
         "partition": partition,
@@ -111,6 +118,9 @@ def dead_letter_record(fn: _naming.FunctionType, partition: int, item: items.Ite
         "origin": msg.origin if msg else None,
         "idempotency_key": msg.idempotency_key if msg else None,
         "invocation_id": item.id,
+        "caller": f"{msg.caller.function}({msg.caller.key!r})" if msg and msg.caller else None,
+        "transaction": msg.tx.id if msg and msg.tx else None,
+        "journaled": journaled,
         "error": {"kind": error.kind, "message": error.message, "type": error.type},
         "raw": item.dead.get("raw") if item.dead else None,
         "failed_at": time.time(),

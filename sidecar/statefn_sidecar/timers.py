@@ -29,6 +29,10 @@ class TimerHeap:
         self._payloads[key] = payload
         heapq.heappush(self._heap, (due_ms, key))
 
+    def scheduled(self, key: bytes) -> bool:
+        """Whether the timer is still in etcd (due or not): no commit has deleted it yet."""
+        return key in self._payloads
+
     def remove(self, key: bytes) -> None:
         self._payloads.pop(key, None)  # its heap entry is skipped when it comes up
 

@@ -71,7 +71,7 @@ async def saga(ctx: Context, ref: str, source: str, target: str, amount: int) ->
 
 @account.handler
 async def send_tx(ctx: Context, ref: str, target: str, amount: int) -> str:
-    """One transaction coordinated by the source account, which takes part itself (DESIGN.md's example).
+    """One transaction coordinated by the source account, which takes part itself (docs/transactions.md's example).
 
     A deposit to a closed account votes no and everything aborts; a conflict (wait-die) or a
     timeout escapes and the platform runs the invocation again.
