@@ -15,8 +15,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/statefn
 WORKDIR /src
-# Only what `pip install .` reads: the project metadata and the four packages' sources.
+# Only what `pip install .` reads: the project metadata and the five packages' sources.
 COPY pyproject.toml README.md ./
+COPY core/ core/
 COPY sdk/ sdk/
 COPY sidecar/ sidecar/
 COPY operator/ operator/

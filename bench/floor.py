@@ -35,9 +35,9 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 
 from bench import stats
-from statefn import _client, _codec, _constants
+from statefn_core import codec, connect, constants
 
-BATCH = 128          # the sidecar's default batch size (statefn._constants.DEFAULT_BATCH_SIZE)
+BATCH = 128          # the sidecar's default batch size (constants.DEFAULT_BATCH_SIZE)
 KEYS_PER_TXN = 120   # etcd allows 128 ops per txn; the sidecar keeps room for its own bookkeeping
 _FETCH_TIMEOUT_S = 5.0
 
@@ -94,7 +94,7 @@ class _Rig:
         await self.etcd.delete_prefix(self.prefix)
 
     async def publish_input(self, n: int, body: bytes) -> None:
-        await self.js.publish(self.in_subject, body, headers={_constants.HEADER_MSG_ID: f"in:{n}"})
+        await self.js.publish(self.in_subject, body, headers={constants.HEADER_MSG_ID: f"in:{n}"})
 
     async def pull(self, batch: int) -> list[Msg]:
         msgs: list[Msg] = await self.psub.fetch(batch, timeout=_FETCH_TIMEOUT_S)
@@ -110,13 +110,13 @@ class _Rig:
             raise RuntimeError(f"floor commit refused: fence {self.owner_key!r} moved")
 
     async def publish_output(self, n: int, body: bytes) -> None:
-        await self.js.publish(self.out_subject, body, headers={_constants.HEADER_MSG_ID: f"out:{n}"})
+        await self.js.publish(self.out_subject, body, headers={constants.HEADER_MSG_ID: f"out:{n}"})
 
 
 @contextlib.asynccontextmanager
 async def _rig(nats_url: str, etcd_endpoint: str) -> AsyncIterator[_Rig]:
     nc = await nats.connect(nats_url, name="statefn-bench-floor")
-    host, port = _client.parse_etcd_endpoint(etcd_endpoint)
+    host, port = connect.parse_etcd_endpoint(etcd_endpoint)
     etcd = aetcd.Client(host=host, port=port, timeout=10)
     await etcd.connect()
     rig = _Rig(nc, etcd, uuid.uuid4().hex[:10])
@@ -131,7 +131,7 @@ async def _rig(nats_url: str, etcd_endpoint: str) -> AsyncIterator[_Rig]:
 
 def _input(key: str, ident: str | None = None) -> bytes:
     """About the size of a client's invocation envelope."""
-    return _codec.pack({"k": key, "h": "increment", "a": {"by": 1}, "i": ident or uuid.uuid4().hex})
+    return codec.pack({"k": key, "h": "increment", "a": {"by": 1}, "i": ident or uuid.uuid4().hex})
 
 
 def _state_key(rig: _Rig, key: str) -> bytes:
@@ -162,8 +162,8 @@ async def floor_single(nats_url: str, etcd_endpoint: str, *, count: int, warmup:
             key = f"k{n % 1000}"
             await rig.publish_input(n, _input(key))
             (msg,) = await rig.pull(1)
-            await rig.commit({_state_key(rig, key): _codec.pack(n)})
-            await rig.publish_output(n, _codec.pack([key, n]))
+            await rig.commit({_state_key(rig, key): codec.pack(n)})
+            await rig.publish_output(n, codec.pack([key, n]))
             await msg.ack()
 
         latencies, elapsed = await _one_at_a_time(one, count=count, warmup=warmup, tick=tick)
@@ -186,9 +186,9 @@ async def floor_call(nats_url: str, etcd_endpoint: str, *, count: int, warmup: i
             for hop in range(hops):
                 await rig.publish_input(hops * n + hop, _input(key))
                 (msg,) = await rig.pull(1)
-                await rig.commit({_state_key(rig, f"{key}/{hop}"): _codec.pack(n)})
+                await rig.commit({_state_key(rig, f"{key}/{hop}"): codec.pack(n)})
                 await msg.ack()
-            await rig.publish_output(n, _codec.pack([key, n]))
+            await rig.publish_output(n, codec.pack([key, n]))
 
         latencies, elapsed = await _one_at_a_time(one, count=count, warmup=warmup, tick=tick)
     return stats.summarize(latencies, count, elapsed, "call" if hops == 3 else "saga", notes=f"{hops} hops")
@@ -206,7 +206,7 @@ async def floor_batched(nats_url: str, etcd_endpoint: str, *, count: int, tick: 
         window = 256  # publishes in flight, like the platform workloads' concurrent callers
         for start in range(0, count, window):
             acks = [await rig.js.publish_async(rig.in_subject, _input(f"k{n % KEYS_PER_TXN}"),
-                                               headers={_constants.HEADER_MSG_ID: f"in:{n}"})
+                                               headers={constants.HEADER_MSG_ID: f"in:{n}"})
                     for n in range(start, min(start + window, count))]
             await asyncio.gather(*acks)
         published = time.perf_counter()
@@ -217,7 +217,7 @@ async def floor_batched(nats_url: str, etcd_endpoint: str, *, count: int, tick: 
             t0 = time.perf_counter()
             msgs = await rig.pull(BATCH)
             await _commit_batch(rig, msgs)
-            await rig.publish_output(batches, _codec.pack([m.metadata.sequence.stream for m in msgs]))
+            await rig.publish_output(batches, codec.pack([m.metadata.sequence.stream for m in msgs]))
             for msg in msgs:
                 await msg.ack()
             latencies.append(time.perf_counter() - t0)
@@ -234,8 +234,8 @@ async def _commit_batch(rig: _Rig, msgs: list[Msg]) -> None:
     """One fenced txn per pull (more only past etcd's op limit), each message's key set to its sequence."""
     puts: dict[bytes, bytes] = {}
     for msg in msgs:
-        body = _codec.unpack(msg.data)
-        puts[_state_key(rig, body["k"])] = _codec.pack(msg.metadata.sequence.stream)
+        body = codec.unpack(msg.data)
+        puts[_state_key(rig, body["k"])] = codec.pack(msg.metadata.sequence.stream)
     items = list(puts.items())
     for i in range(0, len(items), KEYS_PER_TXN):
         await rig.commit(dict(items[i:i + KEYS_PER_TXN]))
@@ -256,12 +256,12 @@ async def _pipeline(rig: _Rig, first: int, count: int, in_flight: int, tick: sta
             except TimeoutError:  # nats.errors.TimeoutError is one too
                 continue
             await _commit_batch(rig, msgs)
-            await rig.publish_output(first + outputs, _codec.pack([m.metadata.sequence.stream for m in msgs]))
+            await rig.publish_output(first + outputs, codec.pack([m.metadata.sequence.stream for m in msgs]))
             outputs += 1
             for msg in msgs:
                 await msg.ack()
             for msg in msgs:
-                fut = waiting.pop(_codec.unpack(msg.data)["i"], None)
+                fut = waiting.pop(codec.unpack(msg.data)["i"], None)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
 
@@ -329,9 +329,9 @@ async def floor_fanout(nats_url: str, etcd_endpoint: str, *, fanout: int, rounds
         async def one(r: int) -> None:
             await rig.publish_input(r, _input(f"f{r}"))
             (msg,) = await rig.pull(1)
-            await rig.commit({_state_key(rig, f"f{r}"): _codec.pack(r)})
+            await rig.commit({_state_key(rig, f"f{r}"): codec.pack(r)})
             acks = [await rig.js.publish_async(rig.down_subject, _input(f"r{r}-{i}"),
-                                               headers={_constants.HEADER_MSG_ID: f"down:{r}:{i}"})
+                                               headers={constants.HEADER_MSG_ID: f"down:{r}:{i}"})
                     for i in range(fanout)]
             await asyncio.gather(*acks)
             await msg.ack()

@@ -16,7 +16,7 @@ from rich.console import Console
 
 import statefn
 from e2e import harness, operator_proc
-from statefn import _constants, _errors
+from statefn_core import constants, errors
 from statefn_operator import dataplane, manifests, settings
 
 NS = "bench-scale"
@@ -39,7 +39,7 @@ def deployment_replicas(cluster: harness.ControlPlane, name: str) -> tuple[int, 
     if out.returncode != 0:
         return -1, -1, -1
     dep = json.loads(out.stdout)
-    pods = json.loads(cluster.kubectl("get", "pods", "-n", NS, "-l", f"{_constants.LABEL_FUNCTION}={NS}.{name}",
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", NS, "-l", f"{constants.LABEL_FUNCTION}={NS}.{name}",
                                       "-o", "json").stdout)["items"]
     return int(dep["spec"]["replicas"]), int(dep.get("status", {}).get("readyReplicas") or 0), len(pods)
 
@@ -58,7 +58,7 @@ async def first_reply(client: statefn.Client, fn: str, key: str) -> None:
         try:
             await client.invoke(fn, "w0", "work", idempotency_key=key, ms=1)
             return
-        except _errors.InvocationTimeout:
+        except errors.InvocationTimeout:
             continue
     raise TimeoutError(f"no reply from {fn} after five timeouts")
 

@@ -38,7 +38,7 @@ import aiohttp
 import statefn
 from bench import app as bench_app
 from bench import procs, stats
-from statefn import _naming
+from statefn_core import layout
 from statefn_sidecar import config, devservers, invoker, sidecar, tracing
 
 PARTITIONS = 16
@@ -390,7 +390,7 @@ class _Commits:
 
     def __init__(self, p: Platform) -> None:
         self._p = p
-        self._prefix = f"{_naming.FunctionType.parse(p.function).etcd_prefix}/state/"
+        self._prefix = f"{layout.FunctionType.parse(p.function).etcd_prefix}/state/"
         self._expected: set[bytes] = set()
         self._done: asyncio.Future[None] | None = None
         self._watch: Any = None
@@ -409,7 +409,7 @@ class _Commits:
                     self._done.set_result(None)
 
     def expect(self, keys: list[str]) -> asyncio.Future[None]:
-        fn = _naming.FunctionType.parse(self._p.function)
+        fn = layout.FunctionType.parse(self._p.function)
         self._expected = {fn.state_key(k, "count").encode() for k in keys}
         self._done = asyncio.get_running_loop().create_future()
         return self._done

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from e2e import harness, helmcli
-from statefn import _constants
+from statefn_core import constants
 from statefn_operator import manifests
 from statefn_operator import metrics as operator_metrics
 from statefn_operator import settings as operator_settings
@@ -173,7 +173,7 @@ def test_operator_and_gateway_follow_the_pod_contract(helm: helmcli.Helm) -> Non
     op, gw = container(docs, "sfn-statefn-operator"), container(docs, "sfn-statefn-gateway")
     assert op["command"] == ["statefn", "operator", "--peering", "sfn-statefn", "--all-namespaces",
                              "--health-host", "$(POD_IP)", "--health-port", "8080",
-                             "--metrics-host", "$(POD_IP)", "--metrics-port", str(_constants.OPERATOR_METRICS_PORT)]
+                             "--metrics-host", "$(POD_IP)", "--metrics-port", str(constants.OPERATOR_METRICS_PORT)]
     assert gw["command"] == ["statefn", "gateway", "--host", "$(POD_IP)", "--port", "8080"]
     image = f"{VALUES['image']['repository']}:{APP_VERSION}"
     assert op["image"] == gw["image"] == image
@@ -185,7 +185,7 @@ def test_operator_and_gateway_follow_the_pod_contract(helm: helmcli.Helm) -> Non
     assert [(p["httpGet"]["path"], p["httpGet"]["port"]) for p in (op["livenessProbe"], op["readinessProbe"])] == [
         ("/healthz", "health"), ("/healthz", "health")]
     assert op["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"},
-                           {"name": "metrics", "containerPort": _constants.OPERATOR_METRICS_PORT, "protocol": "TCP"}]
+                           {"name": "metrics", "containerPort": constants.OPERATOR_METRICS_PORT, "protocol": "TCP"}]
     assert [gw["livenessProbe"]["httpGet"]["path"], gw["readinessProbe"]["httpGet"]["path"]] == ["/healthz", "/readyz"]
     svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "sfn-statefn-gateway")
     assert (svc["spec"]["type"], svc["spec"]["ports"][0]["port"], svc["spec"]["ports"][0]["targetPort"]) == (
@@ -283,7 +283,7 @@ def test_monitors_select_the_metrics_ports(helm: helmcli.Helm) -> None:
         container_ports = {p["name"]: p["containerPort"] for p in container(docs, name)["ports"]}
         assert svc_port["targetPort"] in container_ports
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    assert services["sfn-statefn-operator"]["spec"]["ports"][0]["port"] == _constants.OPERATOR_METRICS_PORT
+    assert services["sfn-statefn-operator"]["spec"]["ports"][0]["port"] == constants.OPERATOR_METRICS_PORT
 
     # Function pods are the operator's: the PodMonitor selects the labels manifests.py gives them, and scrapes
     # the sidecar's named health port (which serves /metrics next to /healthz).

@@ -18,7 +18,7 @@ import pytest
 import statefn
 from e2e import harness, objects, operator_proc
 from e2e.objects import condition, wait_for
-from statefn import _naming
+from statefn_core import layout
 from statefn_sidecar import topology
 
 NS = "op-e2e"
@@ -76,7 +76,7 @@ async def test_function_becomes_deployment_stream_and_registration(
         assert sorted(c.name for c in consumers) == sorted(f"p{p}" for p in range(8))
     finally:
         await nc.close()
-    meta = await etcd.get(_naming.FunctionType("demo", "counter").meta_key.encode())
+    meta = await etcd.get(layout.FunctionType("demo", "counter").meta_key.encode())
     assert meta is not None and json.loads(meta.value)["partitions"] == 8
 
     # No pods run in this suite: Ready says so, with the reason.
@@ -120,7 +120,7 @@ async def test_partition_count_conflict_is_refused_with_a_reason(
         operator: operator_proc.Operator, etcd: aetcd.Client) -> None:
     """Someone (a `statefn dev` run, an older resource) created demo/fixed with 4 partitions."""
     cluster = operator.cluster
-    await topology.reserve(etcd, _naming.FunctionType("demo", "fixed"), 4)
+    await topology.reserve(etcd, layout.FunctionType("demo", "fixed"), 4)
     apply_function(cluster, "fixed", function="demo/fixed", partitions=8)
     obj = wait_for(lambda: (o := get(cluster, "sfn", "fixed")) and condition(o, "Provisioned") and o,
                    what="Provisioned condition")
@@ -145,7 +145,7 @@ async def test_workflow_waits_for_its_functions_then_publishes(
     cond = condition(obj, "Ready")
     assert (cond["status"], cond["reason"]) == ("False", "MissingFunction")
     assert "no StatefulFunction runs bank/account, shop/inventory" in cond["message"]
-    assert await etcd.get(_naming.workflow_key(NS, "order").encode()) is None
+    assert await etcd.get(layout.workflow_key(NS, "order").encode()) is None
 
     apply_function(cluster, "inventory", function="shop/inventory", partitions=2,
                    scaling={"minReplicas": 1, "maxReplicas": 2})
@@ -154,7 +154,7 @@ async def test_workflow_waits_for_its_functions_then_publishes(
     obj = wait_for(lambda: (o := get(cluster, "workflow", "order"))
                    and condition(o, "Ready").get("status") == "True" and o, timeout=30, what="Ready=True")
     assert obj["status"]["stepCount"] == 2
-    published = await etcd.get(_naming.workflow_key(NS, "order").encode())
+    published = await etcd.get(layout.workflow_key(NS, "order").encode())
     assert published is not None
     assert [s["name"] for s in json.loads(published.value)["spec"]["steps"]] == ["reserve", "pay"]
 
@@ -174,7 +174,7 @@ async def test_deletion_removes_what_it_made(operator: operator_proc.Operator, p
     assert not get(cluster, "deployment", "sfn-keep") and not get(cluster, "serviceaccount", "sfn-keep")
     assert not get(cluster, "deployment", "sfn-drop")
     for name in ("keep", "drop"):
-        assert await etcd.get(_naming.FunctionType("demo", name).meta_key.encode()) is None
+        assert await etcd.get(layout.FunctionType("demo", name).meta_key.encode()) is None
     nc = await nats.connect(plane.nats.url)
     try:
         js = nc.jetstream()

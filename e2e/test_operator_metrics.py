@@ -16,7 +16,7 @@ import pytest
 import statefn
 from e2e import harness, objects, operator_proc
 from e2e.objects import condition, wait_for
-from statefn import _naming
+from statefn_core import layout
 from statefn_sidecar import devservers, topology
 
 NS = "metrics-e2e"
@@ -105,7 +105,7 @@ async def test_from_zero_and_a_refused_spec_are_counted(operator: Running, plane
     assert errors_before is not None
     host, port = plane.etcd.endpoint.split(":")
     async with aetcd.Client(host=host, port=int(port)) as etcd:
-        await topology.reserve(etcd, _naming.FunctionType("demo", "fixed"), 4)
+        await topology.reserve(etcd, layout.FunctionType("demo", "fixed"), 4)
     apply_function(cluster, "fixed", function="demo/fixed", partitions=8)
     wait_for(lambda: condition(objects.get(cluster, NS, "sfn", "fixed"), "Provisioned").get("status") == "False",
              what="Provisioned=False")

@@ -19,7 +19,7 @@ import pytest
 import statefn
 from e2e import harness, helmcli, objects, operator_proc
 from e2e.objects import condition, wait_for
-from statefn import _constants
+from statefn_core import constants
 from statefn_sidecar import tracing
 from tests import otlp_receiver
 
@@ -145,7 +145,7 @@ async def test_the_example_runs_on_the_platform(platform: harness.ControlPlane,
 
         # Metrics, as the chart's PodMonitor and gateway ServiceMonitor scrape them: the pod's health port, the
         # gateway's port.
-        pods = objects.get(cluster, NS, "pods", "-l", f"{_constants.LABEL_FUNCTION}={NS}.account")["items"]
+        pods = objects.get(cluster, NS, "pods", "-l", f"{constants.LABEL_FUNCTION}={NS}.account")["items"]
         scraped = ""
         for pod in [p for p in pods if p["status"].get("podIP")]:
             async with session.get(f"http://{pod['status']['podIP']}:8081/metrics") as resp:
@@ -249,7 +249,7 @@ async def test_force_deleted_pods_lose_and_double_nothing(platform: harness.Cont
     """kill -9 of a whole pod (kubectl delete --force) under load: its partitions move on, every count is exact."""
     cluster = platform
     wait_for(lambda: ready(cluster, "counter"), timeout=90, what="counter Ready")
-    selector = f"{_constants.LABEL_FUNCTION}=default.counter"
+    selector = f"{constants.LABEL_FUNCTION}=default.counter"
     keys = [f"f{i}" for i in range(40)]
     per_key = 25
     async with statefn.Client(nats=plane.nats.url, etcd=plane.etcd.endpoint) as client:

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 import aetcd
 
 import statefn
-from statefn import _naming
-from statefn_sidecar import config, devservers, invoker, layout, sidecar
+from statefn_core import layout
+from statefn_sidecar import config, devservers, invoker, sidecar
 
 T = TypeVar("T")
 
@@ -67,7 +67,7 @@ async def locks_left(server: devservers.EtcdServer, function: str, partitions: i
                      timers: bool = False) -> list[bytes]:
     """The keys of a function that are still prepared, suspended, or have messages waiting in an inbox
     (and, with ``timers``, the timers still scheduled)."""
-    fn = _naming.FunctionType.parse(function)
+    fn = layout.FunctionType.parse(function)
     found: list[bytes] = []
     async with etcd(server) as raw:
         for p in range(partitions):

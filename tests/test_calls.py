@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 import statefn
-from statefn import Context, StatefulFunction, _envelope, _naming
-from statefn_sidecar import layout
+from statefn import Context, StatefulFunction
+from statefn_core import envelope, layout
 from tests import helpers
 
 
@@ -296,7 +296,7 @@ async def test_a_copy_of_a_suspended_request_beside_its_reply_loses_nothing(
                 return await c.get_state(shop.inventory, "yam") == {"stock": 8}
             await helpers.eventually(reserved)
             await asyncio.sleep(0.5)  # the reply is published to the order's stream, which nobody reads now
-        copy = _envelope.Message(key="o9", handler="place", args={"item": "yam", "qty": 2},
+        copy = envelope.Message(key="o9", handler="place", args={"item": "yam", "qty": 2},
                                  idempotency_key="place-o9")
         await c._publish(await c._subject(shop.order, "o9"), copy, 1)
         async with helpers.running_sidecar(shop.callers, nats_server, etcd_server):
@@ -312,7 +312,7 @@ async def test_a_copy_of_a_suspended_request_beside_its_reply_loses_nothing(
 
 async def _exists(etcd_server, function: str, key: str) -> bool:
     """Whether the key has a suspended invocation (read straight from etcd, as a new owner would)."""
-    fn = _naming.FunctionType.parse(function)
+    fn = layout.FunctionType.parse(function)
     async with helpers.etcd(etcd_server) as etcd:
         for p in range(4):
             if await etcd.get(layout.PartitionKeys(fn, p).suspended(key)) is not None:

@@ -17,7 +17,7 @@ import nats.errors
 import pytest
 
 import statefn
-from statefn import _naming
+from statefn_core import layout
 from statefn_sidecar import devservers
 from tests import helpers, procs
 from tests.apps import bank
@@ -243,7 +243,7 @@ async def test_zombie_is_fenced(servers, namespace) -> None:
                 await asyncio.sleep(0.1)
             held = zombie.partitions()
             assert len(held) == 4
-            victim = next(k for k in (f"slow{i}" for i in range(1000)) if _naming.partition_of(k, 8) in held)
+            victim = next(k for k in (f"slow{i}" for i in range(1000)) if layout.partition_of(k, 8) in held)
             load = asyncio.create_task(
                 run_load([lambda k=k, i=i: invoke_until_answered(c, fn, k, i) for k, i in plan], concurrency=32))
             slow = asyncio.create_task(c.invoke(fn, victim, "slow_increment", seconds=1.5, idempotency_key="slow-1",

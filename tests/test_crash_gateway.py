@@ -44,6 +44,8 @@ IN_FLIGHT = 48
 LEASE_TTL_S = int(os.environ.get("STATEFN_CRASH_LEASE_TTL", "3"))
 SIDECAR_SETTINGS = {"lease_ttl": LEASE_TTL_S, "ack_wait": LEASE_TTL_S + 1.0}
 TX_TIMEOUT_S = os.environ.get("STATEFN_CRASH_TX_TIMEOUT", "3")
+# Every kill stalls the victim's partitions for a lease TTL: longer leases, slower progress.
+DEADLINE_S = max(420, 150 * LEASE_TTL_S)
 # The gateway gives up waiting after this, answering 504; the caller re-sends with the same key.
 GATEWAY_TIMEOUT_S = 6.0
 
@@ -147,7 +149,7 @@ async def test_every_reply_matches_every_key_under_kills(servers, namespace, kin
                     chaos_task = asyncio.create_task(chaos())
                     t0 = time.monotonic()
                     try:
-                        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(IN_FLIGHT))), 420)
+                        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(IN_FLIGHT))), DEADLINE_S)
                     except TimeoutError:
                         pytest.fail(f"operations stopped completing: {len(answers)} of {len(ops)} answered")
                     elapsed = time.monotonic() - t0

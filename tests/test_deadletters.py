@@ -8,7 +8,8 @@ import nats
 import pytest
 
 import statefn
-from statefn import Context, StatefulFunction, _constants, _envelope, _naming
+from statefn import Context, StatefulFunction
+from statefn_core import constants, envelope, layout
 from statefn_sidecar import config, deadletters, faults, invoker, sidecar
 from tests import helpers
 
@@ -81,14 +82,14 @@ async def test_a_lost_ack_never_dead_letters_twice(nats_server, etcd_server, nam
     injected = faults.Faults("ack_lost=1")
     owner = sidecar.Sidecar(cfg, invoker.EmbeddedInvoker(app), injected)
     await owner.start()
-    ftype = _naming.FunctionType.parse(fn)
+    ftype = layout.FunctionType.parse(fn)
     nc = await nats.connect(nats_server.url)
     try:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         await nc.jetstream().publish(ftype.ingress_subject(0), b"\xc1 not msgpack",
-                                     headers={_constants.HEADER_REPLY_TO: inbox})
-        reply = _envelope.Reply.decode((await sub.next_msg(timeout=10)).data)
+                                     headers={constants.HEADER_REPLY_TO: inbox})
+        reply = envelope.Reply.decode((await sub.next_msg(timeout=10)).data)
         assert reply.error is not None and reply.error.kind == "undecodable"
         assert injected.fired == {"ack_lost": 1}
         injected.rates.clear()  # one lost ack
@@ -97,7 +98,7 @@ async def test_a_lost_ack_never_dead_letters_twice(nats_server, etcd_server, nam
             owner = sidecar.Sidecar(cfg, invoker.EmbeddedInvoker(app))
             await owner.start()
         # Redelivered after ack_wait: answered with the same reply, acked, not dead-lettered again.
-        again = _envelope.Reply.decode((await sub.next_msg(timeout=10)).data)
+        again = envelope.Reply.decode((await sub.next_msg(timeout=10)).data)
         assert again == reply
         js = nc.jetstream()
         for _ in range(50):

@@ -20,8 +20,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 import statefn
-from statefn import Context, StatefulFunction, _codec, _constants, _envelope, _naming
-from statefn_sidecar import devservers, layout, metrics, suspension
+from statefn import Context, StatefulFunction
+from statefn_core import codec, constants, envelope, layout
+from statefn_sidecar import devservers, metrics, suspension
 from tests import helpers
 
 PARTITIONS = 4
@@ -90,37 +91,37 @@ async def hosting(ledger: Ledger, nats_server: devservers.NatsServer, etcd_serve
 
 
 async def waiting_record(etcd_server: devservers.EtcdServer, function: str, key: str) -> suspension.Suspension:
-    fn = _naming.FunctionType.parse(function)
+    fn = layout.FunctionType.parse(function)
     async with helpers.etcd(etcd_server) as raw:
-        got = await raw.get(layout.PartitionKeys(fn, _naming.partition_of(key, PARTITIONS)).suspended(key))
+        got = await raw.get(layout.PartitionKeys(fn, layout.partition_of(key, PARTITIONS)).suspended(key))
     assert got is not None, f"{function}({key!r}) is not suspended"
     return suspension.Suspension.decode(got.value)
 
 
-async def timeout_answer(etcd_server: devservers.EtcdServer, record: suspension.Suspension) -> _envelope.Message:
+async def timeout_answer(etcd_server: devservers.EtcdServer, record: suspension.Suspension) -> envelope.Message:
     """The message the call's timeout timer would send when due: its ``tx_timeout`` answer."""
     async with helpers.etcd(etcd_server) as raw:
         got = await raw.get(record.timer)
     assert got is not None
-    kind, _, plain = _codec.unpack(got.value)
+    kind, _, plain = codec.unpack(got.value)
     assert kind == "send"
-    message = _envelope.Message.from_plain(plain)
+    message = envelope.Message.from_plain(plain)
     assert message.is_response and message.args["call"] == record.waiting
     return message
 
 
-async def put_on_channel(c: statefn.Client, function: str, message: _envelope.Message) -> None:
+async def put_on_channel(c: statefn.Client, function: str, message: envelope.Message) -> None:
     """Deliver a message to its key's partition as a channel bundle, as the timer's commit would."""
-    fn = _naming.FunctionType.parse(function)
-    sender = _naming.PartitionId(_naming.FunctionType("test", "timer"), 0)
-    body = _envelope.encode_bundle(_envelope.Bundle(sender=sender.token, seq=1, messages=[message]))
-    subject = fn.channel_subject(_naming.partition_of(message.key, PARTITIONS), sender)
-    await c.nats.jetstream().publish(subject, body, headers={_constants.HEADER_KIND: _constants.KIND_BUNDLE})
+    fn = layout.FunctionType.parse(function)
+    sender = layout.PartitionId(layout.FunctionType("test", "timer"), 0)
+    body = envelope.encode_bundle(envelope.Bundle(sender=sender.token, seq=1, messages=[message]))
+    subject = fn.channel_subject(layout.partition_of(message.key, PARTITIONS), sender)
+    await c.nats.jetstream().publish(subject, body, headers={constants.HEADER_KIND: constants.KIND_BUNDLE})
 
 
 async def pending_at(c: statefn.Client, function: str, key: str) -> int:
-    fn = _naming.FunctionType.parse(function)
-    info = await c.nats.jetstream().consumer_info(fn.stream, fn.consumer_name(_naming.partition_of(key, PARTITIONS)))
+    fn = layout.FunctionType.parse(function)
+    info = await c.nats.jetstream().consumer_info(fn.stream, fn.consumer_name(layout.partition_of(key, PARTITIONS)))
     return int(info.num_pending or 0)
 
 
@@ -207,8 +208,8 @@ async def test_a_call_timeout_due_beside_its_reply_is_never_sent(nats_server, et
 
 async def make_due(etcd_server: devservers.EtcdServer, function: str, key: str, timer: bytes) -> None:
     """Move a timer's due time to now (its key names it), as if the sidecar had been away that long."""
-    fn = _naming.FunctionType.parse(function)
-    keys = layout.PartitionKeys(fn, _naming.partition_of(key, PARTITIONS))
+    fn = layout.FunctionType.parse(function)
+    keys = layout.PartitionKeys(fn, layout.partition_of(key, PARTITIONS))
     async with helpers.etcd(etcd_server) as raw:
         got = await raw.get(timer)
         assert got is not None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import aetcd
 import pytest
 
-from statefn import _naming
-from statefn_sidecar import commit, faults, layout
+from statefn_core import layout
+from statefn_sidecar import commit, faults
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def _committer(etcd: aetcd.Client, keys: layout.PartitionKeys, epoch: int, spec:
 
 
 async def test_stale_owner_commit_is_refused(etcd, namespace) -> None:
-    keys = layout.PartitionKeys(_naming.FunctionType(namespace, "f"), 0)
+    keys = layout.PartitionKeys(layout.FunctionType(namespace, "f"), 0)
     old_epoch = await _own(etcd, keys, b"old")
     zombie = _committer(etcd, keys, old_epoch)
     txn = commit.Txn()
@@ -49,7 +49,7 @@ async def test_stale_owner_commit_is_refused(etcd, namespace) -> None:
 
 async def test_lost_commit_reply_is_resolved_by_reading_back(etcd, namespace) -> None:
     """The commit lands but the reply is lost: re-sending finds the marker, applies nothing twice."""
-    keys = layout.PartitionKeys(_naming.FunctionType(namespace, "f"), 1)
+    keys = layout.PartitionKeys(layout.FunctionType(namespace, "f"), 1)
     committer = _committer(etcd, keys, await _own(etcd, keys, b"me"), "commit_reply_lost=1.0,seed=1")
     counter_key = b"/x/" + namespace.encode() + b"/n"
     txn = commit.Txn()
@@ -77,7 +77,7 @@ async def test_lost_commit_reply_is_resolved_by_reading_back(etcd, namespace) ->
 
 
 async def test_idempotency_conflict_reports_existing_records(etcd, namespace) -> None:
-    keys = layout.PartitionKeys(_naming.FunctionType(namespace, "f"), 2)
+    keys = layout.PartitionKeys(layout.FunctionType(namespace, "f"), 2)
     committer = _committer(etcd, keys, await _own(etcd, keys, b"me"))
     await etcd.put(keys.idempotency("seen"), b"the original reply")
     txn = commit.Txn()

@@ -14,7 +14,8 @@ import nats
 import pytest
 
 import statefn
-from statefn import Context, StatefulFunction, _naming
+from statefn import Context, StatefulFunction
+from statefn_core import layout
 from statefn_sidecar import devservers, gateway, topology
 from tests import helpers
 
@@ -161,7 +162,7 @@ async def test_a_registered_function_no_pod_has_described_yet_takes_invocations(
     """minReplicas 0 and never run: the operator's registration has no handlers; the first call must get through
     (it is what brings a pod up), and the sidecar that starts validates and runs it."""
     app, calls = make_app(namespace)
-    fn = _naming.FunctionType.parse(f"{namespace}/account")
+    fn = layout.FunctionType.parse(f"{namespace}/account")
     nc = await nats.connect(nats_server.url)
     try:
         await topology.ensure_stream(nc.jetstream(), fn)

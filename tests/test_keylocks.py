@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from statefn import _envelope, _naming, _wire
-from statefn_sidecar import items, keylocks, layout, suspension, twophase
+from statefn_core import envelope, layout, wire
+from statefn_sidecar import items, keylocks, suspension, twophase
 
 KEY = "k"
 
 
-def _tx(ts: float, name: str) -> _wire.TxInfo:
-    return _wire.TxInfo(id=name, ts=ts, function="ns/coord", key=name, timeout=10.0)
+def _tx(ts: float, name: str) -> wire.TxInfo:
+    return wire.TxInfo(id=name, ts=ts, function="ns/coord", key=name, timeout=10.0)
 
 
-def _locks(*messages: _envelope.Message) -> keylocks.KeyLocks:
-    locks = keylocks.KeyLocks(layout.PartitionKeys(_naming.FunctionType.parse("ns/acct"), 0))
+def _locks(*messages: envelope.Message) -> keylocks.KeyLocks:
+    locks = keylocks.KeyLocks(layout.PartitionKeys(layout.FunctionType.parse("ns/acct"), 0))
     entries = []
     for i, msg in enumerate(messages):
         item = items.Item(kind=items.Kind.CHANNEL, id=f"m{i}", message=msg)
@@ -30,12 +30,12 @@ def _locks(*messages: _envelope.Message) -> keylocks.KeyLocks:
     return locks
 
 
-def _plain(origin: str, handler: str = "deposit") -> _envelope.Message:
-    return _envelope.Message(key=KEY, handler=handler, args={}, origin=origin)
+def _plain(origin: str, handler: str = "deposit") -> envelope.Message:
+    return envelope.Message(key=KEY, handler=handler, args={}, origin=origin)
 
 
-def _prepare(origin: str, tx: _wire.TxInfo) -> _envelope.Message:
-    return _envelope.Message(key=KEY, handler="withdraw", args={}, origin=origin, tx=tx)
+def _prepare(origin: str, tx: wire.TxInfo) -> envelope.Message:
+    return envelope.Message(key=KEY, handler="withdraw", args={}, origin=origin, tx=tx)
 
 
 def _next_id(locks: keylocks.KeyLocks) -> str:
@@ -86,20 +86,20 @@ def test_taking_an_entry_from_the_middle_keeps_the_rest_in_order() -> None:
 # (or decides its transaction), anything later in the round that depends on the key's records waits
 # for the round's commit (LATER) and is then routed against what it wrote.
 
-def _suspended(waiting: str, tx: _wire.TxInfo | None = None) -> keylocks.KeyLocks:
-    locks = keylocks.KeyLocks(layout.PartitionKeys(_naming.FunctionType.parse("ns/acct"), 0))
-    record = suspension.Suspension("inv", _envelope.Message(key=KEY, handler="move", args={}, idempotency_key="i"),
+def _suspended(waiting: str, tx: wire.TxInfo | None = None) -> keylocks.KeyLocks:
+    locks = keylocks.KeyLocks(layout.PartitionKeys(layout.FunctionType.parse("ns/acct"), 0))
+    record = suspension.Suspension("inv", envelope.Message(key=KEY, handler="move", args={}, idempotency_key="i"),
                                    waiting=waiting, tx=tx, timer=b"t" if waiting else b"")
     locks.apply({KEY: record}, [], [], {})
     return locks
 
 
 def _answer(call: str, ok: bool, i: int) -> items.Item:
-    reply = _envelope.Reply(ok=ok, value=b"\xc0") if ok else _envelope.Reply(
-        ok=False, error=_wire.ErrorInfo(kind="tx_timeout", message="late"))
-    caller = _envelope.CallerAddress("ns/acct", 0, KEY, call)
+    reply = envelope.Reply(ok=ok, value=b"\xc0") if ok else envelope.Reply(
+        ok=False, error=wire.ErrorInfo(kind="tx_timeout", message="late"))
+    caller = envelope.CallerAddress("ns/acct", 0, KEY, call)
     return items.Item(kind=items.Kind.CHANNEL, id=f"c{i}",
-                      message=_envelope.response_message(caller, reply, origin="ns/x:y", traceparent=None))
+                      message=envelope.response_message(caller, reply, origin="ns/x:y", traceparent=None))
 
 
 def test_two_answers_to_one_call_in_one_round_resume_it_once() -> None:
@@ -142,10 +142,10 @@ def test_a_decision_and_anything_else_about_its_key_take_one_round_each() -> Non
     tx = _tx(5.0, "t")
     locks = _locks()
     locks.apply({}, [], [], {KEY: twophase.Prepared(KEY, tx, {"balance": b"\x01"}, timer=b"timer")})
-    decide = [items.Item(kind=items.Kind.CHANNEL, id=f"d{i}", message=_envelope.tx_control_message(
+    decide = [items.Item(kind=items.Kind.CHANNEL, id=f"d{i}", message=envelope.tx_control_message(
         handler, tx, KEY, origin="ns/coord:c", traceparent=None)) for i, handler in enumerate(("~commit", "~abort"))]
     inquire = items.Item(kind=items.Kind.INQUIRE, id="timer", timer_key=b"timer",
-                         message=_envelope.Message(key=KEY, handler="", args={"tx": "t"}))
+                         message=envelope.Message(key=KEY, handler="", args={"tx": "t"}))
     locks.start_round()
     assert locks.route(decide[0]) is keylocks.Route.CONTROL
     assert locks.route(decide[1]) is keylocks.Route.LATER  # it must see whether the commit applied

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from statefn import _envelope, _naming
-from statefn_sidecar import commit, items, layout, planner
+from statefn_core import envelope, layout
+from statefn_sidecar import commit, items, planner
 
-FN = _naming.FunctionType("a", "b")
+FN = layout.FunctionType("a", "b")
 
 
 def _ingress(i: int, *, key: str, sends: int = 0, state_bytes: int = 1) -> planner.Outcome:
     it = items.Item(kind=items.Kind.INGRESS, id=f"i{i}",
-                    message=_envelope.Message(key=key, handler="h", args={}, idempotency_key=f"i{i}"))
+                    message=envelope.Message(key=key, handler="h", args={}, idempotency_key=f"i{i}"))
     oc = planner.Outcome(item=it, state={(key, "count"): b"x" * state_bytes},
-                         reply=_envelope.Reply(ok=True, value=b"1"))
+                         reply=envelope.Reply(ok=True, value=b"1"))
     for j in range(sends):
-        oc.sends.append(planner.Send(_naming.PartitionId(FN, j % 4), _envelope.Message(key="t", handler="h", args={})))
+        oc.sends.append(planner.Send(layout.PartitionId(FN, j % 4), envelope.Message(key="t", handler="h", args={})))
     return oc
 
 
@@ -67,4 +67,4 @@ def test_many_sends_to_few_partitions_fit_one_commit() -> None:
     ((_, eff),) = plans
     assert fan.dead_letter is None and fan.reply is not None and fan.reply.ok
     assert sorted(e.target for e in eff.entries) == ["a.b.0", "a.b.1", "a.b.2", "a.b.3"]
-    assert sum(len(_envelope.decode_bundle(e.body).messages) for e in eff.entries) == 200
+    assert sum(len(envelope.decode_bundle(e.body).messages) for e in eff.entries) == 200

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from statefn import _wire
+from statefn_core import wire
 from statefn_sidecar import config, invoker, sidecar
 from tests import helpers, test_smoke
 
@@ -12,7 +12,7 @@ class BreaksOnce(invoker.EmbeddedInvoker):
 
     broken = True
 
-    async def execute(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
+    async def execute(self, request: wire.BatchRequest) -> wire.BatchResponse:
         if self.broken:
             self.broken = False
             raise RuntimeError("a bug in the invoker")

@@ -6,13 +6,13 @@ import aetcd
 import nats
 import pytest
 
-from statefn import _naming
+from statefn_core import layout
 from statefn_sidecar import devservers, topology
 
 
 async def test_a_retained_function_comes_back_only_with_its_partition_count(
         nats_server: devservers.NatsServer, etcd_server: devservers.EtcdServer, namespace: str) -> None:
-    fn = _naming.FunctionType(namespace, "orders")
+    fn = layout.FunctionType(namespace, "orders")
     host, port = etcd_server.endpoint.rsplit(":", 1)
     nc = await nats.connect(nats_server.url)
     async with aetcd.Client(host=host, port=int(port)) as etcd:

@@ -11,7 +11,8 @@ import pydantic
 import pytest
 
 import statefn
-from statefn import Context, StatefulFunction, _codec, _constants
+from statefn import Context, StatefulFunction
+from statefn_core import codec, constants, envelope, layout
 from tests import helpers
 
 
@@ -242,15 +243,15 @@ async def test_send_to_unknown_function_fails_the_invocation(env) -> None:
 async def test_undecodable_payload_is_dead_lettered(env, nats_server) -> None:
     c, fn, _, _ = env
     meta = await c.describe(fn)
-    ftype = statefn._naming.FunctionType.parse(fn)
+    ftype = layout.FunctionType.parse(fn)
     subject = ftype.ingress_subject(0)
     nc = await nats.connect(nats_server.url)
     try:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         await nc.jetstream().publish(subject, b"\xc1 not msgpack",
-                                     headers={_constants.HEADER_REPLY_TO: inbox})
-        reply = statefn._envelope.Reply.decode((await sub.next_msg(timeout=10)).data)
+                                     headers={constants.HEADER_REPLY_TO: inbox})
+        reply = envelope.Reply.decode((await sub.next_msg(timeout=10)).data)
     finally:
         await nc.close()
     assert meta["partitions"] == 4
@@ -268,17 +269,17 @@ async def test_payload_over_max_payload_is_a_clear_error(env) -> None:
 
 async def _dead_letter(nats_server, fn: str, key: str | None) -> dict[str, object]:
     """Wait for the dead letter of ``key`` (published from the outbox after the commit)."""
-    ftype = statefn._naming.FunctionType.parse(fn)
+    ftype = layout.FunctionType.parse(fn)
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
         for _ in range(100):
             try:
-                msg = await js.get_last_msg(_constants.DLQ_STREAM, ftype.dlq_subject)
+                msg = await js.get_last_msg(constants.DLQ_STREAM, ftype.dlq_subject)
             except nats.js.errors.NotFoundError:
                 await asyncio.sleep(0.1)
                 continue
-            letter: dict[str, object] = _codec.unpack(msg.data)
+            letter: dict[str, object] = codec.unpack(msg.data)
             if letter["key"] == key:
                 return letter
             await asyncio.sleep(0.1)

@@ -13,7 +13,8 @@ import asyncio
 import nats
 
 import statefn
-from statefn import Context, StatefulFunction, _naming
+from statefn import Context, StatefulFunction
+from statefn_core import layout
 from statefn_sidecar import devservers
 from tests import helpers
 
@@ -42,7 +43,7 @@ async def test_a_batch_longer_than_ack_wait_is_not_redelivered(
         assert stats["in_progress_reports"] >= 2, stats  # at 0.5 s, 1.0 s, ... of the 2.5 s batch
     nc = await nats.connect(nats_server.url)
     try:
-        ftype = _naming.FunctionType.parse(f"{namespace}/slow")
+        ftype = layout.FunctionType.parse(f"{namespace}/slow")
         info = await nc.jetstream().consumer_info(ftype.stream, ftype.consumer_name(0))
         assert info.num_redelivered == 0 and info.num_ack_pending == 0, info
     finally:

@@ -17,7 +17,8 @@ import pytest
 
 import statefn
 from statefn import Context, StatefulFunction
-from statefn_sidecar import layout, metrics
+from statefn_core import layout
+from statefn_sidecar import metrics
 from tests import helpers
 
 
@@ -149,7 +150,7 @@ async def stored_locks(etcd_server, function: str) -> dict[str, list[bytes]]:
     """Prepared and suspended records left in etcd, by kind: nothing may stay locked."""
     found: dict[str, list[bytes]] = {"prepared": [], "suspended": []}
     async with helpers.etcd(etcd_server) as raw:
-        fn = statefn._naming.FunctionType.parse(function)
+        fn = layout.FunctionType.parse(function)
         for p in range(4):
             keys = layout.PartitionKeys(fn, p)
             for kind, prefix in (("prepared", keys.prepared_prefix), ("suspended", keys.suspended_prefix)):

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from statefn import _constants
 from statefn_cli import common
+from statefn_core import constants
 from statefn_operator import runner, settings
 
 app = typer.Typer()
@@ -33,13 +33,13 @@ def operator_cmd(
         help="JetStream replicas of each function's stream (3 on a 3-server NATS cluster)")] = 1,
     sidecar_image: Annotated[str | None, typer.Option(envvar="STATEFN_SIDECAR_IMAGE")] = None,
     autoscale_interval: Annotated[float, typer.Option(envvar="STATEFN_AUTOSCALE_INTERVAL")] = (
-        _constants.DEFAULT_AUTOSCALE_INTERVAL_S),
+        constants.DEFAULT_AUTOSCALE_INTERVAL_S),
     health_host: Annotated[str, typer.Option(envvar="STATEFN_HEALTH_HOST")] = "127.0.0.1",
     health_port: Annotated[int | None, typer.Option(envvar="STATEFN_HEALTH_PORT", help="serve /healthz")] = None,
     metrics_host: Annotated[str, typer.Option(envvar="STATEFN_METRICS_HOST")] = "127.0.0.1",
     metrics_port: Annotated[int | None, typer.Option(
         envvar="STATEFN_METRICS_PORT", min=1, max=65535,
-        help=f"serve GET /metrics (Prometheus) here; the chart uses {_constants.OPERATOR_METRICS_PORT}")] = None,
+        help=f"serve GET /metrics (Prometheus) here; the chart uses {constants.OPERATOR_METRICS_PORT}")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Turn StatefulFunctions and Workflows into Deployments, streams and registrations; autoscale them."""

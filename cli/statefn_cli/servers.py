@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 import statefn
-from statefn import _serve, _signals
+from statefn import _serve
 from statefn_cli import common
+from statefn_core import signals
 from statefn_sidecar import config, devservers, gateway, invoker, sidecar, tracing
 
 app = typer.Typer()
@@ -123,7 +124,7 @@ def dev_cmd(
                 common.console.print(f"  tracing  {tracing_state}")
                 common.console.print(f"  try:     statefn invoke --nats {nats_s.url} --etcd {etcd_s.endpoint} "
                                      f"{next(iter(fns.functions))} k1 <handler>")
-                await _signals.until_stopped()
+                await signals.until_stopped()
                 await runner.cleanup()
             await sc.stop()
         finally:

@@ -16,8 +16,8 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
 
-from statefn import _constants, _naming
-from statefn_sidecar import sidecar, topology
+from statefn_core import connect, constants, layout
+from statefn_sidecar import topology
 
 _log = logging.getLogger("statefn.operator.dataplane")
 
@@ -30,26 +30,26 @@ class DataPlane:
 
     @classmethod
     async def connect(cls, nats_url: str, etcd_endpoint: str) -> DataPlane:
-        nc = await sidecar.connect_nats(nats_url, "statefn-operator")
-        etcd = await sidecar.connect_etcd(etcd_endpoint)
+        nc = await connect.nats_connection(nats_url, "statefn-operator")
+        etcd = await connect.etcd_connection(etcd_endpoint)
         return cls(nc, nc.jetstream(timeout=10), etcd)
 
     async def close(self) -> None:
         await self.nc.close()
         await self.etcd.close()
 
-    async def provision(self, fn: _naming.FunctionType, partitions: int, *, stream_replicas: int = 1) -> None:
+    async def provision(self, fn: layout.FunctionType, partitions: int, *, stream_replicas: int = 1) -> None:
         """Stream, dead-letter stream, one consumer per partition, then the registration."""
         await topology.ensure_stream(self.js, fn, replicas=stream_replicas)
         await topology.ensure_dlq_stream(self.js, replicas=stream_replicas)
-        await topology.ensure_consumers(self.js, fn, partitions, ack_wait=_constants.DEFAULT_ACK_WAIT_S,
-                                        max_ack_pending=topology.max_ack_pending(_constants.DEFAULT_BATCH_SIZE))
+        await topology.ensure_consumers(self.js, fn, partitions, ack_wait=constants.DEFAULT_ACK_WAIT_S,
+                                        max_ack_pending=topology.max_ack_pending(constants.DEFAULT_BATCH_SIZE))
         await topology.reserve(self.etcd, fn, partitions)
 
-    async def remove(self, fn: _naming.FunctionType, *, delete_data: bool) -> None:
+    async def remove(self, fn: layout.FunctionType, *, delete_data: bool) -> None:
         await topology.remove(self.js, self.etcd, fn, delete_data=delete_data)
 
-    async def lag(self, fn: _naming.FunctionType) -> int | None:
+    async def lag(self, fn: layout.FunctionType) -> int | None:
         """None when the stream does not exist (yet, or any more)."""
         try:
             return await topology.lag(self.js, fn)

@@ -14,12 +14,12 @@ from typing import Any
 
 import kopf
 
-from statefn import _constants, _errors
+from statefn_core import connect, constants, errors
 from statefn_operator import autoscaling, conditions, manifests, metrics, runtime
-from statefn_sidecar import commit, topology
+from statefn_sidecar import topology
 
 PLURAL = "statefulfunctions"
-RESOURCE = (_constants.API_GROUP, _constants.API_VERSION, PLURAL)
+RESOURCE = (constants.API_GROUP, constants.API_VERSION, PLURAL)
 PROVISIONED = "Provisioned"
 READY = "Ready"
 
@@ -48,16 +48,16 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: An
     raw = dict(body)
     try:
         fn = manifests.function_type(raw)
-        await rt.dataplane.provision(fn, int(spec.get("partitions", _constants.DEFAULT_PARTITIONS)),
+        await rt.dataplane.provision(fn, int(spec.get("partitions", constants.DEFAULT_PARTITIONS)),
                                      stream_replicas=rt.settings.stream_replicas)
-    except (_errors.InvalidFunctionType, topology.PartitionMismatch) as exc:
+    except (errors.InvalidFunctionType, topology.PartitionMismatch) as exc:
         await _refuse(body, writer, generation, str(exc))
         raise kopf.PermanentError(str(exc)) from exc
     except Exception as exc:
-        if not commit.is_transient(exc) and not isinstance(exc, (OSError, TimeoutError)):
+        if not connect.etcd_transient(exc) and not isinstance(exc, (OSError, TimeoutError)):
             raise
         await writer.update(generation, [conditions.Condition(
-            PROVISIONED, False, _constants.REASON_PROVISION_FAILED, f"NATS or etcd unavailable: {exc}")])
+            PROVISIONED, False, constants.REASON_PROVISION_FAILED, f"NATS or etcd unavailable: {exc}")])
         raise kopf.TemporaryError(f"data plane unavailable: {exc}", delay=5) from exc
 
     name, namespace = manifests.name_of(raw), str(meta["namespace"])
@@ -68,23 +68,23 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: An
     memo["applied_generation"] = generation
     changed = await writer.update(
         generation,
-        [conditions.Condition(PROVISIONED, True, _constants.REASON_PROVISIONED,
+        [conditions.Condition(PROVISIONED, True, constants.REASON_PROVISIONED,
                               f"stream {fn.stream} with {spec.get('partitions')} partition consumers; "
                               f"Deployment {name}")],
         observedGeneration=generation, function=str(fn), selector=manifests.selector_string(raw))
     verb = "Created" if current is None else "Updated"
     kopf.info(body, reason=verb, message=f"{verb} Deployment {name} ({replicas} replicas) for {fn}")
     if changed:
-        kopf.info(body, reason=_constants.REASON_PROVISIONED, message=changed[0].message)
+        kopf.info(body, reason=constants.REASON_PROVISIONED, message=changed[0].message)
     logger.info("reconciled %s generation %d", fn, generation)
 
 
 async def _refuse(body: kopf.Body, writer: Any, generation: int, message: str) -> None:
     """A spec the operator cannot run: say why in status and in an Event, then stop retrying."""
-    refused = conditions.Condition(PROVISIONED, False, _constants.REASON_PROVISION_FAILED, message)
-    await writer.update(generation, [refused, conditions.Condition(READY, False, _constants.REASON_PROVISION_FAILED,
+    refused = conditions.Condition(PROVISIONED, False, constants.REASON_PROVISION_FAILED, message)
+    await writer.update(generation, [refused, conditions.Condition(READY, False, constants.REASON_PROVISION_FAILED,
                                                                    message)], observedGeneration=generation)
-    kopf.warn(body, reason=_constants.REASON_PROVISION_FAILED, message=message)
+    kopf.warn(body, reason=constants.REASON_PROVISION_FAILED, message=message)
 
 
 @kopf.on.delete(*RESOURCE)
@@ -94,7 +94,7 @@ async def remove(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any, *
     await rt.kube.delete_children(str(meta["namespace"]), manifests.name_of(raw))
     try:
         fn = manifests.function_type(raw)
-    except _errors.InvalidFunctionType:
+    except errors.InvalidFunctionType:
         return  # never provisioned
     metrics.forget_function(str(fn), _resource(meta))
     delete_data = spec.get("deletionPolicy") == "Delete"
@@ -119,7 +119,7 @@ async def autoscale(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any
             await stopped.wait(rt.settings.autoscale_interval)
     finally:
         # Deleted, or this replica stood down: whoever runs the daemon next reports the function.
-        with contextlib.suppress(_errors.InvalidFunctionType):
+        with contextlib.suppress(errors.InvalidFunctionType):
             metrics.forget_function(str(manifests.function_type(dict(body))), _resource(meta))
 
 
@@ -149,7 +149,7 @@ async def _tick(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any) ->
     if decision.replicas != current:
         await rt.kube.scale(namespace, name, decision.replicas)
         metrics.scaled(str(fn), current, decision.replicas)
-        reason = _constants.REASON_SCALED_TO_ZERO if decision.replicas == 0 else _constants.REASON_SCALED
+        reason = constants.REASON_SCALED_TO_ZERO if decision.replicas == 0 else constants.REASON_SCALED
         kopf.info(body, reason=reason, message=decision.reason)
         fields.update(lastScaleTime=conditions.now(), lastScaleReason=decision.reason)
     ready_pods = int(dep.status.ready_replicas or 0) if dep.status else 0
@@ -160,8 +160,8 @@ async def _tick(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any) ->
 
 def _readiness(desired: int, ready_pods: int) -> conditions.Condition:
     if desired == 0:
-        return conditions.Condition(READY, True, _constants.REASON_SCALED_TO_ZERO,
+        return conditions.Condition(READY, True, constants.REASON_SCALED_TO_ZERO,
                                     "scaled to zero; messages queue and the first one brings a replica back")
     if ready_pods > 0:
-        return conditions.Condition(READY, True, _constants.REASON_AVAILABLE, f"{ready_pods}/{desired} replicas ready")
-    return conditions.Condition(READY, False, _constants.REASON_PROGRESSING, f"0/{desired} replicas ready")
+        return conditions.Condition(READY, True, constants.REASON_AVAILABLE, f"{ready_pods}/{desired} replicas ready")
+    return conditions.Condition(READY, False, constants.REASON_PROGRESSING, f"0/{desired} replicas ready")

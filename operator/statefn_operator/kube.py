@@ -13,7 +13,7 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from statefn import _constants
+from statefn_core import constants
 
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
@@ -42,7 +42,7 @@ class Kube:
 
     async def apply(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
-        kwargs: dict[str, Any] = {"field_manager": _constants.FIELD_MANAGER, "force": True, "_content_type": APPLY}
+        kwargs: dict[str, Any] = {"field_manager": constants.FIELD_MANAGER, "force": True, "_content_type": APPLY}
         if obj["kind"] == "Deployment":
             await self.apps.patch_namespaced_deployment(meta["name"], meta["namespace"], obj, **kwargs)
         elif obj["kind"] == "ServiceAccount":
@@ -60,7 +60,7 @@ class Kube:
 
     async def scale(self, namespace: str, name: str, replicas: int) -> None:
         await self.apps.patch_namespaced_deployment_scale(
-            name, namespace, {"spec": {"replicas": replicas}}, field_manager=_constants.FIELD_MANAGER)
+            name, namespace, {"spec": {"replicas": replicas}}, field_manager=constants.FIELD_MANAGER)
 
     async def delete_children(self, namespace: str, name: str) -> None:
         """The Deployment and ServiceAccount (ownerReferences would too, but only with a GC running)."""
@@ -73,6 +73,6 @@ class Kube:
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         # Custom resources take no strategic merge; without a forced type the client picks JSON Patch.
-        kwargs: dict[str, Any] = {"field_manager": _constants.FIELD_MANAGER, "_content_type": MERGE}
+        kwargs: dict[str, Any] = {"field_manager": constants.FIELD_MANAGER, "_content_type": MERGE}
         await self.custom.patch_namespaced_custom_object_status(
-            _constants.API_GROUP, _constants.API_VERSION, namespace, plural, name, {"status": status}, **kwargs)
+            constants.API_GROUP, constants.API_VERSION, namespace, plural, name, {"status": status}, **kwargs)

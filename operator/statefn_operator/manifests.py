@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from statefn import _constants, _naming
+from statefn_core import constants, layout
 from statefn_operator import settings as settings_mod
 
 FUNCTION_PORT = 9000
@@ -21,16 +21,16 @@ def name_of(body: dict[str, Any]) -> str:
     return f"sfn-{body['metadata']['name']}"
 
 
-def function_type(body: dict[str, Any]) -> _naming.FunctionType:
+def function_type(body: dict[str, Any]) -> layout.FunctionType:
     """spec.function, or the resource's own namespace/name (validated the same way either way)."""
     meta = body["metadata"]
-    return _naming.FunctionType.parse(body["spec"].get("function") or f"{meta['namespace']}/{meta['name']}")
+    return layout.FunctionType.parse(body["spec"].get("function") or f"{meta['namespace']}/{meta['name']}")
 
 
 def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
     """The Deployment and ServiceAccount belong to the StatefulFunction (garbage-collected with it)."""
     return {
-        "apiVersion": f"{_constants.API_GROUP}/{_constants.API_VERSION}",
+        "apiVersion": f"{constants.API_GROUP}/{constants.API_VERSION}",
         "kind": "StatefulFunction",
         "name": body["metadata"]["name"],
         "uid": body["metadata"]["uid"],
@@ -51,15 +51,15 @@ def labels(body: dict[str, Any]) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": meta["name"],
         "app.kubernetes.io/instance": name_of(body),
-        _constants.LABEL_COMPONENT: "function",
-        "app.kubernetes.io/managed-by": _constants.MANAGED_BY,
-        _constants.LABEL_FUNCTION: f"{meta['namespace']}.{meta['name']}",
+        constants.LABEL_COMPONENT: "function",
+        "app.kubernetes.io/managed-by": constants.MANAGED_BY,
+        constants.LABEL_FUNCTION: f"{meta['namespace']}.{meta['name']}",
     }
 
 
 def selector(body: dict[str, Any]) -> dict[str, str]:
     """Selectors are immutable: only the identity labels, never a version."""
-    return {k: v for k, v in labels(body).items() if k in ("app.kubernetes.io/instance", _constants.LABEL_FUNCTION)}
+    return {k: v for k, v in labels(body).items() if k in ("app.kubernetes.io/instance", constants.LABEL_FUNCTION)}
 
 
 def selector_string(body: dict[str, Any]) -> str:
@@ -131,9 +131,9 @@ def deployment(body: dict[str, Any], settings: settings_mod.Settings, replicas: 
                     "--function", str(function_type(body)),
                     # Probes come from outside the pod, so health listens on the pod's address.
                     "--health-host", "$(POD_IP)", "--health-port", str(HEALTH_PORT),
-                    "--partitions", str(spec.get("partitions", _constants.DEFAULT_PARTITIONS)),
-                    "--max-attempts", str(spec.get("maxAttempts", _constants.DEFAULT_MAX_ATTEMPTS)),
-                    "--max-state-bytes", str(spec.get("maxStateBytes", _constants.DEFAULT_MAX_STATE_BYTES))],
+                    "--partitions", str(spec.get("partitions", constants.DEFAULT_PARTITIONS)),
+                    "--max-attempts", str(spec.get("maxAttempts", constants.DEFAULT_MAX_ATTEMPTS)),
+                    "--max-state-bytes", str(spec.get("maxStateBytes", constants.DEFAULT_MAX_STATE_BYTES))],
         "env": [
             pod_ip,
             {"name": "STATEFN_NATS", "value": settings.nats_url},

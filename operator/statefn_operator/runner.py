@@ -11,7 +11,7 @@ import logging
 
 import kopf
 
-from statefn import _constants
+from statefn_core import constants
 from statefn_operator import dataplane, functions, kube, metrics, runtime, settings, workflows
 
 HANDLER_MODULES = (functions, workflows)  # imported for their kopf registrations
@@ -20,10 +20,10 @@ _log = logging.getLogger("statefn.operator")
 
 def kopf_settings(peering: str | None) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
-    settings.persistence.finalizer = _constants.FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=_constants.ANNOTATION_PREFIX)
+    settings.persistence.finalizer = constants.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=constants.ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=_constants.ANNOTATION_PREFIX, key="last-handled-configuration")
+        prefix=constants.ANNOTATION_PREFIX, key="last-handled-configuration")
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 20
     # Handler failures that are not our own Temporary/Permanent errors: retry, but not in a hot loop.

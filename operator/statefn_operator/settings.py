@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pydantic
 
-from statefn import _constants
+from statefn_core import constants
 
 
 class Settings(pydantic.BaseModel):
@@ -21,7 +21,7 @@ class Settings(pydantic.BaseModel):
     # JetStream replicas of the streams the operator creates (the NATS cluster's size, up to 5).
     stream_replicas: int = pydantic.Field(default=1, ge=1, le=5)
     # How often each function's lag is read and its replicas decided.
-    autoscale_interval: float = pydantic.Field(default=_constants.DEFAULT_AUTOSCALE_INTERVAL_S, gt=0)
+    autoscale_interval: float = pydantic.Field(default=constants.DEFAULT_AUTOSCALE_INTERVAL_S, gt=0)
     # The operator's own OTEL_* environment, forwarded to every sidecar so one chart setting traces
     # every function (service name and resource attributes are set per function and pod).
     otel_env: tuple[tuple[str, str], ...] = ()

@@ -12,11 +12,11 @@ from typing import Any
 
 import kopf
 
-from statefn import _constants, _errors, _naming
+from statefn_core import constants, errors, layout
 from statefn_operator import conditions, functions, manifests, metrics, runtime
 
 PLURAL = "workflows"
-RESOURCE = (_constants.API_GROUP, _constants.API_VERSION, PLURAL)
+RESOURCE = (constants.API_GROUP, constants.API_VERSION, PLURAL)
 RECHECK_INTERVAL_S = 5.0
 
 
@@ -25,7 +25,7 @@ def function_types(body: kopf.Body, **_: Any) -> dict[str, str]:
     """Which StatefulFunction runs each function type (the key steps refer to)."""
     try:
         fn = manifests.function_type(dict(body))
-    except _errors.InvalidFunctionType:
+    except errors.InvalidFunctionType:
         return {}
     return {str(fn): f"{body.metadata.namespace}/{body.metadata.name}"}
 
@@ -52,22 +52,22 @@ async def _check(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any, k
     if missing:
         message = (f"no StatefulFunction runs {', '.join(missing)} (steps must name a function type "
                    "NAMESPACE/NAME that a StatefulFunction's spec.function declares)")
-        cond = conditions.Condition("Ready", False, _constants.REASON_MISSING_FUNCTION, message)
+        cond = conditions.Condition("Ready", False, constants.REASON_MISSING_FUNCTION, message)
         if await writer.update(generation, [cond], observedGeneration=generation, stepCount=len(spec["steps"])):
-            kopf.warn(body, reason=_constants.REASON_MISSING_FUNCTION, message=message)
+            kopf.warn(body, reason=constants.REASON_MISSING_FUNCTION, message=message)
         return
     if memo.get("published_generation") != generation:
         definition = {"generation": generation, "spec": dict(spec)}
-        key = _naming.workflow_key(str(meta["namespace"]), str(meta["name"]))
+        key = layout.workflow_key(str(meta["namespace"]), str(meta["name"]))
         await rt.dataplane.etcd.put(key.encode(), json.dumps(definition).encode())
         memo["published_generation"] = generation
-    cond = conditions.Condition("Ready", True, _constants.REASON_PUBLISHED,
+    cond = conditions.Condition("Ready", True, constants.REASON_PUBLISHED,
                                 f"{len(spec['steps'])} steps over functions that exist; definition published")
     if await writer.update(generation, [cond], observedGeneration=generation, stepCount=len(spec["steps"])):
-        kopf.info(body, reason=_constants.REASON_PUBLISHED, message=cond.message)
+        kopf.info(body, reason=constants.REASON_PUBLISHED, message=cond.message)
 
 
 @kopf.on.delete(*RESOURCE)
 async def unpublish(meta: kopf.Meta, memo: Any, **_: Any) -> None:
-    key = _naming.workflow_key(str(meta["namespace"]), str(meta["name"]))
+    key = layout.workflow_key(str(meta["namespace"]), str(meta["name"]))
     await runtime.of(memo).dataplane.etcd.delete(key.encode())

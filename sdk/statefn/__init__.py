@@ -4,7 +4,7 @@ The public API; everything else lives in private modules.
 """
 
 # isort: skip_file
-from statefn._errors import (
+from statefn_core.errors import (
     CallFailed,
     CodecError,
     DefinitionError,

@@ -24,16 +24,10 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from statefn import _codec, _constants, _envelope, _errors, _naming, _tracecontext
+from statefn import _tracecontext
+from statefn_core import codec, connect, constants, envelope, errors, layout
 
 _log = logging.getLogger("statefn.client")
-
-
-def parse_etcd_endpoint(endpoint: str) -> tuple[str, int]:
-    """Accept ``host:port`` or ``http://host:port``."""
-    hostport = endpoint.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    return host or "127.0.0.1", int(port or 2379)
 
 
 class Client:
@@ -45,16 +39,16 @@ class Client:
         etcd: str = "127.0.0.1:2379",
         *,
         retry_interval: float = 5.0,
-        timeout: float = _constants.DEFAULT_INVOKE_TIMEOUT_S,
+        timeout: float = constants.DEFAULT_INVOKE_TIMEOUT_S,
     ) -> None:
         self._nats_url = nats
-        self._etcd_host, self._etcd_port = parse_etcd_endpoint(etcd)
+        self._etcd_host, self._etcd_port = connect.parse_etcd_endpoint(etcd)
         self.retry_interval = retry_interval
         self.timeout = timeout
         self._nc: NatsClient | None = None
         self._etcd: aetcd.Client | None = None
         self._inbox = ""
-        self._waiters: dict[str, asyncio.Future[_envelope.Reply]] = {}
+        self._waiters: dict[str, asyncio.Future[envelope.Reply]] = {}
         self._meta: dict[str, dict[str, Any]] = {}
 
     async def __aenter__(self) -> Client:
@@ -96,18 +90,18 @@ class Client:
         fut = self._waiters.get(token)
         if fut is not None and not fut.done():
             try:
-                fut.set_result(_envelope.Reply.decode(msg.data))
-            except _errors.CodecError as exc:
+                fut.set_result(envelope.Reply.decode(msg.data))
+            except errors.CodecError as exc:
                 _log.warning("undecodable reply on %s: %s", msg.subject, exc)
 
     # ---- function metadata ----
     async def describe(self, function: str, *, refresh: bool = False) -> dict[str, Any]:
         """The function's published metadata (partitions, handlers, states)."""
-        ftype = _naming.FunctionType.parse(function)
+        ftype = layout.FunctionType.parse(function)
         if refresh or function not in self._meta:
             got = await self.etcd.get(ftype.meta_key.encode())
             if got is None:
-                raise _errors.UnknownFunction(
+                raise errors.UnknownFunction(
                     f"unknown function {function}: no sidecar has registered it "
                     f"(no {ftype.meta_key} in etcd)"
                 )
@@ -116,24 +110,24 @@ class Client:
 
     async def list_functions(self) -> list[dict[str, Any]]:
         out = []
-        for kv in await self.etcd.get_prefix(f"{_constants.ETCD_ROOT}/".encode()):
+        for kv in await self.etcd.get_prefix(f"{constants.ETCD_ROOT}/".encode()):
             if kv.key.decode().endswith("/meta"):
                 out.append(json.loads(kv.value))
         return out
 
     async def _subject(self, function: str, key: str) -> str:
         meta = await self.describe(function)
-        ftype = _naming.FunctionType.parse(function)
-        return ftype.ingress_subject(_naming.partition_of(key, int(meta["partitions"])))
+        ftype = layout.FunctionType.parse(function)
+        return ftype.ingress_subject(layout.partition_of(key, int(meta["partitions"])))
 
-    async def _publish(self, subject: str, msg: _envelope.Message, n: int, call: str = "") -> None:
-        body, headers = _envelope.encode_invoke(msg)
+    async def _publish(self, subject: str, msg: envelope.Message, n: int, call: str = "") -> None:
+        body, headers = envelope.encode_invoke(msg)
         # send(): <key>:0, so JetStream drops a repeated send; invoke(): <key>:<call>:<n>, never dropped.
         msg_id = f"{msg.idempotency_key}:{call}:{n}" if call else f"{msg.idempotency_key}:{n}"
-        headers[_constants.HEADER_MSG_ID] = msg_id
+        headers[constants.HEADER_MSG_ID] = msg_id
         limit = self.nats.max_payload
         if len(body) > limit:
-            raise _errors.PayloadTooLarge(
+            raise errors.PayloadTooLarge(
                 f"the request to {subject} is {len(body)} bytes; the NATS server accepts at most {limit} bytes"
             )
         await self.nats.jetstream().publish(subject, body, headers=headers)
@@ -145,7 +139,7 @@ class Client:
     ) -> str:
         """Enqueue a one-way invocation; returns its idempotency key once JetStream stored it."""
         idem = idempotency_key or uuid.uuid4().hex
-        msg = _envelope.Message(key=key, handler=handler, args={k: _codec.to_plain(v) for k, v in args.items()},
+        msg = envelope.Message(key=key, handler=handler, args={k: codec.to_plain(v) for k, v in args.items()},
                                 idempotency_key=idem, traceparent=traceparent or _tracecontext.current_traceparent())
         await self._publish(await self._subject(function, key), msg, 0)
         return idem
@@ -159,23 +153,23 @@ class Client:
                                       timeout=timeout, traceparent=traceparent, args=args)
         if not reply.ok:
             assert reply.error is not None
-            raise _errors.InvocationFailed(reply.error.kind, reply.error.message, error_type=reply.error.type)
-        return None if reply.value is None else _codec.unpack(reply.value)
+            raise errors.InvocationFailed(reply.error.kind, reply.error.message, error_type=reply.error.type)
+        return None if reply.value is None else codec.unpack(reply.value)
 
     async def invoke_raw(
         self, function: str, key: str, handler: str, *, args: dict[str, Any],
         idempotency_key: str | None = None, timeout: float | None = None, traceparent: str | None = None,
-    ) -> _envelope.Reply:
+    ) -> envelope.Reply:
         """Like invoke, but returns the reply envelope (used by the gateway)."""
         idem = idempotency_key or uuid.uuid4().hex
         token = uuid.uuid4().hex
-        msg = _envelope.Message(
-            key=key, handler=handler, args={k: _codec.to_plain(v) for k, v in args.items()},
+        msg = envelope.Message(
+            key=key, handler=handler, args={k: codec.to_plain(v) for k, v in args.items()},
             idempotency_key=idem, reply_to=f"{self._inbox}.{token}",
             traceparent=traceparent or _tracecontext.current_traceparent(),
         )
         subject = await self._subject(function, key)
-        fut: asyncio.Future[_envelope.Reply] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[envelope.Reply] = asyncio.get_running_loop().create_future()
         self._waiters[token] = fut
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         n = 0
@@ -183,7 +177,7 @@ class Client:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise _errors.InvocationTimeout(
+                    raise errors.InvocationTimeout(
                         f"no reply from {function}({key!r}).{handler} within the timeout "
                         f"(idempotency key {idem!r}; re-sent {n} times)"
                     )
@@ -203,9 +197,9 @@ class Client:
 
     async def get_state(self, function: str, key: str) -> dict[str, Any]:
         """The committed state of one key, decoded to plain values (defaults are not filled in)."""
-        ftype = _naming.FunctionType.parse(function)
+        ftype = layout.FunctionType.parse(function)
         prefix = ftype.state_prefix(key)
         out: dict[str, Any] = {}
         for kv in await self.etcd.get_prefix(prefix.encode()):
-            out[kv.key.decode()[len(prefix):]] = _codec.unpack(kv.value)
+            out[kv.key.decode()[len(prefix):]] = codec.unpack(kv.value)
         return out

@@ -12,7 +12,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-from statefn import _codec, _constants, _envelope, _errors, _naming, _saga, _state, _transaction, _wire
+from statefn import _saga, _state, _transaction
+from statefn_core import codec, constants, envelope, errors, layout, wire
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -43,13 +44,13 @@ class Context:
         self._specs = specs
         self._stored = stored
         self._values: dict[str, Any] = {}
-        self._sends: list[_wire.Outgoing] = []
+        self._sends: list[wire.Outgoing] = []
         self._invocation_id = invocation_id
         self._attempt = attempt
         self._journal = journal or []
         self._ops = 0  # journaled operations (calls and runs) so far, in order
         self._recorded: list[bytes] = []  # runs past the journal: journaled if this run suspends
-        self._pending_call: _wire.Outgoing | None = None
+        self._pending_call: wire.Outgoing | None = None
         self._random: random.Random | None = None
         self._participant = participant  # runs tentatively as a transaction's participant
         self._tx_count = 0
@@ -113,11 +114,11 @@ class Context:
         **args: Any,
     ) -> None:
         """Send a one-way message; delivered exactly once after this invocation commits."""
-        _naming.FunctionType.parse(function)
+        layout.FunctionType.parse(function)
         if delay is not None and delay < 0:
             raise ValueError("delay must be >= 0 seconds")
-        plain = {k: _codec.to_plain(v) for k, v in args.items()}
-        self._sends.append(_wire.Outgoing(function=function, key=key, handler=handler, args=plain, delay=delay))
+        plain = {k: codec.to_plain(v) for k, v in args.items()}
+        self._sends.append(wire.Outgoing(function=function, key=key, handler=handler, args=plain, delay=delay))
 
     async def call(self, function: str, key: str, handler: str, *, timeout: float | None = None, **args: Any) -> Any:
         """Invoke another function's handler and wait for its reply, durably.
@@ -139,7 +140,7 @@ class Context:
         """
         if seconds < 0:
             raise ValueError("sleep needs seconds >= 0")
-        await self._call(self._function, self._key, _constants.SLEEP_HANDLER, {}, SLEEP,
+        await self._call(self._function, self._key, constants.SLEEP_HANDLER, {}, SLEEP,
                          timeout=max(seconds, _MIN_SLEEP_S))
 
     def saga(self, *, compensation_rounds: int = 5, compensation_backoff: float = 0.0) -> _saga.Saga:
@@ -152,7 +153,7 @@ class Context:
         """
         return _saga.Saga(self, compensation_rounds, compensation_backoff)
 
-    def transaction(self, *, timeout: float = _constants.DEFAULT_TX_TIMEOUT_S) -> _transaction.Transaction:
+    def transaction(self, *, timeout: float = constants.DEFAULT_TX_TIMEOUT_S) -> _transaction.Transaction:
         """Serializable two-phase commit: ``async with ctx.transaction() as tx: await tx.call(...)``.
 
         Participants run tentatively under a lock on their key and vote with their reply; the
@@ -162,61 +163,61 @@ class Context:
         key may take part (``tx.call(ctx.function, ctx.key, ...)``): it then commits with the others.
         """
         if self._participant:
-            raise _errors.InvalidCall(f"{self._function}({self._key!r}) runs as a transaction participant and "
+            raise errors.InvalidCall(f"{self._function}({self._key!r}) runs as a transaction participant and "
                                       "cannot start a transaction")
         if self._in_tx:
-            raise _errors.InvalidCall("transactions do not nest: end the current `async with ctx.transaction()` first")
+            raise errors.InvalidCall("transactions do not nest: end the current `async with ctx.transaction()` first")
         return _transaction.Transaction(self, timeout)
 
-    def _begin_transaction(self, timeout: float) -> _wire.TxInfo:
+    def _begin_transaction(self, timeout: float) -> wire.TxInfo:
         if self._tx_ts is None:  # one timestamp per invocation: a retried transaction keeps its age (wait-die)
             self._tx_ts = self.now()
         self._tx_count += 1
         self._in_tx = True
-        return _wire.TxInfo(f"{self._invocation_id}~tx{self._tx_count}", self._tx_ts, self._function, self._key,
+        return wire.TxInfo(f"{self._invocation_id}~tx{self._tx_count}", self._tx_ts, self._function, self._key,
                             timeout)
 
-    def _decide_transaction(self, info: _wire.TxInfo, commit: bool, participants: list[tuple[str, str]]) -> None:
+    def _decide_transaction(self, info: wire.TxInfo, commit: bool, participants: list[tuple[str, str]]) -> None:
         """Send the decision to every prepared participant; a replay that passes it again sends nothing new."""
         self._in_tx = False
         handler, purpose = _transaction.decision_handler(commit)
         for function, key in participants:
-            self._sends.append(_wire.Outgoing(function=function, key=key, handler=handler, args={},
+            self._sends.append(wire.Outgoing(function=function, key=key, handler=handler, args={},
                                               purpose=purpose, tx=info))
         if self._ops >= len(self._journal):  # past the journal: decided in this run, not in an earlier one
             self._decided.append([info.id, "committed" if commit else "aborted"])
 
     async def _call(self, function: str, key: str, handler: str, args: dict[str, Any], purpose: str,
-                    tx: _wire.TxInfo | None = None, timeout: float | None = None) -> Any:
-        _naming.FunctionType.parse(function)
+                    tx: wire.TxInfo | None = None, timeout: float | None = None) -> Any:
+        layout.FunctionType.parse(function)
         if timeout is not None and timeout <= 0:
             raise ValueError("a call's timeout must be > 0 seconds")
         if self._participant:
-            raise _errors.InvalidCall(
+            raise errors.InvalidCall(
                 f"{self._function}({self._key!r}) runs as a transaction participant and cannot call "
                 f"{function}({key!r}): a participant only stages its own effects until the decision")
         self._worked = self._worked or tx is None
         if function == self._function and key == self._key and tx is None and purpose != SLEEP:
-            raise _errors.InvalidCall(
+            raise errors.InvalidCall(
                 f"{function}({key!r}) cannot call its own key: the key stays locked until this invocation "
                 "ends, so the call could never run; use ctx.send for a message to self")
         entry = self._next_entry()
         if entry is not None:
-            raw = _codec.unpack(entry)
+            raw = codec.unpack(entry)
             if _is_run(raw):
                 raise self._diverged(f"call {function}.{handler}", raw)
-            reply = _envelope.Reply.decode(entry)
+            reply = envelope.Reply.decode(entry)
             if reply.ok:
-                return _codec.unpack(reply.value) if reply.value is not None else None
+                return codec.unpack(reply.value) if reply.value is not None else None
             err = reply.error
             assert err is not None
-            raise _errors.CallFailed(err.kind, err.message, error_type=err.type,
+            raise errors.CallFailed(err.kind, err.message, error_type=err.type,
                                      target=f"{function}({key!r}).{handler}")
         if self._pending_call is None:  # only the first unanswered call goes out (calls run one at a time)
-            plain = {k: _codec.to_plain(v) for k, v in args.items()}
-            self._pending_call = _wire.Outgoing(function=function, key=key, handler=handler, args=plain,
+            plain = {k: codec.to_plain(v) for k, v in args.items()}
+            self._pending_call = wire.Outgoing(function=function, key=key, handler=handler, args=plain,
                                                 purpose=purpose, tx=tx, timeout=timeout)
-        raise _errors.Suspended()
+        raise errors.Suspended()
 
     async def run(self, name: str, fn: Callable[[], T | Awaitable[T]]) -> Any:
         """Run a side effect (or anything non-deterministic) once; replays return its journaled result.
@@ -251,26 +252,26 @@ class Context:
         self._ops += 1
         known = self._journal[index] if index < len(self._journal) else None
         if known is None and self._pending_call is not None:
-            raise _errors.Suspended()  # past a call still waiting: nothing more happens in this run
+            raise errors.Suspended()  # past a call still waiting: nothing more happens in this run
         return known
 
     def _replay_run(self, name: str) -> tuple[bool, Any]:
         entry = self._next_entry()
         if entry is None:
             return False, None
-        raw = _codec.unpack(entry)
+        raw = codec.unpack(entry)
         if not _is_run(raw) or raw[1] != name:
             raise self._diverged(f"run {name!r}", raw)
         return True, raw[2]
 
     def _record_run(self, name: str, value: Any) -> Any:
-        entry = _codec.pack([_RUN, name, _codec.to_plain(value)])
+        entry = codec.pack([_RUN, name, codec.to_plain(value)])
         self._recorded.append(entry)
-        return _codec.unpack(entry)[2]
+        return codec.unpack(entry)[2]
 
-    def _diverged(self, doing: str, raw: Any) -> _errors.ReplayDiverged:
+    def _diverged(self, doing: str, raw: Any) -> errors.ReplayDiverged:
         had = f"run {raw[1]!r}" if _is_run(raw) else "a call's reply"
-        return _errors.ReplayDiverged(
+        return errors.ReplayDiverged(
             f"{self._function}({self._key!r}) replayed differently: step {self._ops} is now a {doing}, "
             f"its journal holds {had}; code between calls must be deterministic (use ctx.now, ctx.random, ctx.run)")
 
@@ -281,7 +282,7 @@ class Context:
         Only if the aborted transactions were all it did durably: no call or side effect outside
         them, and no message but their decisions (which stay sent). Run again, it starts afresh.
         """
-        return (isinstance(exc, _errors.TransactionAborted) and not self._worked
+        return (isinstance(exc, errors.TransactionAborted) and not self._worked
                 and all(s.tx is not None and s.purpose != _transaction.PREPARE for s in self._sends))
 
     def _changes(self, max_state_bytes: int) -> dict[str, bytes | None]:
@@ -295,7 +296,7 @@ class Context:
                 continue
             encoded = self._specs[name].codec.encode(value)
             if len(encoded) > max_state_bytes:
-                raise _errors.StateTooLarge(
+                raise errors.StateTooLarge(
                     f"state {self._function}:{name} of key {self._key!r} would be {len(encoded)} bytes; "
                     f"the limit is {max_state_bytes} bytes"
                 )

@@ -14,7 +14,8 @@ from typing import Any, TypeVar, overload
 
 import pydantic
 
-from statefn import _constants, _errors, _naming, _state
+from statefn import _state
+from statefn_core import constants, errors, layout
 
 T = TypeVar("T")
 HandlerFn = Callable[..., Any]
@@ -40,11 +41,11 @@ def _args_model(function: str, name: str, fn: HandlerFn) -> tuple[type[pydantic.
         inspect.Parameter.POSITIONAL_ONLY,
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
     ):
-        raise _errors.DefinitionError(f"handler {function}.{name} must take the Context as first argument")
+        raise errors.DefinitionError(f"handler {function}.{name} must take the Context as first argument")
     fields: dict[str, Any] = {}
     for p in params[1:]:
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            raise _errors.DefinitionError(f"handler {function}.{name}: *args/**kwargs are not supported")
+            raise errors.DefinitionError(f"handler {function}.{name}: *args/**kwargs are not supported")
         annotation = Any if p.annotation is inspect.Parameter.empty else p.annotation
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (annotation, default)
@@ -69,13 +70,13 @@ class StatefulFunction:
         self,
         type: str,
         *,
-        max_attempts: int = _constants.DEFAULT_MAX_ATTEMPTS,
-        backoff_initial: float = _constants.DEFAULT_BACKOFF_INITIAL_S,
-        backoff_max: float = _constants.DEFAULT_BACKOFF_MAX_S,
+        max_attempts: int = constants.DEFAULT_MAX_ATTEMPTS,
+        backoff_initial: float = constants.DEFAULT_BACKOFF_INITIAL_S,
+        backoff_max: float = constants.DEFAULT_BACKOFF_MAX_S,
     ) -> None:
-        self.type = _naming.FunctionType.parse(type)
+        self.type = layout.FunctionType.parse(type)
         if max_attempts < 1:
-            raise _errors.DefinitionError(f"{type}: max_attempts must be >= 1")
+            raise errors.DefinitionError(f"{type}: max_attempts must be >= 1")
         self.max_attempts = max_attempts
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -88,7 +89,7 @@ class StatefulFunction:
     def state(self, name: str, tp: type[T] | Any, *, default: T) -> _state.StateSpec[T]:
         """Declare a per-key state value; returns the spec to index the context with."""
         if name in self.states:
-            raise _errors.DefinitionError(f"{self.type}: state {name!r} declared twice")
+            raise errors.DefinitionError(f"{self.type}: state {name!r} declared twice")
         spec: _state.StateSpec[T] = _state.StateSpec.declare(str(self.type), name, tp, default)
         self.states[name] = spec
         return spec
@@ -104,9 +105,9 @@ class StatefulFunction:
         def decorator(f: F) -> F:
             hname = name or f.__name__
             if not hname or hname.startswith("~"):
-                raise _errors.DefinitionError(f"{self.type}: handler name {hname!r} is reserved or empty")
+                raise errors.DefinitionError(f"{self.type}: handler name {hname!r} is reserved or empty")
             if hname in self.handlers:
-                raise _errors.DefinitionError(f"{self.type}: handler {hname!r} registered twice")
+                raise errors.DefinitionError(f"{self.type}: handler {hname!r} registered twice")
             model, returns = _args_model(str(self.type), hname, f)
             self.handlers[hname] = HandlerSpec(
                 name=hname,
@@ -139,7 +140,7 @@ class App:
         for f in functions:
             for fn in [f] if isinstance(f, StatefulFunction) else f:
                 if str(fn.type) in self.functions:
-                    raise _errors.DefinitionError(f"function {fn.type} added to the app twice")
+                    raise errors.DefinitionError(f"function {fn.type} added to the app twice")
                 self.functions[str(fn.type)] = fn
 
     def __repr__(self) -> str:

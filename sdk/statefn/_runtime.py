@@ -13,17 +13,18 @@ from typing import Any
 
 import pydantic
 
-from statefn import _codec, _context, _errors, _function, _tracecontext, _transaction, _wire
+from statefn import _context, _function, _tracecontext, _transaction
+from statefn_core import codec, errors, wire
 
 _log = logging.getLogger("statefn.runtime")
 _CONFLICT_BACKOFF_S = 0.005
 
 
-def _error(kind: str, exc: BaseException | str, *, retry: bool = False, after: float | None = None) -> _wire.ErrorInfo:
+def _error(kind: str, exc: BaseException | str, *, retry: bool = False, after: float | None = None) -> wire.ErrorInfo:
     if isinstance(exc, BaseException):
-        return _wire.ErrorInfo(kind=kind, message=str(exc) or type(exc).__name__, type=type(exc).__name__,
+        return wire.ErrorInfo(kind=kind, message=str(exc) or type(exc).__name__, type=type(exc).__name__,
                                retry=retry, retry_after=after)
-    return _wire.ErrorInfo(kind=kind, message=exc, retry=retry, retry_after=after)
+    return wire.ErrorInfo(kind=kind, message=exc, retry=retry, retry_after=after)
 
 
 def _validation_message(exc: pydantic.ValidationError) -> str:
@@ -38,20 +39,20 @@ async def _invoke_one(
     fn: _function.StatefulFunction,
     key: str,
     stored: dict[str, bytes],
-    inv: _wire.Invocation,
+    inv: wire.Invocation,
     max_state_bytes: int,
-) -> _wire.Result:
+) -> wire.Result:
     spec = fn.handlers.get(inv.handler)
     if spec is None:
-        return _wire.Result(id=inv.id, error=_error(
-            _errors.KIND_UNKNOWN_HANDLER,
+        return wire.Result(id=inv.id, error=_error(
+            errors.KIND_UNKNOWN_HANDLER,
             f"{fn.type} has no handler {inv.handler!r}; known handlers: {', '.join(sorted(fn.handlers))}",
         ))
     try:
         args = spec.args_model.model_validate(inv.args)
     except pydantic.ValidationError as exc:
-        return _wire.Result(id=inv.id, error=_error(
-            _errors.KIND_INVALID_ARGUMENT, f"{fn.type}.{inv.handler}: {_validation_message(exc)}"))
+        return wire.Result(id=inv.id, error=_error(
+            errors.KIND_INVALID_ARGUMENT, f"{fn.type}.{inv.handler}: {_validation_message(exc)}"))
     ctx = _context.Context(function=str(fn.type), key=key, specs=fn.states, stored=stored,
                            invocation_id=inv.id, attempt=inv.attempt, journal=inv.journal, participant=inv.prepare,
                            tx_age=inv.tx_age)
@@ -61,50 +62,50 @@ async def _invoke_one(
             out = spec.fn(ctx, **kwargs)
             if spec.is_async:
                 out = await out
-        reply = _codec.pack(_codec.to_plain(out))
+        reply = codec.pack(codec.to_plain(out))
         changes = ctx._changes(max_state_bytes)
-    except _errors.Suspended:
-        return _wire.Result(id=inv.id, call=ctx._pending_call, sends=ctx._sends[inv.sends_done:],
+    except errors.Suspended:
+        return wire.Result(id=inv.id, call=ctx._pending_call, sends=ctx._sends[inv.sends_done:],
                             journal_added=ctx._recorded, transactions=ctx._decided)
-    except _errors.Retry as exc:
-        return _failed(ctx, inv, _error(_errors.KIND_HANDLER, exc, retry=True, after=exc.after))
-    except _errors.StateTooLarge as exc:
-        return _failed(ctx, inv, _error(_errors.KIND_STATE_TOO_LARGE, exc))
-    except _errors.TransactionAborted as exc:
+    except errors.Retry as exc:
+        return _failed(ctx, inv, _error(errors.KIND_HANDLER, exc, retry=True, after=exc.after))
+    except errors.StateTooLarge as exc:
+        return _failed(ctx, inv, _error(errors.KIND_STATE_TOO_LARGE, exc))
+    except errors.TransactionAborted as exc:
         # Restartable: run again from scratch by the sidecar once the key is unlocked; else terminal. The
         # transaction it gave way to is usually decided already, its decision on the way: try again soon.
         after = _CONFLICT_BACKOFF_S * 2 ** min(inv.attempt - 1, 8) * random.uniform(0.5, 1.0)
-        return _failed(ctx, inv, _wire.ErrorInfo(kind=exc.kind, message=str(exc), type=type(exc).__name__,
+        return _failed(ctx, inv, wire.ErrorInfo(kind=exc.kind, message=str(exc), type=type(exc).__name__,
                                                  retry=ctx._restartable(exc), retry_after=after))
     except Exception as exc:
         _log.warning("%s(%r).%s failed (attempt %d)", fn.type, key, inv.handler, inv.attempt, exc_info=exc)
-        return _failed(ctx, inv, _error(_errors.KIND_HANDLER, exc))
-    return _wire.Result(id=inv.id, reply=reply, state=changes, sends=ctx._sends[inv.sends_done:],
+        return _failed(ctx, inv, _error(errors.KIND_HANDLER, exc))
+    return wire.Result(id=inv.id, reply=reply, state=changes, sends=ctx._sends[inv.sends_done:],
                         transactions=ctx._decided)
 
 
-def _failed(ctx: _context.Context, inv: _wire.Invocation, error: _wire.ErrorInfo) -> _wire.Result:
+def _failed(ctx: _context.Context, inv: wire.Invocation, error: wire.ErrorInfo) -> wire.Result:
     """A failed invocation drops its effects, but not the decisions of transactions it ended.
 
     Prepared participants wait for them; the sidecar keeps them when the failure is terminal
     (a retried attempt makes the same decision again, from the same journal).
     """
     decisions = [s for s in ctx._sends[inv.sends_done:] if s.tx is not None and s.purpose != _transaction.PREPARE]
-    return _wire.Result(id=inv.id, error=error, sends=decisions, transactions=ctx._decided)
+    return wire.Result(id=inv.id, error=error, sends=decisions, transactions=ctx._decided)
 
 
-async def _run_key(app: _function.App, req: _wire.KeyRequest, max_state_bytes: int) -> list[_wire.Result]:
+async def _run_key(app: _function.App, req: wire.KeyRequest, max_state_bytes: int) -> list[wire.Result]:
     fn = app.functions.get(req.function)
     if fn is None:
         msg = f"this app does not serve {req.function}; it serves: {', '.join(sorted(app.functions))}"
-        return [_wire.Result(id=i.id, error=_error(_errors.KIND_UNKNOWN_FUNCTION, msg)) for i in req.invocations]
+        return [wire.Result(id=i.id, error=_error(errors.KIND_UNKNOWN_FUNCTION, msg)) for i in req.invocations]
     stored = dict(req.state)
-    results: list[_wire.Result] = []
+    results: list[wire.Result] = []
     locked = False
     for inv in req.invocations:
         if locked:
             # The key is locked by the invocation that suspended (or prepared): the rest wait for it, in order.
-            results.append(_wire.Result(id=inv.id, deferred=True))
+            results.append(wire.Result(id=inv.id, deferred=True))
             continue
         result = await _invoke_one(fn, req.key, stored, inv, max_state_bytes)
         locked = result.call is not None or (inv.prepare and result.error is None)
@@ -118,9 +119,9 @@ async def _run_key(app: _function.App, req: _wire.KeyRequest, max_state_bytes: i
     return results
 
 
-async def execute(app: _function.App, request: _wire.BatchRequest) -> _wire.BatchResponse:
+async def execute(app: _function.App, request: wire.BatchRequest) -> wire.BatchResponse:
     """Run one batch; never raises for handler errors (they are results)."""
     results: list[Any] = await asyncio.gather(
         *(_run_key(app, k, request.max_state_bytes) for k in request.keys)
     )
-    return _wire.BatchResponse(results=results)
+    return wire.BatchResponse(results=results)

@@ -13,7 +13,7 @@ import dataclasses
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from statefn import _errors
+from statefn_core import errors
 
 if TYPE_CHECKING:
     from statefn import _context
@@ -71,18 +71,18 @@ class Saga:
             return False
         incomplete: list[str] = []
         for comp in reversed(self._done):
-            last: _errors.CallFailed | None = None
+            last: errors.CallFailed | None = None
             for round_ in range(self._rounds):
                 if round_ and self._backoff:  # a durable sleep between rounds: 1x, 2x, 4x ... the backoff
                     await self._ctx.sleep(self._backoff * 2 ** (round_ - 1))
                 try:
                     await self._ctx._call(comp.function, comp.key, comp.handler, comp.args, COMPENSATE)
                     break
-                except _errors.CallFailed as err:
+                except errors.CallFailed as err:
                     last = err
             else:
                 assert last is not None
                 incomplete.append(f"{comp} ({last.kind}: {last.message})")
         if incomplete:
-            raise _errors.SagaFailed(incomplete, exc) from exc
+            raise errors.SagaFailed(incomplete, exc) from exc
         return False  # compensated: the failure goes on to the handler (catch it around the block)

@@ -1,7 +1,7 @@
 """``statefn serve``: the function server the sidecar calls in pod mode.
 
 The user container runs this; the sidecar next to it sends one HTTP request per batch
-(msgpack, the ``statefn._wire`` protocol) and gets every invocation's outcome back. Handler
+(msgpack, the ``statefn_core.wire`` protocol) and gets every invocation's outcome back. Handler
 errors are outcomes, not HTTP errors; a 4xx means the request itself was malformed.
 """
 
@@ -14,7 +14,8 @@ import sys
 
 from aiohttp import web
 
-from statefn import _errors, _function, _runtime, _signals, _wire
+from statefn import _function, _runtime
+from statefn_core import errors, signals, wire
 
 _log = logging.getLogger("statefn.serve")
 CONTENT_TYPE = "application/x-msgpack"
@@ -30,17 +31,17 @@ def load_app(spec: str) -> _function.App:
         sys.path.insert(0, os.getcwd())
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise _errors.DefinitionError(f"expected MODULE:ATTRIBUTE (e.g. examples.counter.app:app), got {spec!r}")
+        raise errors.DefinitionError(f"expected MODULE:ATTRIBUTE (e.g. examples.counter.app:app), got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise _errors.DefinitionError(f"module {module_name!r} not found ({exc})") from exc
+        raise errors.DefinitionError(f"module {module_name!r} not found ({exc})") from exc
     try:
         app = getattr(module, attr)
     except AttributeError:
-        raise _errors.DefinitionError(f"module {module_name!r} has no attribute {attr!r}") from None
+        raise errors.DefinitionError(f"module {module_name!r} has no attribute {attr!r}") from None
     if not isinstance(app, _function.App):
-        raise _errors.DefinitionError(f"{spec} is a {type(app).__name__}, not a statefn.App")
+        raise errors.DefinitionError(f"{spec} is a {type(app).__name__}, not a statefn.App")
     return app
 
 
@@ -48,11 +49,11 @@ def build_app(app: _function.App) -> web.Application:
     async def invoke(request: web.Request) -> web.Response:
         body = await request.read()
         try:
-            batch = _wire.decode_request(body)
+            batch = wire.decode_request(body)
         except Exception as exc:
             return web.json_response({"error": f"malformed batch request: {type(exc).__name__}: {exc}"}, status=400)
         response = await _runtime.execute(app, batch)
-        return web.Response(body=_wire.encode_response(response), content_type=CONTENT_TYPE)
+        return web.Response(body=wire.encode_response(response), content_type=CONTENT_TYPE)
 
     async def discover(_: web.Request) -> web.Response:
         return web.json_response(app.describe())
@@ -72,6 +73,6 @@ async def serve(app: _function.App, host: str = "127.0.0.1", port: int = 9000) -
     await web.TCPSite(runner, host, port).start()
     _log.info("serving %s on http://%s:%d", ", ".join(app.functions), host, port)
     try:
-        await _signals.until_stopped()
+        await signals.until_stopped()
     finally:
         await runner.cleanup()

@@ -12,7 +12,7 @@ import keyword
 import re
 from typing import Any, Generic, TypeVar
 
-from statefn import _codec, _errors
+from statefn_core import codec, errors
 
 T = TypeVar("T")
 _STATE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -26,18 +26,18 @@ class StateSpec(Generic[T]):
     name: str
     type: Any
     default: T
-    codec: _codec.Codec[T] = dataclasses.field(repr=False)
+    codec: codec.Codec[T] = dataclasses.field(repr=False)
 
     @classmethod
     def declare(cls, function: str, name: str, tp: type[T] | Any, default: T) -> StateSpec[T]:
         if not _STATE_NAME.match(name) or keyword.iskeyword(name):
-            raise _errors.DefinitionError(
+            raise errors.DefinitionError(
                 f"state name {name!r} of {function}: use a lower-case identifier (a-z, 0-9, '_')"
             )
-        codec: _codec.Codec[T] = _codec.Codec(tp)
+        value_codec: codec.Codec[T] = codec.Codec(tp)
         if default is not None:
-            codec.encode(default)  # fail at import time, not at the first invocation
-        return cls(function=function, name=name, type=tp, default=default, codec=codec)
+            value_codec.encode(default)  # fail at import time, not at the first invocation
+        return cls(function=function, name=name, type=tp, default=default, codec=value_codec)
 
     def fresh_default(self) -> T:
         """A copy, so a mutable default (a list, a dict) is never shared between keys."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from statefn import _constants, _errors, _wire
+from statefn_core import constants, errors, wire
 
 if TYPE_CHECKING:
     from statefn import _context
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 PREPARE = "tx.prepare"
 COMMIT = "tx.commit"
 ABORT = "tx.abort"
-_ABORTED_KINDS = frozenset({_errors.KIND_TX_CONFLICT, _errors.KIND_TX_TIMEOUT})
+_ABORTED_KINDS = frozenset({errors.KIND_TX_CONFLICT, errors.KIND_TX_TIMEOUT})
 
 
 class Transaction:
@@ -35,9 +35,9 @@ class Transaction:
             raise ValueError("timeout must be > 0 seconds")
         self._ctx = ctx
         self._timeout = timeout
-        self._info: _wire.TxInfo | None = None
+        self._info: wire.TxInfo | None = None
         self._prepared: list[tuple[str, str]] = []  # participants that voted yes, in order, once each
-        self._doomed: _errors.TransactionAborted | None = None
+        self._doomed: errors.TransactionAborted | None = None
 
     @property
     def id(self) -> str:
@@ -59,14 +59,14 @@ class Transaction:
         info = self._info
         assert info is not None, "use the transaction as `async with ctx.transaction() as tx`"
         if self._doomed is not None:
-            raise _errors.TransactionAborted(self._doomed.kind, f"the transaction is aborted already: "
+            raise errors.TransactionAborted(self._doomed.kind, f"the transaction is aborted already: "
                                              f"{self._doomed.message}", target=f"{function}({key!r}).{handler}")
         try:
             reply = await self._ctx._call(function, key, handler, args, PREPARE, tx=info, timeout=info.timeout)
-        except _errors.CallFailed as err:
+        except errors.CallFailed as err:
             if err.kind not in _ABORTED_KINDS:
                 raise
-            self._doomed = _errors.TransactionAborted(err.kind, err.message, error_type=err.error_type,
+            self._doomed = errors.TransactionAborted(err.kind, err.message, error_type=err.error_type,
                                                       target=err.target)
             raise self._doomed from None
         if (function, key) not in self._prepared:
@@ -93,4 +93,4 @@ class Transaction:
 
 def decision_handler(commit: bool) -> tuple[str, str]:
     """The handler and purpose of a decision message."""
-    return (_constants.COMMIT_HANDLER, COMMIT) if commit else (_constants.ABORT_HANDLER, ABORT)
+    return (constants.COMMIT_HANDLER, COMMIT) if commit else (constants.ABORT_HANDLER, ABORT)

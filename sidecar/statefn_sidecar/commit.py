@@ -10,39 +10,22 @@ re-applied blindly.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from typing import Any
 
 import aetcd
-import aetcd.exceptions
-import grpc
 
-from statefn import _constants
+from statefn_core import backoff, connect, constants, layout
 from statefn_sidecar import faults as faults_mod
-from statefn_sidecar import layout
 
 _log = logging.getLogger("statefn.commit")
 
 # What it costs to add an op to a request, beyond its key and value (protobuf framing; generous).
 _OP_OVERHEAD = 32
 # Leave room under etcd's limits for the fence, the marker and framing.
-MAX_OPS = _constants.ETCD_MAX_TXN_OPS - 2
-MAX_BYTES = _constants.ETCD_MAX_REQUEST_BYTES - 64 * 1024
-
-_PERMANENT = (
-    aetcd.exceptions.InvalidArgumentError,
-    aetcd.exceptions.PreconditionFailedError,
-    aetcd.exceptions.UnauthenticatedError,
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """etcd unreachable, slow or restarting: wait and try again (never for a bad request)."""
-    if isinstance(exc, _PERMANENT):
-        return False
-    return isinstance(exc, aetcd.exceptions.ClientError | grpc.RpcError | TimeoutError | ConnectionError)
+MAX_OPS = constants.ETCD_MAX_TXN_OPS - 2
+MAX_BYTES = constants.ETCD_MAX_REQUEST_BYTES - 64 * 1024
 
 
 class Fenced(Exception):
@@ -140,26 +123,24 @@ class Committer:
         success.append(t.put(marker_key, marker))
         failure: list[Any] = [t.get(self._keys.owner), t.get(marker_key)] + [t.get(k) for k in txn.absent]
 
-        delay = 0.05
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                ok, responses = await self._etcd.transaction(compares, success, failure)
-                if self._faults.enabled:
-                    self._faults.maybe(faults_mod.COMMIT_REPLY_LOST)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                # Outcome unknown: send the same commit again. The marker compare makes a second
-                # application impossible, and the failure branch reads back what happened.
-                _log.warning("%s: commit outcome unknown (%s: %s); re-sending with the same marker",
-                             self._keys.prefix, type(exc).__name__, exc)
-                self.resolved_unknown += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            break
+        attempts = 0
+
+        async def send() -> tuple[bool, list[Any]]:
+            nonlocal attempts
+            attempts += 1
+            ok, responses = await self._etcd.transaction(compares, success, failure)
+            if self._faults.enabled:
+                self._faults.maybe(faults_mod.COMMIT_REPLY_LOST)
+            return ok, responses
+
+        def unknown() -> None:
+            self.resolved_unknown += 1
+
+        # Outcome unknown (a timeout, a broken connection): send the same commit again. The marker
+        # compare makes a second application impossible, and the failure branch reads back what happened.
+        ok, responses = await backoff.until_done(
+            send, transient=connect.etcd_transient, first=0.05, cap=2.0, log=_log, on_retry=unknown,
+            what=f"{self._keys.prefix}: commit (outcome unknown; re-sent with the same marker)")
         if ok:
             self._marker = marker
             self.commits += 1
@@ -170,7 +151,7 @@ class Committer:
         current_value = current[0][0] if current else None
         if current_value == marker:
             # An earlier attempt of this very commit landed: success, learnt by reading back.
-            _log.info("%s: commit of unknown outcome had landed (attempt %d)", self._keys.prefix, attempt)
+            _log.info("%s: commit of unknown outcome had landed (attempt %d)", self._keys.prefix, attempts)
             self._marker = marker
             self.commits += 1
             return Outcome(ok=True)

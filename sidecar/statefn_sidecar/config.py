@@ -6,7 +6,7 @@ import uuid
 
 import pydantic
 
-from statefn import _constants
+from statefn_core import constants
 
 
 class SidecarConfig(pydantic.BaseModel):
@@ -21,13 +21,13 @@ class SidecarConfig(pydantic.BaseModel):
     # None: each function's own policy from its code (StatefulFunction(max_attempts=...)).
     max_attempts: int | None = pydantic.Field(default=None, ge=1)
     # None: the count the function was created with (or the default for a new function).
-    partitions: int | None = pydantic.Field(default=None, ge=1, le=_constants.MAX_PARTITIONS)
-    lease_ttl: int = pydantic.Field(default=_constants.DEFAULT_LEASE_TTL_S, ge=1)
-    ack_wait: float = pydantic.Field(default=_constants.DEFAULT_ACK_WAIT_S, gt=0)
-    batch_size: int = pydantic.Field(default=_constants.DEFAULT_BATCH_SIZE, ge=1, le=1000)
+    partitions: int | None = pydantic.Field(default=None, ge=1, le=constants.MAX_PARTITIONS)
+    lease_ttl: int = pydantic.Field(default=constants.DEFAULT_LEASE_TTL_S, ge=1)
+    ack_wait: float = pydantic.Field(default=constants.DEFAULT_ACK_WAIT_S, gt=0)
+    batch_size: int = pydantic.Field(default=constants.DEFAULT_BATCH_SIZE, ge=1, le=1000)
     fetch_timeout: float = pydantic.Field(default=1.0, gt=0)
-    max_state_bytes: int = pydantic.Field(default=_constants.DEFAULT_MAX_STATE_BYTES, ge=1)
-    idempotency_ttl: int = pydantic.Field(default=_constants.DEFAULT_IDEMPOTENCY_TTL_S, ge=60)
+    max_state_bytes: int = pydantic.Field(default=constants.DEFAULT_MAX_STATE_BYTES, ge=1)
+    idempotency_ttl: int = pydantic.Field(default=constants.DEFAULT_IDEMPOTENCY_TTL_S, ge=60)
     max_cached_keys: int = pydantic.Field(default=200_000, ge=0)
     rebalance_interval: float = pydantic.Field(default=0.5, gt=0)
     gap_retry_delay: float = pydantic.Field(default=1.0, gt=0)

@@ -20,7 +20,7 @@ import nats.js.errors
 from nats.js.client import JetStreamContext
 
 import statefn
-from statefn import _codec, _constants, _naming
+from statefn_core import codec, constants, layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +40,8 @@ class DeadLetter:
 
 def _subject(function: str | None) -> str:
     if function is None:
-        return f"{_constants.SUBJECT_ROOT}.*.*.{_constants.DLQ_TOKEN}"
-    return _naming.FunctionType.parse(function).dlq_subject
+        return f"{constants.SUBJECT_ROOT}.*.*.{constants.DLQ_TOKEN}"
+    return layout.FunctionType.parse(function).dlq_subject
 
 
 async def list_dead_letters(js: JetStreamContext, *, function: str | None = None,
@@ -52,21 +52,21 @@ async def list_dead_letters(js: JetStreamContext, *, function: str | None = None
     subject = _subject(function)
     while len(out) < limit:
         try:
-            msg = await js.get_msg(_constants.DLQ_STREAM, seq=seq, subject=subject, next=True)
+            msg = await js.get_msg(constants.DLQ_STREAM, seq=seq, subject=subject, next=True)
         except nats.js.errors.NotFoundError:
             break
         assert msg.seq is not None
-        out.append(DeadLetter(seq=msg.seq, record=_codec.unpack(msg.data or b"")))
+        out.append(DeadLetter(seq=msg.seq, record=codec.unpack(msg.data or b"")))
         seq = msg.seq + 1
     return out
 
 
 async def get_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter:
     try:
-        msg = await js.get_msg(_constants.DLQ_STREAM, seq=seq)
+        msg = await js.get_msg(constants.DLQ_STREAM, seq=seq)
     except nats.js.errors.NotFoundError:
         raise statefn.StatefnError(f"no dead letter with sequence {seq}") from None
-    return DeadLetter(seq=seq, record=_codec.unpack(msg.data or b""))
+    return DeadLetter(seq=seq, record=codec.unpack(msg.data or b""))
 
 
 def replay_refusal(letter: DeadLetter, *, repeat_steps: bool = False) -> str | None:
@@ -97,5 +97,5 @@ async def replay(client: statefn.Client, letter: DeadLetter, *, repeat_steps: bo
     await client.send(str(rec["function"]), str(rec["key"]), str(rec["handler"]), idempotency_key=idem,
                       **(rec.get("args") or {}))
     js = client.nats.jetstream()
-    await js.delete_msg(_constants.DLQ_STREAM, letter.seq)
+    await js.delete_msg(constants.DLQ_STREAM, letter.seq)
     return idem

@@ -7,13 +7,12 @@ caller gets the error and the message goes to the dead-letter subject.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
 from typing import Any, Protocol
 
-from statefn import _constants, _envelope, _errors, _naming, _wire
+from statefn_core import backoff, constants, envelope, errors, layout, wire
 from statefn_sidecar import invoker as invoker_mod
 from statefn_sidecar import items, keylocks, metrics, observe, participants, planner, statecache, suspension
 
@@ -41,7 +40,7 @@ class Policy:
 class Executor:
     """One per function type; shared by that function's partitions."""
 
-    def __init__(self, fn: _naming.FunctionType, partition_count: int, invoker: invoker_mod.Invoker,
+    def __init__(self, fn: layout.FunctionType, partition_count: int, invoker: invoker_mod.Invoker,
                  policy: Policy, router: Router, max_state_bytes: int) -> None:
         self.fn = fn
         self._partition_count = partition_count
@@ -92,9 +91,9 @@ class Executor:
             await self._participants.control(oc, locks)
         if by_key:
             await cache.load(list(by_key))
-            request = _wire.BatchRequest(
+            request = wire.BatchRequest(
                 keys=[
-                    _wire.KeyRequest(
+                    wire.KeyRequest(
                         function=str(self.fn), key=key, state=participants.state_for(key, ocs, cache, locks),
                         invocations=[self._invocation(oc) for oc in ocs],
                     )
@@ -124,23 +123,23 @@ class Executor:
                 oc.sends.append(planner.Send(target, item.message))
             elif item.kind is items.Kind.DEAD:
                 assert item.dead is not None
-                err = _wire.ErrorInfo(kind=_errors.KIND_UNDECODABLE,
+                err = wire.ErrorInfo(kind=errors.KIND_UNDECODABLE,
                                       message=f"cannot decode the message: {item.dead['reason']}")
                 oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
         return outcomes, later
 
-    def _invocation(self, oc: planner.Outcome) -> _wire.Invocation:
+    def _invocation(self, oc: planner.Outcome) -> wire.Invocation:
         item = oc.item
         msg = item.message
         assert msg is not None
         # The handler runs in its invoke span's context (if traced), so the spans it starts nest under it.
         traceparent = msg.traceparent if oc.span is None else observe.traceparent_of(oc)
         if item.resume is None:
-            return _wire.Invocation(id=item.id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
+            return wire.Invocation(id=item.id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
                                     origin=msg.origin, traceparent=traceparent, prepare=msg.is_prepare,
                                     tx_age=msg.tx_age)
         progress = self._progress(item)
-        return _wire.Invocation(id=progress.invocation_id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
+        return wire.Invocation(id=progress.invocation_id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
                                 origin=msg.origin, traceparent=traceparent, journal=progress.journal,
                                 sends_done=progress.sends_done, tx_age=msg.tx_age)
 
@@ -152,22 +151,17 @@ class Executor:
         journal = [*record.journal, item.response] if item.response is not None else list(record.journal)
         return suspension.Suspension(record.invocation_id, item.message, journal, record.sends_done, tx=record.tx)
 
-    async def _call(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
-        delay = 0.1
-        while True:
-            try:
-                return await self._invoker.execute(request)
-            except invoker_mod.InvokerUnavailable as exc:
-                _log.warning("%s: %s; retrying in %.1fs (nothing acked)", self.fn, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _call(self, request: wire.BatchRequest) -> wire.BatchResponse:
+        """The batch's results, waiting for the function server if it is down (nothing is acked meanwhile)."""
+        return await backoff.until_done(lambda: self._invoker.execute(request), transient=invoker_mod.unavailable,
+                                        first=0.1, cap=5.0, log=_log, what=f"{self.fn}: running a batch")
 
-    async def target(self, function: str, key: str) -> _naming.PartitionId:
-        ftype = _naming.FunctionType.parse(function)
+    async def target(self, function: str, key: str) -> layout.PartitionId:
+        ftype = layout.FunctionType.parse(function)
         count = self._partition_count if ftype == self.fn else await self._router.partitions(function)
-        return _naming.PartitionId(ftype, _naming.partition_of(key, count))
+        return layout.PartitionId(ftype, layout.partition_of(key, count))
 
-    async def _decide(self, oc: planner.Outcome, key: str, result: _wire.Result, partition: int,
+    async def _decide(self, oc: planner.Outcome, key: str, result: wire.Result, partition: int,
                       locks: keylocks.KeyLocks) -> None:
         item = oc.item
         assert item.message is not None
@@ -179,16 +173,16 @@ class Executor:
                 if result.call is not None:
                     await self._suspend(oc, key, result, partition)
                     return
-            except (_errors.UnknownFunction, _errors.InvalidFunctionType) as exc:
-                err = _wire.ErrorInfo(kind=_errors.KIND_UNKNOWN_FUNCTION, message=str(exc))
+            except (errors.UnknownFunction, errors.InvalidFunctionType) as exc:
+                err = wire.ErrorInfo(kind=errors.KIND_UNKNOWN_FUNCTION, message=str(exc))
             else:
-                oc.reply = _envelope.Reply(ok=True, value=result.reply)
+                oc.reply = envelope.Reply(ok=True, value=result.reply)
                 if item.message.is_prepare:
                     participants.stage(oc, key, result.state, locks)
                 else:
                     oc.state = {(key, name): value for name, value in result.state.items()}
                 return
-        restart = err.kind in (_errors.KIND_TX_CONFLICT, _errors.KIND_TX_TIMEOUT)  # only ever with retry set
+        restart = err.kind in (errors.KIND_TX_CONFLICT, errors.KIND_TX_TIMEOUT)  # only ever with retry set
         if err.retry and item.message.attempt < self.policy.max_attempts:
             after = err.retry_after if err.retry_after is not None else self.policy.backoff(item.message.attempt)
             oc.retry_at_ms = int((time.time() + after) * 1000)
@@ -199,13 +193,13 @@ class Executor:
                 oc.suspend = self._progress(item)
             return
         if err.retry:
-            err = _wire.ErrorInfo(
-                kind=_errors.KIND_RETRIES_EXHAUSTED, type=err.type,
+            err = wire.ErrorInfo(
+                kind=errors.KIND_RETRIES_EXHAUSTED, type=err.type,
                 message=f"gave up after {item.message.attempt} attempts: {err.message}")
         oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
         await self._add_decisions(oc, key, result)
 
-    async def _add_decisions(self, oc: planner.Outcome, key: str, result: _wire.Result) -> None:
+    async def _add_decisions(self, oc: planner.Outcome, key: str, result: wire.Result) -> None:
         """A failed run's effects are dropped, but not the decisions of transactions it ended.
 
         Prepared participants wait for them. (A run retried from its journal makes them again instead.)
@@ -213,12 +207,12 @@ class Executor:
         oc.sends.clear()
         oc.tx_decisions = [outcome for _, outcome in result.transactions]
         try:
-            await self._add_sends(oc, key, [s for s in result.sends if s.handler in _constants.TX_CONTROL_HANDLERS])
-        except (_errors.UnknownFunction, _errors.InvalidFunctionType) as exc:
+            await self._add_sends(oc, key, [s for s in result.sends if s.handler in constants.TX_CONTROL_HANDLERS])
+        except (errors.UnknownFunction, errors.InvalidFunctionType) as exc:
             _log.error("%s(%r): a transaction decision has no route (%s); its participants will ask", self.fn,
                        key, exc)
 
-    async def _add_sends(self, oc: planner.Outcome, key: str, sends: list[_wire.Outgoing]) -> None:
+    async def _add_sends(self, oc: planner.Outcome, key: str, sends: list[wire.Outgoing]) -> None:
         for s in sends:
             message = self._outgoing(oc, key, s, s.purpose or "send")  # tx.commit, tx.abort: decisions
             if s.delay:
@@ -226,15 +220,15 @@ class Executor:
             else:
                 oc.sends.append(planner.Send(await self.target(s.function, s.key), message))
 
-    def _outgoing(self, oc: planner.Outcome, key: str, out: _wire.Outgoing, verb: str) -> _envelope.Message:
+    def _outgoing(self, oc: planner.Outcome, key: str, out: wire.Outgoing, verb: str) -> envelope.Message:
         assert oc.item.message is not None
-        message = _envelope.Message(key=out.key, handler=out.handler, args=out.args, origin=f"{self.fn}:{key}",
+        message = envelope.Message(key=out.key, handler=out.handler, args=out.args, origin=f"{self.fn}:{key}",
                                     traceparent=out.traceparent or oc.item.message.traceparent, tx=out.tx)
         if not out.traceparent:
             message.traceparent = observe.send_traceparent(oc, message, out.function, out.delay or 0.0, verb)
         return message
 
-    async def _suspend(self, oc: planner.Outcome, key: str, result: _wire.Result, partition: int) -> None:
+    async def _suspend(self, oc: planner.Outcome, key: str, result: wire.Result, partition: int) -> None:
         """The handler waits at a call: send the call (its reply addressed to this key) and record where it is."""
         item = oc.item
         assert result.call is not None and item.message is not None
@@ -244,12 +238,12 @@ class Executor:
         record.waiting = record.call_id(len(record.journal))
         record.tx = result.call.tx  # inside a transaction, its coordinator holds this key for it (wait-die)
         record.timeout = result.call.timeout or 0.0
-        if result.call.handler == _constants.SLEEP_HANDLER:  # ctx.sleep: no message; the timer wakes it
+        if result.call.handler == constants.SLEEP_HANDLER:  # ctx.sleep: no message; the timer wakes it
             record.sleeping = True
             oc.suspend = record
             return
         # The span says what the call is for: saga.step, saga.compensate, tx.prepare.
         message = self._outgoing(oc, key, result.call, result.call.purpose or "call")
-        message.caller = _envelope.CallerAddress(str(self.fn), partition, key, record.waiting)
+        message.caller = envelope.CallerAddress(str(self.fn), partition, key, record.waiting)
         oc.sends.append(planner.Send(await self.target(result.call.function, result.call.key), message))
         oc.suspend = record

@@ -21,18 +21,18 @@ from aiohttp import web
 from opentelemetry import trace
 
 import statefn
-from statefn import _codec, _errors, _naming, _signals
+from statefn_core import codec, errors, layout, signals
 from statefn_sidecar import metrics, tracing
 
 _META_TTL_S = 5.0
 _STATUS_BY_KIND = {
-    _errors.KIND_INVALID_ARGUMENT: 400,
-    _errors.KIND_UNDECODABLE: 400,
-    _errors.KIND_UNKNOWN_HANDLER: 404,
-    _errors.KIND_UNKNOWN_FUNCTION: 404,
-    _errors.KIND_STATE_TOO_LARGE: 413,
-    _errors.KIND_HANDLER: 500,
-    _errors.KIND_RETRIES_EXHAUSTED: 500,
+    errors.KIND_INVALID_ARGUMENT: 400,
+    errors.KIND_UNDECODABLE: 400,
+    errors.KIND_UNKNOWN_HANDLER: 404,
+    errors.KIND_UNKNOWN_FUNCTION: 404,
+    errors.KIND_STATE_TOO_LARGE: 413,
+    errors.KIND_HANDLER: 500,
+    errors.KIND_RETRIES_EXHAUSTED: 500,
 }
 # Request-scoped: the function the path named, once known to exist.
 _FUNCTION: web.RequestKey[str] = web.RequestKey("function", str)
@@ -67,9 +67,9 @@ async def _meta(request: web.Request, function: str) -> dict[str, Any] | web.Res
         return hit[1]
     try:
         meta = await request.app[CLIENT_KEY].describe(function, refresh=True)
-    except _errors.UnknownFunction:
+    except errors.UnknownFunction:
         known = ", ".join(str(m["type"]) for m in await _functions(request)) or "none"
-        return _error(404, _errors.KIND_UNKNOWN_FUNCTION, f"unknown function {function}; known functions: {known}")
+        return _error(404, errors.KIND_UNKNOWN_FUNCTION, f"unknown function {function}; known functions: {known}")
     cache[function] = (time.monotonic(), meta)
     return meta
 
@@ -78,19 +78,19 @@ async def _resolve(request: web.Request) -> tuple[str, dict[str, Any]] | web.Res
     """The function named by the path and its metadata, or the 404 to answer."""
     function = f"{request.match_info['namespace']}/{request.match_info['name']}"
     try:
-        _naming.FunctionType.parse(function)
-    except _errors.InvalidFunctionType as exc:
-        return _error(404, _errors.KIND_UNKNOWN_FUNCTION, str(exc))
+        layout.FunctionType.parse(function)
+    except errors.InvalidFunctionType as exc:
+        return _error(404, errors.KIND_UNKNOWN_FUNCTION, str(exc))
     meta = await _meta(request, function)
     return meta if isinstance(meta, web.Response) else (function, meta)
 
 
 def _schema_errors(schema: dict[str, Any], args: dict[str, Any]) -> str | None:
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(args), key=lambda e: list(e.path))
-    if not errors:
+    found = sorted(jsonschema.Draft202012Validator(schema).iter_errors(args), key=lambda e: list(e.path))
+    if not found:
         return None
     parts = []
-    for e in errors:
+    for e in found:
         field = ".".join(str(p) for p in e.path)
         parts.append(f"{field}: {e.message}" if field else e.message)
     return "; ".join(parts)
@@ -136,19 +136,19 @@ async def _invoke(request: web.Request, traceparent: str | None) -> web.Response
     # unknown here, so the invocation goes through and the sidecar that wakes up validates it.
     described = meta.get("described", True)
     if described and handler not in handlers:
-        return _error(404, _errors.KIND_UNKNOWN_HANDLER,
+        return _error(404, errors.KIND_UNKNOWN_HANDLER,
                       f"{function} has no handler {handler!r}; known handlers: {', '.join(sorted(handlers))}")
     raw = await request.read()
     try:
         args = json.loads(raw) if raw.strip() else {}
     except ValueError as exc:
-        return _error(400, _errors.KIND_INVALID_ARGUMENT, f"the body is not JSON: {exc}")
+        return _error(400, errors.KIND_INVALID_ARGUMENT, f"the body is not JSON: {exc}")
     if not isinstance(args, dict):
-        return _error(400, _errors.KIND_INVALID_ARGUMENT,
+        return _error(400, errors.KIND_INVALID_ARGUMENT,
                       f"the body must be a JSON object of {handler}'s arguments, not {type(args).__name__}")
     problem = _schema_errors(handlers[handler]["parameters"], args) if handler in handlers else None
     if problem:
-        return _error(400, _errors.KIND_INVALID_ARGUMENT, f"{function}.{handler}: {problem}")
+        return _error(400, errors.KIND_INVALID_ARGUMENT, f"{function}.{handler}: {problem}")
     client = request.app[CLIENT_KEY]
     idem = request.headers.get("Idempotency-Key") or uuid.uuid4().hex
     try:
@@ -157,14 +157,14 @@ async def _invoke(request: web.Request, traceparent: str | None) -> web.Response
             return web.json_response({"invocation_id": idem}, status=202)
         reply = await client.invoke_raw(function, key, handler, args=args, idempotency_key=idem,
                                         traceparent=traceparent)
-    except _errors.PayloadTooLarge as exc:
+    except errors.PayloadTooLarge as exc:
         return _error(413, "payload_too_large", str(exc))
-    except _errors.InvocationTimeout as exc:
+    except errors.InvocationTimeout as exc:
         return _error(504, "timeout", str(exc))
     if not reply.ok:
         assert reply.error is not None
         return _error(_STATUS_BY_KIND.get(reply.error.kind, 500), reply.error.kind, reply.error.message)
-    value = None if reply.value is None else _codec.unpack(reply.value)
+    value = None if reply.value is None else codec.unpack(reply.value)
     return web.json_response({"result": _jsonable(value)}, headers={"Idempotency-Key": idem})
 
 
@@ -272,7 +272,7 @@ async def run_gateway(nats_url: str, etcd_endpoint: str, host: str = "127.0.0.1"
     async with statefn.Client(nats=nats_url, etcd=etcd_endpoint) as client:
         runner = await start_gateway(client, host, port)
         try:
-            await _signals.until_stopped()
+            await signals.until_stopped()
         finally:
             await runner.cleanup()
             tracing.shutdown()

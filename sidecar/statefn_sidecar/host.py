@@ -14,14 +14,14 @@ import aetcd
 from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
 
-from statefn import _naming
-from statefn_sidecar import balance, config, execution, faults, layout, partition
+from statefn_core import layout
+from statefn_sidecar import balance, config, execution, faults, partition
 
 _log = logging.getLogger("statefn.host")
 
 
 class FunctionHost:
-    def __init__(self, *, fn: _naming.FunctionType, partition_count: int, etcd: aetcd.Client,
+    def __init__(self, *, fn: layout.FunctionType, partition_count: int, etcd: aetcd.Client,
                  nc: NatsClient, js: JetStreamContext, executor: execution.Executor,
                  cfg: config.SidecarConfig, faults: faults.Faults) -> None:
         self.fn = fn

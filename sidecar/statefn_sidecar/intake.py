@@ -15,7 +15,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
-from statefn import _constants, _envelope, _naming
+from statefn_core import constants, envelope, layout
 from statefn_sidecar import items
 
 _log = logging.getLogger("statefn.intake")
@@ -23,7 +23,7 @@ Watermark = tuple[int, int, int]  # (bundle seq, next message index, bundle size
 
 
 class Intake:
-    def __init__(self, pid: _naming.PartitionId, nc: NatsClient, chan_in: dict[str, Watermark],
+    def __init__(self, pid: layout.PartitionId, nc: NatsClient, chan_in: dict[str, Watermark],
                  recent: collections.OrderedDict[str, bytes], stats: collections.Counter[str],
                  gap_retry_delay: float, duplicates: Counter) -> None:
         self._pid = pid
@@ -40,32 +40,32 @@ class Intake:
         wm_batch: dict[str, Watermark] = {}
         for msg in msgs:
             headers = msg.headers or {}
-            kind = headers.get(_constants.HEADER_KIND, _constants.KIND_INVOKE)
+            kind = headers.get(constants.HEADER_KIND, constants.KIND_INVOKE)
             seq = msg.metadata.sequence.stream
             try:
-                if kind == _constants.KIND_BUNDLE:
-                    out += await self._bundle_items(msg, _envelope.decode_bundle(msg.data), wm_batch)
+                if kind == constants.KIND_BUNDLE:
+                    out += await self._bundle_items(msg, envelope.decode_bundle(msg.data), wm_batch)
                     continue
-                message = _envelope.decode_invoke(msg.data, headers)
+                message = envelope.decode_invoke(msg.data, headers)
             except Exception as exc:
                 recorded = self._recent.get(f"seq:{seq}")
                 if recorded is not None:  # dead-lettered already; this is a redelivery
                     self._duplicate()
-                    if headers.get(_constants.HEADER_REPLY_TO):
-                        await self._nc.publish(headers[_constants.HEADER_REPLY_TO], recorded)
+                    if headers.get(constants.HEADER_REPLY_TO):
+                        await self._nc.publish(headers[constants.HEADER_REPLY_TO], recorded)
                     await msg.ack()
                     continue
                 out.append(items.Item(kind=items.Kind.DEAD, id=f"seq:{seq}", source=items.Source(msg, 1),
                                       dead={"raw": msg.data[:4096], "reason": f"{type(exc).__name__}: {exc}",
-                                            "reply_to": headers.get(_constants.HEADER_REPLY_TO)}))
+                                            "reply_to": headers.get(constants.HEADER_REPLY_TO)}))
                 continue
             if not message.idempotency_key:
-                message.idempotency_key = headers.get(_constants.HEADER_MSG_ID) or f"seq:{seq}"
+                message.idempotency_key = headers.get(constants.HEADER_MSG_ID) or f"seq:{seq}"
             idem = message.idempotency_key
             recent = self._recent.get(idem)
             if recent is not None:
                 self._duplicate()
-                if message.reply_to and recent != _envelope.PENDING_RECORD:
+                if message.reply_to and recent != envelope.PENDING_RECORD:
                     await self._nc.publish(message.reply_to, recent)
                 await msg.ack()
                 continue
@@ -83,7 +83,7 @@ class Intake:
         self._stats["duplicates"] += 1
         self._duplicates.inc()
 
-    async def _bundle_items(self, msg: Msg, bundle: _envelope.Bundle,
+    async def _bundle_items(self, msg: Msg, bundle: envelope.Bundle,
                             wm_batch: dict[str, Watermark]) -> list[items.Item]:
         n, nxt, total = wm_batch.get(bundle.sender) or self._chan_in.get(bundle.sender, (0, 0, 0))
         size = len(bundle.messages)

@@ -1,6 +1,6 @@
 """How the sidecar runs handlers: in its own process (embedded) or in the user container (remote).
 
-Both speak the same batch protocol (``statefn._wire``), so they have the same semantics.
+Both speak the same batch protocol (``statefn_core.wire``), so they have the same semantics.
 """
 
 from __future__ import annotations
@@ -9,17 +9,23 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from statefn import _function, _runtime, _wire
+from statefn import _function, _runtime
+from statefn_core import wire
 
 
 class InvokerUnavailable(Exception):
     """The function code could not be reached; the batch is retried, nothing is acked."""
 
 
+def unavailable(exc: BaseException) -> bool:
+    """What waiting for the function server gets past: it is not up (yet, or any more)."""
+    return isinstance(exc, InvokerUnavailable)
+
+
 class Invoker(Protocol):
     async def describe(self) -> dict[str, dict[str, Any]]: ...
 
-    async def execute(self, request: _wire.BatchRequest) -> _wire.BatchResponse: ...
+    async def execute(self, request: wire.BatchRequest) -> wire.BatchResponse: ...
 
     async def close(self) -> None: ...
 
@@ -33,7 +39,7 @@ class EmbeddedInvoker:
     async def describe(self) -> dict[str, dict[str, Any]]:
         return self.app.describe()
 
-    async def execute(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
+    async def execute(self, request: wire.BatchRequest) -> wire.BatchResponse:
         return await _runtime.execute(self.app, request)
 
     async def close(self) -> None:
@@ -64,14 +70,14 @@ class RemoteInvoker:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise InvokerUnavailable(f"function server at {self.url} unreachable: {exc}") from exc
 
-    async def execute(self, request: _wire.BatchRequest) -> _wire.BatchResponse:
-        body = _wire.encode_request(request)
+    async def execute(self, request: wire.BatchRequest) -> wire.BatchResponse:
+        body = wire.encode_request(request)
         try:
             async with self._http().post(f"{self.url}/invoke", data=body,
                                          headers={"Content-Type": self.CONTENT_TYPE}) as resp:
                 if resp.status != 200:
                     raise InvokerUnavailable(f"function server answered {resp.status}: {await resp.text()}")
-                return _wire.decode_response(await resp.read())
+                return wire.decode_response(await resp.read())
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise InvokerUnavailable(f"function server at {self.url} unreachable: {exc}") from exc
 

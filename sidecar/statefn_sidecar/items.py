@@ -12,7 +12,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from statefn import _envelope
+from statefn_core import envelope
 from statefn_sidecar import suspension
 
 
@@ -45,7 +45,7 @@ class Source:
 class Item:
     kind: Kind
     id: str
-    message: _envelope.Message | None = None
+    message: envelope.Message | None = None
     source: Source | None = None
     # Channel items: where they came from, for the receiver's dedup watermark.
     sender: str | None = None
@@ -69,9 +69,9 @@ class Item:
     # message as it arrived (the reply, or the timer's), to route it again if its round does not commit.
     resume: suspension.Suspension | None = None
     response: bytes | None = None
-    arrived: _envelope.Message | None = None
+    arrived: envelope.Message | None = None
 
-    def resume_with(self, record: suspension.Suspension, message: _envelope.Message) -> None:
+    def resume_with(self, record: suspension.Suspension, message: envelope.Message) -> None:
         """Route this reply (or resume timer) to the invocation suspended on its key, which runs instead."""
         assert self.message is not None and self.arrived is None
         self.arrived = self.message

@@ -27,8 +27,8 @@ import dataclasses
 import enum
 import logging
 
-from statefn import _constants, _envelope, _wire
-from statefn_sidecar import items, layout, suspension, twophase
+from statefn_core import constants, envelope, layout, wire
+from statefn_sidecar import items, suspension, twophase
 
 _log = logging.getLogger("statefn.keylocks")
 
@@ -48,7 +48,7 @@ class Queued:
     number: int
     etcd_key: bytes
     item_id: str
-    message: _envelope.Message
+    message: envelope.Message
 
 
 class KeyLocks:
@@ -77,7 +77,7 @@ class KeyLocks:
     def locked(self, key: str) -> bool:
         return key in self.suspended or key in self.prepared or bool(self._inbox.get(key))
 
-    def holder(self, key: str) -> _wire.TxInfo | None:
+    def holder(self, key: str) -> wire.TxInfo | None:
         """The transaction that holds a key: prepared for it, or its coordinator suspended on it."""
         prepared = self.prepared.get(key)
         if prepared is not None:
@@ -103,7 +103,7 @@ class KeyLocks:
         if item.kind is items.Kind.INQUIRE:
             return Route.OWN
         if msg.is_tx_control:
-            if msg.handler != _constants.INQUIRE_HANDLER:
+            if msg.handler != constants.INQUIRE_HANDLER:
                 self._changing.add(msg.key)  # a decision unlocks the key
             return Route.CONTROL
         if item.kind is items.Kind.RESUME or msg.is_response:
@@ -118,7 +118,7 @@ class KeyLocks:
             self._changing.add(msg.key)
         return route
 
-    def _prepare(self, item: items.Item, msg: _envelope.Message) -> Route:
+    def _prepare(self, item: items.Item, msg: envelope.Message) -> Route:
         assert msg.tx is not None
         holder = self.holder(msg.key)
         if holder is not None and holder.id == msg.tx.id:

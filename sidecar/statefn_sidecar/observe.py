@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from opentelemetry import trace
 
-from statefn import _envelope
+from statefn_core import envelope
 from statefn_sidecar import items, metrics, planner, tracing
 
 
@@ -39,7 +39,7 @@ def traceparent_of(oc: planner.Outcome) -> str | None:
     return None if oc.span is None else tracing.traceparent_of(oc.span)
 
 
-def send_traceparent(oc: planner.Outcome, message: _envelope.Message, function: str, delay: float,
+def send_traceparent(oc: planner.Outcome, message: envelope.Message, function: str, delay: float,
                      verb: str = "send") -> str | None:
     """The traceparent an outgoing message carries: a PRODUCER span's (``send`` or ``call``) when tracing."""
     if oc.span is None or tracing.TRACER is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
@@ -20,10 +21,14 @@ import nats.errors
 import nats.js.errors
 from nats.js.client import JetStreamContext
 
-from statefn import _codec, _constants
+from statefn_core import backoff, codec, constants
 from statefn_sidecar import faults as faults_mod
 
 _log = logging.getLogger("statefn.outbox")
+
+
+def _publish_failed(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.Error | nats.js.errors.Error | TimeoutError)
 
 
 @dataclasses.dataclass(slots=True)
@@ -36,11 +41,11 @@ class Entry:
     body: bytes
 
     def encode(self) -> bytes:
-        return _codec.pack([self.subject, self.msg_id, self.headers, self.body])
+        return codec.pack([self.subject, self.msg_id, self.headers, self.body])
 
     @classmethod
     def decode(cls, target: str, seq: int, data: bytes) -> Entry:
-        subject, msg_id, headers, body = _codec.unpack(data)
+        subject, msg_id, headers, body = codec.unpack(data)
         return cls(target, seq, subject, msg_id, headers, body)
 
 
@@ -86,25 +91,21 @@ class ChannelPublisher:
         while True:
             entry = await self._queue.get()
             self._busy = True
-            delay = 0.05
-            while True:
-                headers = dict(entry.headers)
-                headers[_constants.HEADER_MSG_ID] = entry.msg_id
-                try:
-                    if self._faults.enabled:
-                        self._faults.maybe(faults_mod.PUBLISH_REFUSED)
-                    await self._js.publish(entry.subject, entry.body, headers=headers, timeout=5.0)
-                    if self._faults.enabled:
-                        self._faults.maybe(faults_mod.PUBLISH_ACK_LOST)
-                    break
-                except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                    # Stored or not, publishing again is safe: the message id and the receiver's
-                    # channel sequence both drop a second copy.
-                    _log.warning("publish %s seq %d to %s failed (%s); retrying", self.target, entry.seq,
-                                 entry.subject, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+            # Stored or not, publishing again is safe: the message id and the receiver's channel
+            # sequence both drop a second copy.
+            await backoff.until_done(functools.partial(self._publish, entry), transient=_publish_failed,
+                                     first=0.05, cap=2.0, log=_log,
+                                     what=f"publish {self.target} seq {entry.seq} to {entry.subject}")
             self.published += 1
             self._busy = False
             self._on_published(entry.target, entry.seq)
             self._queue.task_done()
+
+    async def _publish(self, entry: Entry) -> None:
+        headers = dict(entry.headers)
+        headers[constants.HEADER_MSG_ID] = entry.msg_id
+        if self._faults.enabled:
+            self._faults.maybe(faults_mod.PUBLISH_REFUSED)
+        await self._js.publish(entry.subject, entry.body, headers=headers, timeout=5.0)
+        if self._faults.enabled:
+            self._faults.maybe(faults_mod.PUBLISH_ACK_LOST)

@@ -11,24 +11,24 @@ import dataclasses
 import logging
 from typing import Protocol
 
-from statefn import _constants, _envelope, _errors, _naming, _wire
+from statefn_core import constants, envelope, errors, layout, wire
 from statefn_sidecar import keylocks, planner, statecache, twophase
 
 _log = logging.getLogger("statefn.participants")
 
 
 class Targets(Protocol):
-    fn: _naming.FunctionType
+    fn: layout.FunctionType
 
-    async def target(self, function: str, key: str) -> _naming.PartitionId: ...
+    async def target(self, function: str, key: str) -> layout.PartitionId: ...
 
 
-def die(oc: planner.Outcome, fn: _naming.FunctionType) -> None:
+def die(oc: planner.Outcome, fn: layout.FunctionType) -> None:
     """Wait-die: a younger transaction's prepare does not wait for an older one's lock; it votes no."""
     msg = oc.item.message
     assert msg is not None and msg.tx is not None
-    oc.reply = _envelope.Reply(ok=False, error=_wire.ErrorInfo(
-        kind=_errors.KIND_TX_CONFLICT,
+    oc.reply = envelope.Reply(ok=False, error=wire.ErrorInfo(
+        kind=errors.KIND_TX_CONFLICT,
         message=f"{fn}({msg.key!r}) is held by an older transaction; the younger one gives way (wait-die)"))
     oc.tx_event = "died"
 
@@ -69,7 +69,7 @@ class Participants:
         """A decision for a prepared key of this partition, or an inquiry to a coordinator's key."""
         msg = oc.item.message
         assert msg is not None and msg.tx is not None
-        if msg.handler == _constants.INQUIRE_HANDLER:
+        if msg.handler == constants.INQUIRE_HANDLER:
             await self._answer_inquiry(oc, locks)
             return
         staged = locks.prepared.get(msg.key)
@@ -77,7 +77,7 @@ class Participants:
             oc.tx_event = "stale"  # decided already, or it never prepared (it voted no, or died)
             return
         oc.decided = staged
-        if msg.handler == _constants.ABORT_HANDLER:
+        if msg.handler == constants.ABORT_HANDLER:
             oc.tx_event = "aborted"
             return
         oc.tx_event = "committed"
@@ -86,7 +86,7 @@ class Participants:
             if s.due_ms:
                 oc.delayed.append((s.due_ms, s.function, s.message))
             else:
-                oc.sends.append(planner.Send(_naming.PartitionId(_naming.FunctionType.parse(s.function), s.partition),
+                oc.sends.append(planner.Send(layout.PartitionId(layout.FunctionType.parse(s.function), s.partition),
                                              s.message))
 
     async def _answer_inquiry(self, oc: planner.Outcome, locks: keylocks.KeyLocks) -> None:
@@ -109,10 +109,10 @@ class Participants:
         msg = oc.item.message
         assert msg is not None
         prepared = msg.args.get("prepared") if msg.is_response else None
-        if not prepared or not _envelope.Reply.decode(msg.args["reply"]).ok:
+        if not prepared or not envelope.Reply.decode(msg.args["reply"]).ok:
             return
         function, key, plain = prepared
-        tx = _wire.TxInfo.from_plain(plain)
+        tx = wire.TxInfo.from_plain(plain)
         assert tx is not None
         oc.tx_event = "orphan_abort"
         await self._send_abort(oc, function, key, tx)
@@ -128,17 +128,17 @@ class Participants:
         oc.prepare = dataclasses.replace(staged, timer=b"")  # re-armed by this commit
         oc.tx_event = "inquired"
         fn = self._targets.fn
-        inquiry = _envelope.tx_control_message(_constants.INQUIRE_HANDLER, tx, tx.key, origin=f"{fn}:{msg.key}",
+        inquiry = envelope.tx_control_message(constants.INQUIRE_HANDLER, tx, tx.key, origin=f"{fn}:{msg.key}",
                                                traceparent=None, args={"function": str(fn), "key": msg.key})
         try:
             oc.sends.append(planner.Send(await self._targets.target(tx.function, tx.key), inquiry))
-        except (_errors.UnknownFunction, _errors.InvalidFunctionType) as exc:
+        except (errors.UnknownFunction, errors.InvalidFunctionType) as exc:
             _log.error("%s(%r) is prepared for %s, whose coordinator cannot be reached (%s); it stays locked",
                        fn, msg.key, tx.id, exc)
 
-    async def _send_abort(self, oc: planner.Outcome, function: str, key: str, tx: _wire.TxInfo) -> None:
+    async def _send_abort(self, oc: planner.Outcome, function: str, key: str, tx: wire.TxInfo) -> None:
         msg = oc.item.message
         assert msg is not None
-        abort = _envelope.tx_control_message(_constants.ABORT_HANDLER, tx, key, origin=f"{self._targets.fn}:{msg.key}",
+        abort = envelope.tx_control_message(constants.ABORT_HANDLER, tx, key, origin=f"{self._targets.fn}:{msg.key}",
                                              traceparent=msg.traceparent)
         oc.sends.append(planner.Send(await self._targets.target(function, key), abort))

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
-from statefn import _codec, _envelope, _naming
+from statefn_core import codec, envelope, layout
 from statefn_sidecar import (
     commit,
     config,
@@ -29,7 +29,6 @@ from statefn_sidecar import (
     intake,
     items,
     keylocks,
-    layout,
     observe,
     outbox,
     planner,
@@ -49,7 +48,7 @@ class PartitionWorker:
     def __init__(
         self,
         *,
-        fn: _naming.FunctionType,
+        fn: layout.FunctionType,
         partition: int,
         partition_count: int,
         etcd: aetcd.Client,
@@ -61,7 +60,7 @@ class PartitionWorker:
     ) -> None:
         self.fn = fn
         self.partition = partition
-        self.pid = _naming.PartitionId(fn, partition)
+        self.pid = layout.PartitionId(fn, partition)
         self.keys = layout.PartitionKeys(fn, partition)
         self._etcd = etcd
         self._nc = nc
@@ -110,8 +109,8 @@ class PartitionWorker:
                 failure=[],
             )
         self.locks.load([v for v, _ in suspended], [(kv.key, v) for v, kv in queued], [v for v, _ in prepared])
-        self._chan_in.update({kv.key[len(k.chan_in_prefix):].decode(): tuple(_codec.unpack(v)) for v, kv in chan_in})
-        self._chan_out.update({kv.key[len(k.chan_out_prefix):].decode(): _codec.unpack(v) for v, kv in chan_out})
+        self._chan_in.update({kv.key[len(k.chan_in_prefix):].decode(): tuple(codec.unpack(v)) for v, kv in chan_in})
+        self._chan_out.update({kv.key[len(k.chan_out_prefix):].decode(): codec.unpack(v) for v, kv in chan_out})
         self._trimmed_upto = dict(self._chan_out)
         leftovers: list[outbox.Entry] = []
         for v, kv in pending:
@@ -341,7 +340,7 @@ class PartitionWorker:
             await self._done(oc.item)
 
     async def _answer(self, item: items.Item, record: bytes) -> None:
-        if record == _envelope.PENDING_RECORD:
+        if record == envelope.PENDING_RECORD:
             return  # still running (suspended or queued): its end answers the original reply address
         reply_to = item.message.reply_to if item.message else (item.dead or {}).get("reply_to")
         if reply_to:

@@ -12,8 +12,8 @@ import time
 import uuid
 from typing import Any
 
-from statefn import _codec, _constants, _envelope, _errors, _naming, _wire
-from statefn_sidecar import commit, items, keylocks, layout, outbox, suspension, timers, twophase
+from statefn_core import codec, constants, envelope, errors, layout, wire
+from statefn_sidecar import commit, items, keylocks, outbox, suspension, timers, twophase
 
 DLQ_TARGET = "~dlq"
 # Bundles are split so a NATS message stays well under the default max_payload (1 MiB).
@@ -22,8 +22,8 @@ MAX_BUNDLE_BYTES = 768 * 1024
 
 @dataclasses.dataclass(slots=True)
 class Send:
-    target: _naming.PartitionId
-    message: _envelope.Message
+    target: layout.PartitionId
+    message: envelope.Message
 
 
 @dataclasses.dataclass(slots=True)
@@ -33,8 +33,8 @@ class Outcome:
     item: items.Item
     state: dict[tuple[str, str], bytes | None] = dataclasses.field(default_factory=dict)
     sends: list[Send] = dataclasses.field(default_factory=list)
-    delayed: list[tuple[int, str, _envelope.Message]] = dataclasses.field(default_factory=list)
-    reply: _envelope.Reply | None = None       # the final reply (and idempotency record)
+    delayed: list[tuple[int, str, envelope.Message]] = dataclasses.field(default_factory=list)
+    reply: envelope.Reply | None = None       # the final reply (and idempotency record)
     retry_at_ms: int | None = None             # schedule another attempt
     restart: bool = False                      # ...from scratch, not from its journal (an aborted transaction)
     dead_letter: dict[str, Any] | None = None
@@ -66,7 +66,7 @@ class Outcome:
             return "prepared" if self.prepare is not None else "control"  # staged, or died under wait-die
         return "control" if self.tx_event is not None else "ok"
 
-    def fail(self, error: _wire.ErrorInfo, dead_letter: dict[str, Any]) -> None:
+    def fail(self, error: wire.ErrorInfo, dead_letter: dict[str, Any]) -> None:
         self.state.clear()
         # Decisions of transactions it ended still go out: prepared participants wait for them.
         self.sends[:] = [s for s in self.sends if s.message.is_tx_control]
@@ -75,7 +75,7 @@ class Outcome:
         self.suspend = None
         self.queued = None
         self.prepare = None
-        self.reply = _envelope.Reply(ok=False, error=error)
+        self.reply = envelope.Reply(ok=False, error=error)
         self.dead_letter = dead_letter
 
 
@@ -98,8 +98,8 @@ class Effects:
     prepared: dict[str, twophase.Prepared | None] = dataclasses.field(default_factory=dict)
 
 
-def dead_letter_record(fn: _naming.FunctionType, partition: int, item: items.Item,
-                       error: _wire.ErrorInfo) -> dict[str, Any]:
+def dead_letter_record(fn: layout.FunctionType, partition: int, item: items.Item,
+                       error: wire.ErrorInfo) -> dict[str, Any]:
     """What the dead-letter stream keeps of a failed invocation, with what a replay must know about it.
 
     ``caller`` and ``transaction`` name who was already told of the failure (a durable call's caller,
@@ -137,26 +137,26 @@ def _bundle_cost(pending: dict[str, list[tuple[Send, bytes]]]) -> tuple[int, int
     return ops, size
 
 
-def timer_payload_retry(invocation_id: str, message: _envelope.Message, idem_pending: bool) -> bytes:
-    return _codec.pack(["retry", invocation_id, message.to_plain(), idem_pending])
+def timer_payload_retry(invocation_id: str, message: envelope.Message, idem_pending: bool) -> bytes:
+    return codec.pack(["retry", invocation_id, message.to_plain(), idem_pending])
 
 
 def timer_payload_resume(key: str, attempt: int) -> bytes:
-    return _codec.pack(["resume", key, attempt])
+    return codec.pack(["resume", key, attempt])
 
 
-def timer_payload_send(function: str, message: _envelope.Message) -> bytes:
-    return _codec.pack(["send", function, message.to_plain()])
+def timer_payload_send(function: str, message: envelope.Message) -> bytes:
+    return codec.pack(["send", function, message.to_plain()])
 
 
 class Planner:
     """Stateless over batches except for the channel counters it reads from the owner."""
 
-    def __init__(self, fn: _naming.FunctionType, keys: layout.PartitionKeys,
+    def __init__(self, fn: layout.FunctionType, keys: layout.PartitionKeys,
                  chan_out: dict[str, int], idem_lease: int | None) -> None:
         self.fn = fn
         self.keys = keys
-        self.pid = _naming.PartitionId(fn, keys.partition)
+        self.pid = layout.PartitionId(fn, keys.partition)
         self._chan_out = dict(chan_out)  # working copy: counters advance across this plan's commits
         self._idem_lease = idem_lease
 
@@ -176,8 +176,8 @@ class Planner:
                 plans.append((txn, eff))
                 txn, eff, pending_sends = commit.Txn(), Effects(), {}
             if not txn.fits(ops - reserved_ops, size - reserved_bytes, compares):
-                err = _wire.ErrorInfo(
-                    kind=_errors.KIND_STATE_TOO_LARGE,
+                err = wire.ErrorInfo(
+                    kind=errors.KIND_STATE_TOO_LARGE,
                     message=f"the effects of this invocation ({ops} writes, {size} bytes) exceed etcd's "
                             f"transaction limits ({commit.MAX_OPS} writes, {commit.MAX_BYTES} bytes)",
                 )
@@ -200,11 +200,11 @@ class Planner:
             if token not in channels:  # a new channel: its outbox entry and its sequence counter
                 channels.add(token)
                 ops += 2
-            size += 256 + len(_codec.pack(s.message.to_plain()))
+            size += 256 + len(codec.pack(s.message.to_plain()))
         ops += len(oc.delayed) + (1 if oc.retry_at_ms is not None else 0) + (2 if oc.dead_letter else 0)
         size += 512 * (len(oc.delayed) + (1 if oc.retry_at_ms is not None else 0))
         if oc.dead_letter:
-            size += len(_codec.pack(oc.dead_letter)) + 256
+            size += len(codec.pack(oc.dead_letter)) + 256
         if oc.item.idempotency_key and (oc.reply is not None or oc.suspend or oc.queued):
             compares += 1
             size += (len(oc.reply.value or b"") if oc.reply else 0) + 256
@@ -217,7 +217,7 @@ class Planner:
             size += (oc.suspend.size if oc.suspend else 0) + 256
         if oc.queued is not None:
             ops += 1
-            size += len(_codec.pack(oc.queued.message.to_plain())) + 256
+            size += len(codec.pack(oc.queued.message.to_plain())) + 256
         if oc.item.inbox_key is not None:
             ops += 1
             size += len(oc.item.inbox_key) + 64
@@ -237,7 +237,7 @@ class Planner:
         if item.kind is items.Kind.CHANNEL:
             assert item.sender is not None
             wm = (item.bundle_seq, item.index + 1, item.bundle_size)
-            txn.put(self.keys.chan_in(item.sender), _codec.pack(list(wm)))
+            txn.put(self.keys.chan_in(item.sender), codec.pack(list(wm)))
             eff.chan_in[item.sender] = wm
         if item.timer_key is not None:
             txn.delete(item.timer_key)
@@ -249,7 +249,7 @@ class Planner:
         idem = item.idempotency_key
         if idem and (oc.reply is not None or oc.suspend or oc.queued):
             # Final, or PENDING while it waits (a copy arriving meanwhile is then a duplicate).
-            record = oc.reply.encode() if oc.reply is not None else _envelope.PENDING_RECORD
+            record = oc.reply.encode() if oc.reply is not None else envelope.PENDING_RECORD
             if not item.idem_pending or oc.reply is not None:
                 ikey = self.keys.idempotency(idem)
                 if not item.idem_pending:
@@ -266,16 +266,16 @@ class Planner:
                 txn.put(skey, value)
             eff.state.setdefault(key, {})[name] = value
         for s in oc.sends:
-            pending.setdefault(s.target.token, []).append((s, _codec.pack(s.message.to_plain())))
+            pending.setdefault(s.target.token, []).append((s, codec.pack(s.message.to_plain())))
         self._add_prepared(txn, eff, oc)
         msg = item.message
         if oc.reply is not None and msg is not None and msg.caller is not None:
             vote = (str(self.fn), msg.key, msg.tx) if oc.prepare is not None and msg.tx is not None else None
-            response = _envelope.response_message(msg.caller, oc.reply, origin=f"{self.fn}:{msg.key}",
+            response = envelope.response_message(msg.caller, oc.reply, origin=f"{self.fn}:{msg.key}",
                                                   traceparent=msg.traceparent, prepared=vote)
-            back = Send(_naming.PartitionId(_naming.FunctionType.parse(msg.caller.function), msg.caller.partition),
+            back = Send(layout.PartitionId(layout.FunctionType.parse(msg.caller.function), msg.caller.partition),
                         response)
-            pending.setdefault(back.target.token, []).append((back, _codec.pack(response.to_plain())))
+            pending.setdefault(back.target.token, []).append((back, codec.pack(response.to_plain())))
         for due_ms, function, message in oc.delayed:
             self._add_timer(txn, eff, due_ms, timer_payload_send(function, message))
         if oc.retry_at_ms is not None:
@@ -299,12 +299,12 @@ class Planner:
             entry = outbox.Entry(
                 target=DLQ_TARGET, seq=seq, subject=self.fn.dlq_subject,
                 msg_id=f"dlq:{self.pid.token}:{seq}",
-                headers={_constants.HEADER_KIND: _constants.KIND_DEAD_LETTER,
-                         _constants.HEADER_ORIGIN: self.pid.token},
-                body=_codec.pack(oc.dead_letter),
+                headers={constants.HEADER_KIND: constants.KIND_DEAD_LETTER,
+                         constants.HEADER_ORIGIN: self.pid.token},
+                body=codec.pack(oc.dead_letter),
             )
             txn.put(self.keys.outbox(DLQ_TARGET, seq), entry.encode())
-            txn.put(self.keys.chan_out(DLQ_TARGET), _codec.pack(seq))
+            txn.put(self.keys.chan_out(DLQ_TARGET), codec.pack(seq))
             eff.entries.append(entry)
             eff.chan_out[DLQ_TARGET] = seq
 
@@ -350,15 +350,15 @@ class Planner:
         prepare waits at most the transaction's timeout (kind ``tx_timeout``, which aborts it).
         """
         msg = record.message
-        caller = _envelope.CallerAddress(str(self.fn), self.keys.partition, msg.key, record.waiting)
+        caller = envelope.CallerAddress(str(self.fn), self.keys.partition, msg.key, record.waiting)
         if record.sleeping:  # ctx.sleep: the timer's answer is what it waits for
-            reply = _envelope.Reply(ok=True, value=None)
+            reply = envelope.Reply(ok=True, value=None)
         else:
-            kind = _errors.KIND_TX_TIMEOUT if record.tx is not None else _errors.KIND_CALL_TIMEOUT
+            kind = errors.KIND_TX_TIMEOUT if record.tx is not None else errors.KIND_CALL_TIMEOUT
             what = "vote" if record.tx is not None else "reply"
-            reply = _envelope.Reply(ok=False, error=_wire.ErrorInfo(
+            reply = envelope.Reply(ok=False, error=wire.ErrorInfo(
                 kind=kind, message=f"no {what} within the timeout of {record.timeout:g}s"))
-        timeout = _envelope.response_message(caller, reply, origin=f"{self.fn}:{msg.key}",
+        timeout = envelope.response_message(caller, reply, origin=f"{self.fn}:{msg.key}",
                                              traceparent=msg.traceparent)
         due_ms = timers.now_ms() + int(record.timeout * 1000)
         return self._add_timer(txn, eff, due_ms, timer_payload_send(str(self.fn), timeout))
@@ -384,7 +384,7 @@ class Planner:
         """Pack each target's messages into bundles (one per channel unless too large)."""
         for token, sends in pending.items():
             target = sends[0][0].target
-            chunks: list[list[_envelope.Message]] = [[]]
+            chunks: list[list[envelope.Message]] = [[]]
             size = 0
             for send, packed in sends:
                 if chunks[-1] and size + len(packed) > MAX_BUNDLE_BYTES:
@@ -394,16 +394,16 @@ class Planner:
                 size += len(packed)
             for chunk in chunks:
                 seq = self._next_seq(token)
-                body = _envelope.encode_bundle(_envelope.Bundle(sender=self.pid.token, seq=seq, messages=chunk))
+                body = envelope.encode_bundle(envelope.Bundle(sender=self.pid.token, seq=seq, messages=chunk))
                 entry = outbox.Entry(
                     target=token, seq=seq,
                     subject=target.function.channel_subject(target.partition, self.pid),
                     msg_id=f"ch:{self.pid.token}>{target.partition}:{seq}",
-                    headers={_constants.HEADER_KIND: _constants.KIND_BUNDLE,
-                             _constants.HEADER_ORIGIN: self.pid.token},
+                    headers={constants.HEADER_KIND: constants.KIND_BUNDLE,
+                             constants.HEADER_ORIGIN: self.pid.token},
                     body=body,
                 )
                 txn.put(self.keys.outbox(token, seq), entry.encode())
                 eff.entries.append(entry)
-            txn.put(self.keys.chan_out(token), _codec.pack(self._chan_out[token]))
+            txn.put(self.keys.chan_out(token), codec.pack(self._chan_out[token]))
             eff.chan_out[token] = self._chan_out[token]

@@ -14,54 +14,19 @@ import logging
 from typing import Any
 
 import aetcd
-import nats
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from statefn import _client, _errors, _naming, _signals
-from statefn_sidecar import commit, config, execution, faults, host, invoker, metrics, topology, tracing
+from statefn_core import backoff, connect, errors, layout, signals
+from statefn_sidecar import config, execution, faults, host, invoker, metrics, topology, tracing
 
 _log = logging.getLogger("statefn.sidecar")
 
 
-async def connect_nats(url: str, name: str) -> NatsClient:
-    delay = 0.2
-    while True:
-        try:
-            return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                      connect_timeout=2)
-        except (OSError, nats.errors.Error) as exc:
-            _log.warning("NATS at %s unreachable (%s); retrying in %.1fs", url, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-async def connect_etcd(endpoint: str) -> aetcd.Client:
-    host_, port = _client.parse_etcd_endpoint(endpoint)
-    client = aetcd.Client(host=host_, port=port, timeout=5)
-    delay = 0.2
-    while True:
-        try:
-            await client.get(b"/statefn")
-            return client
-        except Exception as exc:
-            if not commit.is_transient(exc):
-                raise
-            _log.warning("etcd at %s unreachable (%s); retrying in %.1fs", endpoint, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
 async def describe_when_up(runner: invoker.Invoker) -> dict[str, Any]:
     """The app's functions, waiting for its server: in a pod the sidecar starts first."""
-    delay = 0.1
-    while True:
-        try:
-            return await runner.describe()
-        except invoker.InvokerUnavailable as exc:
-            _log.info("waiting for the function server (%s); retrying in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    return await backoff.until_done(runner.describe, transient=invoker.unavailable, first=0.1, cap=2.0, log=_log,
+                                    what="reaching the function server", level=logging.INFO)
 
 
 def hosted(description: dict[str, Any], wanted: tuple[str, ...]) -> dict[str, Any]:
@@ -70,7 +35,7 @@ def hosted(description: dict[str, Any], wanted: tuple[str, ...]) -> dict[str, An
         return description
     missing = [w for w in wanted if w not in description]
     if missing:
-        raise _errors.UnknownFunction(
+        raise errors.UnknownFunction(
             f"the app does not define {', '.join(missing)}; it defines {', '.join(sorted(description)) or 'nothing'}")
     return {name: description[name] for name in wanted}
 
@@ -93,14 +58,14 @@ class Sidecar:
     async def start(self) -> None:
         # What to host is settled before connecting: a wrong --function fails without a leak.
         description = hosted(await describe_when_up(self.invoker), self.cfg.functions)
-        self._nc = await connect_nats(self.cfg.nats_url, f"statefn-sidecar-{self.cfg.member_id}")
-        self._etcd = await connect_etcd(self.cfg.etcd_endpoint)
+        self._nc = await connect.nats_connection(self.cfg.nats_url, f"statefn-sidecar-{self.cfg.member_id}")
+        self._etcd = await connect.etcd_connection(self.cfg.etcd_endpoint)
         js = self._nc.jetstream(timeout=10)
         router = topology.Router(self._etcd)
         for name, desc in description.items():
             if self.cfg.max_attempts is not None:
                 desc = dict(desc, max_attempts=self.cfg.max_attempts)
-            fn = _naming.FunctionType.parse(name)
+            fn = layout.FunctionType.parse(name)
             count = await topology.provision(js, self._etcd, fn, desc, self.cfg.partitions,
                                              ack_wait=self.cfg.ack_wait, batch_size=self.cfg.batch_size)
             router.known(name, count)
@@ -142,7 +107,7 @@ class Sidecar:
                     await self._register()
                     self._started = True
             except Exception as exc:
-                if not commit.is_transient(exc):
+                if not connect.etcd_transient(exc):
                     raise
                 self._etcd_ok = False
                 _log.warning("lease keepalive failed (%s); not ready until etcd answers", exc)
@@ -154,7 +119,7 @@ class Sidecar:
                 for h in self.hosts.values():
                     await h.reconcile(self._lease_id)
             except Exception as exc:
-                if not commit.is_transient(exc):
+                if not connect.etcd_transient(exc):
                     _log.exception("rebalancing failed")
                 else:
                     _log.warning("rebalancing postponed: %s", exc)
@@ -197,7 +162,7 @@ class Sidecar:
         runner = None
         if health_port is not None:
             runner = await start_health(self, health_host, health_port)
-        stopped = asyncio.create_task(_signals.until_stopped())
+        stopped = asyncio.create_task(signals.until_stopped())
         await asyncio.sleep(0)  # the handlers are in place before startup, which may wait for NATS/etcd
         await self.start()
         await stopped

@@ -10,7 +10,7 @@ import collections
 
 import aetcd
 
-from statefn_sidecar import layout
+from statefn_core import layout
 
 _READS_PER_TXN = 120
 

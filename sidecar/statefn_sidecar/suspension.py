@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 
-from statefn import _codec, _envelope, _wire
+from statefn_core import codec, envelope, wire
 
 
 @dataclasses.dataclass(slots=True)
 class Suspension:
     invocation_id: str
-    message: _envelope.Message
+    message: envelope.Message
     journal: list[bytes] = dataclasses.field(default_factory=list)  # encoded replies, one per call
     sends_done: int = 0
     waiting: str = ""  # the call id whose reply resumes it; "" while a retry timer is due
     # Inside a transaction: the transaction its coordinator runs (it holds this key under wait-die).
     # A call with a timeout: the timer that answers it with a timeout error ("" until its commit arms one).
-    tx: _wire.TxInfo | None = None
+    tx: wire.TxInfo | None = None
     timer: bytes = b""
     timeout: float = 0.0  # the call it waits for times out after this many seconds (0: never)
     sleeping: bool = False  # ctx.sleep: nothing was sent; the timer's answer is the awaited reply, not an error
@@ -31,32 +31,32 @@ class Suspension:
         return f"{self.invocation_id}#{index}"
 
     def encode(self) -> bytes:
-        return _codec.pack([self.invocation_id, self.message.to_plain(), self.journal, self.sends_done,
+        return codec.pack([self.invocation_id, self.message.to_plain(), self.journal, self.sends_done,
                             self.waiting, self.tx.to_plain() if self.tx else None, self.timer, self.timeout,
                             self.sleeping])
 
     @classmethod
     def decode(cls, data: bytes) -> Suspension:
-        inv_id, plain, journal, sends_done, waiting, tx, timer, timeout, sleeping = _codec.unpack(data)
-        return cls(inv_id, _envelope.Message.from_plain(plain), list(journal), sends_done, waiting,
-                   _wire.TxInfo.from_plain(tx), timer, timeout, sleeping)
+        inv_id, plain, journal, sends_done, waiting, tx, timer, timeout, sleeping = codec.unpack(data)
+        return cls(inv_id, envelope.Message.from_plain(plain), list(journal), sends_done, waiting,
+                   wire.TxInfo.from_plain(tx), timer, timeout, sleeping)
 
     @property
     def size(self) -> int:
-        return sum(len(r) for r in self.journal) + len(_codec.pack(self.message.to_plain())) + 128
+        return sum(len(r) for r in self.journal) + len(codec.pack(self.message.to_plain())) + 128
 
 
-def queued_entry(message: _envelope.Message, item_id: str) -> bytes:
+def queued_entry(message: envelope.Message, item_id: str) -> bytes:
     """An inbox entry: a message that waits for its key to be unlocked."""
-    return _codec.pack([item_id, message.to_plain()])
+    return codec.pack([item_id, message.to_plain()])
 
 
-def decode_queued(data: bytes) -> tuple[str, _envelope.Message]:
-    item_id, plain = _codec.unpack(data)
-    return item_id, _envelope.Message.from_plain(plain)
+def decode_queued(data: bytes) -> tuple[str, envelope.Message]:
+    item_id, plain = codec.unpack(data)
+    return item_id, envelope.Message.from_plain(plain)
 
 
-def idem_pending(message: _envelope.Message) -> bool:
+def idem_pending(message: envelope.Message) -> bool:
     """Whether a suspended or queued message's idempotency record says PENDING.
 
     Every message that carries an idempotency key had its PENDING record written (or found)

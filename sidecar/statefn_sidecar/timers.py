@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 import time
 
-from statefn import _codec, _envelope
+from statefn_core import codec, envelope
 from statefn_sidecar import items
 
 
@@ -50,22 +50,22 @@ class TimerHeap:
             payload = self._payloads.get(key)
             if payload is None:
                 continue
-            raw = _codec.unpack(payload)
+            raw = codec.unpack(payload)
             if raw[0] == "retry":
                 _, inv_id, plain, *pending = raw
-                out.append(items.Item(kind=items.Kind.RETRY, id=inv_id, message=_envelope.Message.from_plain(plain),
+                out.append(items.Item(kind=items.Kind.RETRY, id=inv_id, message=envelope.Message.from_plain(plain),
                                       timer_key=key, idem_pending=bool(pending and pending[0])))
             elif raw[0] == "resume":  # the suspended invocation of that key, at this attempt
                 _, target_key, attempt = raw
                 out.append(items.Item(kind=items.Kind.RESUME, id=key.decode(), timer_key=key,
-                                      message=_envelope.Message(key=target_key, handler="", args={}, attempt=attempt)))
+                                      message=envelope.Message(key=target_key, handler="", args={}, attempt=attempt)))
             elif raw[0] == "inquire":  # the key may still be prepared for that transaction
                 _, target_key, tx_id = raw
                 out.append(items.Item(kind=items.Kind.INQUIRE, id=key.decode(), timer_key=key,
-                                      message=_envelope.Message(key=target_key, handler="", args={"tx": tx_id})))
+                                      message=envelope.Message(key=target_key, handler="", args={"tx": tx_id})))
             else:
                 _, function, plain = raw
                 out.append(items.Item(kind=items.Kind.DELAYED_SEND, id=key.decode(),
-                                      message=_envelope.Message.from_plain(plain), timer_key=key,
+                                      message=envelope.Message.from_plain(plain), timer_key=key,
                                       target_function=function))
         return out

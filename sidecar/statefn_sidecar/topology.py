@@ -16,17 +16,17 @@ import nats.js.errors
 from nats.js import api
 from nats.js.client import JetStreamContext
 
-from statefn import _constants, _errors, _naming
+from statefn_core import constants, errors, layout
 
 _log = logging.getLogger("statefn.topology")
 DUPLICATE_WINDOW_S = 120.0
 
 
-class PartitionMismatch(_errors.StatefnError):
+class PartitionMismatch(errors.StatefnError):
     pass
 
 
-async def fixed_partitions(etcd: aetcd.Client, fn: _naming.FunctionType) -> tuple[int, str] | None:
+async def fixed_partitions(etcd: aetcd.Client, fn: layout.FunctionType) -> tuple[int, str] | None:
     """The partition count this function's data already uses, and where that comes from; None if free.
 
     A registered function's count is in its registration. A function deleted with its data kept
@@ -41,13 +41,13 @@ async def fixed_partitions(etcd: aetcd.Client, fn: _naming.FunctionType) -> tupl
     return None
 
 
-def _check(fn: _naming.FunctionType, fixed: tuple[int, str] | None, partitions: int) -> None:
+def _check(fn: layout.FunctionType, fixed: tuple[int, str] | None, partitions: int) -> None:
     if fixed is not None and fixed[0] != partitions:
         raise PartitionMismatch(f"{fn} {fixed[1]} {fixed[0]} partitions; the partition count is fixed at creation "
                                 f"(asked for {partitions})")
 
 
-async def ensure_stream(js: JetStreamContext, fn: _naming.FunctionType, *, replicas: int = 1) -> None:
+async def ensure_stream(js: JetStreamContext, fn: layout.FunctionType, *, replicas: int = 1) -> None:
     """WorkQueue retention: a message stays until its partition's owner acks it, then it is gone.
 
     Created if missing, never changed: in a cluster the operator creates it first, with as many
@@ -73,11 +73,11 @@ async def ensure_stream(js: JetStreamContext, fn: _naming.FunctionType, *, repli
 async def ensure_dlq_stream(js: JetStreamContext, *, replicas: int = 1) -> None:
     """Dead letters are kept until replayed or deleted (limits retention, no expiry)."""
     try:
-        await js.stream_info(_constants.DLQ_STREAM)
+        await js.stream_info(constants.DLQ_STREAM)
     except nats.js.errors.NotFoundError:
         await js.add_stream(api.StreamConfig(
-            name=_constants.DLQ_STREAM,
-            subjects=[f"{_constants.SUBJECT_ROOT}.*.*.{_constants.DLQ_TOKEN}"],
+            name=constants.DLQ_STREAM,
+            subjects=[f"{constants.SUBJECT_ROOT}.*.*.{constants.DLQ_TOKEN}"],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
             allow_direct=True,
@@ -86,7 +86,7 @@ async def ensure_dlq_stream(js: JetStreamContext, *, replicas: int = 1) -> None:
         ))
 
 
-async def ensure_consumers(js: JetStreamContext, fn: _naming.FunctionType, partitions: int,
+async def ensure_consumers(js: JetStreamContext, fn: layout.FunctionType, partitions: int,
                            *, ack_wait: float, max_ack_pending: int) -> None:
     for p in range(partitions):
         name = fn.consumer_name(p)
@@ -107,7 +107,7 @@ def max_ack_pending(batch_size: int) -> int:
     return max(batch_size * 4, 256)
 
 
-async def reserve(etcd: aetcd.Client, fn: _naming.FunctionType, partitions: int) -> None:
+async def reserve(etcd: aetcd.Client, fn: layout.FunctionType, partitions: int) -> None:
     """Fix the partition count before any pod runs (the operator's registration).
 
     Creates the registration if absent and leaves an existing one alone, so a running sidecar's
@@ -127,7 +127,7 @@ async def reserve(etcd: aetcd.Client, fn: _naming.FunctionType, partitions: int)
         _check(fn, (int(json.loads(resp[0][0][0])["partitions"]), "was created with"), partitions)
 
 
-async def remove(js: JetStreamContext, etcd: aetcd.Client, fn: _naming.FunctionType, *, delete_data: bool) -> None:
+async def remove(js: JetStreamContext, etcd: aetcd.Client, fn: layout.FunctionType, *, delete_data: bool) -> None:
     """Deregister a function; with ``delete_data`` also drop its stream (queued messages) and state.
 
     Without, the partition count stays behind (``fixed_partitions``): the data kept is laid out by it.
@@ -146,7 +146,7 @@ async def remove(js: JetStreamContext, etcd: aetcd.Client, fn: _naming.FunctionT
     _log.info("removed %s%s", fn, " with its stream and state" if delete_data else "")
 
 
-async def lag(js: JetStreamContext, fn: _naming.FunctionType) -> int:
+async def lag(js: JetStreamContext, fn: layout.FunctionType) -> int:
     """Messages not yet processed: pending delivery plus delivered-but-unacked, over all partitions.
 
     One request per function (the consumer list), however many partitions it has.
@@ -161,7 +161,7 @@ async def lag(js: JetStreamContext, fn: _naming.FunctionType) -> int:
         offset += len(page)
 
 
-async def register(etcd: aetcd.Client, fn: _naming.FunctionType, description: dict[str, Any],
+async def register(etcd: aetcd.Client, fn: layout.FunctionType, description: dict[str, Any],
                    partitions: int | None) -> int:
     """Publish the function's metadata; returns the partition count in force."""
     key = fn.meta_key.encode()
@@ -169,7 +169,7 @@ async def register(etcd: aetcd.Client, fn: _naming.FunctionType, description: di
     fixed = await fixed_partitions(etcd, fn)
     if partitions is not None:
         _check(fn, fixed, partitions)
-    wanted = partitions or (fixed[0] if fixed else _constants.DEFAULT_PARTITIONS)
+    wanted = partitions or (fixed[0] if fixed else constants.DEFAULT_PARTITIONS)
     meta = dict(description, partitions=wanted)
     ok, resp = await etcd.transaction(
         compare=[t.version(key) == 0],
@@ -188,14 +188,14 @@ async def register(etcd: aetcd.Client, fn: _naming.FunctionType, description: di
     return count
 
 
-async def provision(js: JetStreamContext, etcd: aetcd.Client, fn: _naming.FunctionType,
+async def provision(js: JetStreamContext, etcd: aetcd.Client, fn: layout.FunctionType,
                     description: dict[str, Any], partitions: int | None, *, ack_wait: float,
                     batch_size: int) -> int:
     """Stream and consumers first, then the registration that tells clients where to publish."""
     await ensure_stream(js, fn)
     await ensure_dlq_stream(js)
     fixed = await fixed_partitions(etcd, fn)
-    count = fixed[0] if fixed else partitions or _constants.DEFAULT_PARTITIONS
+    count = fixed[0] if fixed else partitions or constants.DEFAULT_PARTITIONS
     await ensure_consumers(js, fn, count, ack_wait=ack_wait, max_ack_pending=max_ack_pending(batch_size))
     return await register(etcd, fn, description, partitions)
 
@@ -213,9 +213,9 @@ class Router:
     async def partitions(self, function: str) -> int:
         count = self._counts.get(function)
         if count is None:
-            fn = _naming.FunctionType.parse(function)
+            fn = layout.FunctionType.parse(function)
             got = await self._etcd.get(fn.meta_key.encode())
             if got is None:
-                raise _errors.UnknownFunction(f"unknown function {function}: no sidecar has registered it")
+                raise errors.UnknownFunction(f"unknown function {function}: no sidecar has registered it")
             count = self._counts[function] = int(json.loads(got.value)["partitions"])
         return count

@@ -13,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from statefn import _codec, _envelope, _wire
+from statefn_core import codec, envelope, wire
 
 
 @dataclasses.dataclass(slots=True)
 class StagedSend:
     function: str
     partition: int
-    message: _envelope.Message
+    message: envelope.Message
     due_ms: int = 0  # a delayed send: due then, as a timer, once committed
 
     def to_plain(self) -> list[Any]:
@@ -29,7 +29,7 @@ class StagedSend:
     @classmethod
     def from_plain(cls, raw: list[Any]) -> StagedSend:
         function, partition, plain, due_ms = raw
-        return cls(function, partition, _envelope.Message.from_plain(plain), due_ms)
+        return cls(function, partition, envelope.Message.from_plain(plain), due_ms)
 
 
 @dataclasses.dataclass(slots=True)
@@ -37,7 +37,7 @@ class Prepared:
     """What a participant staged for its transaction; the key is locked while it exists."""
 
     key: str
-    tx: _wire.TxInfo
+    tx: wire.TxInfo
     state: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
     sends: list[StagedSend] = dataclasses.field(default_factory=list)
     timer: bytes = b""  # the inquiry timer armed for it ("" until its commit arms one)
@@ -57,28 +57,28 @@ class Prepared:
         return out
 
     def encode(self) -> bytes:
-        return _codec.pack([self.key, self.tx.to_plain(), self.state, [s.to_plain() for s in self.sends],
+        return codec.pack([self.key, self.tx.to_plain(), self.state, [s.to_plain() for s in self.sends],
                             self.timer])
 
     @classmethod
     def decode(cls, data: bytes) -> Prepared:
-        key, tx, state, sends, timer = _codec.unpack(data)
-        info = _wire.TxInfo.from_plain(tx)
+        key, tx, state, sends, timer = codec.unpack(data)
+        info = wire.TxInfo.from_plain(tx)
         assert info is not None
         return cls(key, info, dict(state), [StagedSend.from_plain(s) for s in sends], timer)
 
     @property
     def size(self) -> int:
         return sum(len(v or b"") + len(k) for k, v in self.state.items()) + sum(
-            len(_codec.pack(s.to_plain())) for s in self.sends) + 256
+            len(codec.pack(s.to_plain())) for s in self.sends) + 256
 
 
 def timer_payload_inquire(key: str, tx_id: str) -> bytes:
     """Fires while the key is still prepared for ``tx_id``: ask the coordinator, then wait again."""
-    return _codec.pack(["inquire", key, tx_id])
+    return codec.pack(["inquire", key, tx_id])
 
 
-def wait_die(requester: _wire.TxInfo, holder: _wire.TxInfo) -> bool:
+def wait_die(requester: wire.TxInfo, holder: wire.TxInfo) -> bool:
     """Whether the requester may wait for the holder's lock: only an older transaction waits, a younger one dies.
 
     Waits then only ever go from older to younger, so no cycle of waits (a deadlock) can form.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from statefn import _codec, _constants, _wire
+from statefn_core import codec, constants, wire
 
 
 @dataclasses.dataclass(slots=True)
@@ -19,7 +19,7 @@ class Message:
     key: str
     handler: str
     args: dict[str, Any]
-    origin: str = _constants.ORIGIN_CLIENT
+    origin: str = constants.ORIGIN_CLIENT
     traceparent: str | None = None
     reply_to: str | None = None
     idempotency_key: str | None = None
@@ -27,7 +27,7 @@ class Message:
     # A durable call: where its reply goes, as a RESPONSE_HANDLER message on a channel.
     caller: CallerAddress | None = None
     # A transaction's prepare (runs tentatively), decision or inquiry: the transaction it belongs to.
-    tx: _wire.TxInfo | None = None
+    tx: wire.TxInfo | None = None
     # An invocation run again after its transaction died: that transaction's age, which its next
     # transactions keep, so under wait-die it only gets older and cannot starve.
     tx_age: float | None = None
@@ -39,7 +39,7 @@ class Message:
 
     @property
     def is_response(self) -> bool:
-        return self.handler == _constants.RESPONSE_HANDLER
+        return self.handler == constants.RESPONSE_HANDLER
 
     @classmethod
     def from_plain(cls, raw: list[Any]) -> Message:
@@ -47,7 +47,7 @@ class Message:
         if len(raw) > 8 and raw[8]:
             msg.caller = CallerAddress(*raw[8])
         if len(raw) > 9:
-            msg.tx = _wire.TxInfo.from_plain(raw[9])
+            msg.tx = wire.TxInfo.from_plain(raw[9])
         if len(raw) > 10:
             msg.tx_age = raw[10]
         return msg
@@ -55,7 +55,7 @@ class Message:
     @property
     def is_tx_control(self) -> bool:
         """A decision or an inquiry: handled by the sidecar itself, past any lock on the key."""
-        return self.handler in _constants.TX_CONTROL_HANDLERS
+        return self.handler in constants.TX_CONTROL_HANDLERS
 
     @property
     def is_prepare(self) -> bool:
@@ -80,7 +80,7 @@ class CallerAddress:
 
 
 def response_message(caller: CallerAddress, reply: Reply, *, origin: str, traceparent: str | None,
-                     prepared: tuple[str, str, _wire.TxInfo] | None = None) -> Message:
+                     prepared: tuple[str, str, wire.TxInfo] | None = None) -> Message:
     """The message that carries a call's reply (or error) back to the waiting caller.
 
     A participant's yes vote names the prepared participant (function, key, transaction), so a
@@ -90,11 +90,11 @@ def response_message(caller: CallerAddress, reply: Reply, *, origin: str, tracep
     if prepared is not None:
         function, key, tx = prepared
         args["prepared"] = [function, key, tx.to_plain()]
-    return Message(key=caller.key, handler=_constants.RESPONSE_HANDLER, args=args, origin=origin,
+    return Message(key=caller.key, handler=constants.RESPONSE_HANDLER, args=args, origin=origin,
                    traceparent=traceparent)
 
 
-def tx_control_message(handler: str, tx: _wire.TxInfo, key: str, *, origin: str, traceparent: str | None,
+def tx_control_message(handler: str, tx: wire.TxInfo, key: str, *, origin: str, traceparent: str | None,
                        args: dict[str, Any] | None = None) -> Message:
     """A decision (``~commit``/``~abort``) to a participant's key, or an ``~inquire`` to the coordinator's."""
     return Message(key=key, handler=handler, args=args or {}, origin=origin, traceparent=traceparent, tx=tx)
@@ -102,26 +102,26 @@ def tx_control_message(handler: str, tx: _wire.TxInfo, key: str, *, origin: str,
 
 # What an idempotency record holds while its invocation waits (suspended at a call, or queued
 # behind one): a copy that arrives meanwhile is a duplicate, answered when the invocation ends.
-PENDING_RECORD = _codec.pack("~pending")
+PENDING_RECORD = codec.pack("~pending")
 
 
 def encode_invoke(msg: Message) -> tuple[bytes, dict[str, str]]:
     headers = {
-        _constants.HEADER_KIND: _constants.KIND_INVOKE,
-        _constants.HEADER_ORIGIN: msg.origin,
-        _constants.HEADER_ATTEMPT: str(msg.attempt),
+        constants.HEADER_KIND: constants.KIND_INVOKE,
+        constants.HEADER_ORIGIN: msg.origin,
+        constants.HEADER_ATTEMPT: str(msg.attempt),
     }
     if msg.traceparent:
-        headers[_constants.HEADER_TRACEPARENT] = msg.traceparent
+        headers[constants.HEADER_TRACEPARENT] = msg.traceparent
     if msg.reply_to:
-        headers[_constants.HEADER_REPLY_TO] = msg.reply_to
-    return _codec.pack({"k": msg.key, "h": msg.handler, "a": msg.args, "i": msg.idempotency_key}), headers
+        headers[constants.HEADER_REPLY_TO] = msg.reply_to
+    return codec.pack({"k": msg.key, "h": msg.handler, "a": msg.args, "i": msg.idempotency_key}), headers
 
 
 def decode_invoke(body: bytes, headers: dict[str, str] | None) -> Message:
     """Raises CodecError (undecodable) or KeyError/TypeError (malformed) on bad input."""
     headers = headers or {}
-    raw = _codec.unpack(body)
+    raw = codec.unpack(body)
     if not isinstance(raw, dict) or not isinstance(raw.get("k"), str) or not isinstance(raw.get("h"), str):
         raise TypeError("invocation body must be a map with string 'k' (key) and 'h' (handler)")
     args = raw.get("a") or {}
@@ -131,11 +131,11 @@ def decode_invoke(body: bytes, headers: dict[str, str] | None) -> Message:
         key=raw["k"],
         handler=raw["h"],
         args=args,
-        origin=headers.get(_constants.HEADER_ORIGIN, _constants.ORIGIN_CLIENT),
-        traceparent=headers.get(_constants.HEADER_TRACEPARENT),
-        reply_to=headers.get(_constants.HEADER_REPLY_TO),
+        origin=headers.get(constants.HEADER_ORIGIN, constants.ORIGIN_CLIENT),
+        traceparent=headers.get(constants.HEADER_TRACEPARENT),
+        reply_to=headers.get(constants.HEADER_REPLY_TO),
         idempotency_key=raw.get("i"),
-        attempt=int(headers.get(_constants.HEADER_ATTEMPT, "1")),
+        attempt=int(headers.get(constants.HEADER_ATTEMPT, "1")),
     )
 
 
@@ -153,11 +153,11 @@ class Bundle:
 
 
 def encode_bundle(bundle: Bundle) -> bytes:
-    return _codec.pack({"c": bundle.sender, "n": bundle.seq, "m": [m.to_plain() for m in bundle.messages]})
+    return codec.pack({"c": bundle.sender, "n": bundle.seq, "m": [m.to_plain() for m in bundle.messages]})
 
 
 def decode_bundle(body: bytes) -> Bundle:
-    raw = _codec.unpack(body)
+    raw = codec.unpack(body)
     return Bundle(sender=raw["c"], seq=raw["n"], messages=[Message.from_plain(m) for m in raw["m"]])
 
 
@@ -167,12 +167,12 @@ class Reply:
 
     ok: bool
     value: bytes | None = None
-    error: _wire.ErrorInfo | None = None
+    error: wire.ErrorInfo | None = None
 
     def encode(self) -> bytes:
-        return _codec.pack([self.ok, self.value, dataclasses.astuple(self.error) if self.error else None])
+        return codec.pack([self.ok, self.value, dataclasses.astuple(self.error) if self.error else None])
 
     @classmethod
     def decode(cls, data: bytes) -> Reply:
-        ok, value, err = _codec.unpack(data)
-        return cls(ok=ok, value=value, error=_wire.ErrorInfo(*err) if err else None)
+        ok, value, err = codec.unpack(data)
+        return cls(ok=ok, value=value, error=wire.ErrorInfo(*err) if err else None)

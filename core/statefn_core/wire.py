@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from statefn import _codec
+from statefn_core import codec
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -127,7 +127,7 @@ class BatchResponse:
 
 
 def encode_request(req: BatchRequest) -> bytes:
-    return _codec.pack(
+    return codec.pack(
         {
             "max_state_bytes": req.max_state_bytes,
             "keys": [
@@ -139,7 +139,7 @@ def encode_request(req: BatchRequest) -> bytes:
 
 
 def decode_request(data: bytes) -> BatchRequest:
-    raw = _codec.unpack(data)
+    raw = codec.unpack(data)
     return BatchRequest(
         max_state_bytes=raw["max_state_bytes"],
         keys=[
@@ -179,8 +179,8 @@ def _result_from_plain(raw: list[Any]) -> Result:
 
 
 def encode_response(resp: BatchResponse) -> bytes:
-    return _codec.pack([[_result_to_plain(r) for r in rs] for rs in resp.results])
+    return codec.pack([[_result_to_plain(r) for r in rs] for rs in resp.results])
 
 
 def decode_response(data: bytes) -> BatchResponse:
-    return BatchResponse(results=[[_result_from_plain(r) for r in rs] for rs in _codec.unpack(data)])
+    return BatchResponse(results=[[_result_from_plain(r) for r in rs] for rs in codec.unpack(data)])

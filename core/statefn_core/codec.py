@@ -12,7 +12,7 @@ import msgpack
 import pydantic
 import pydantic_core
 
-from statefn import _errors
+from statefn_core import errors
 
 T = TypeVar("T")
 
@@ -22,14 +22,14 @@ def pack(value: Any) -> bytes:
     try:
         return msgpack.packb(value, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
-        raise _errors.CodecError(f"cannot encode {type(value).__name__} with msgpack: {exc}") from exc
+        raise errors.CodecError(f"cannot encode {type(value).__name__} with msgpack: {exc}") from exc
 
 
 def unpack(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise _errors.CodecError(f"undecodable msgpack payload: {exc}") from exc
+        raise errors.CodecError(f"undecodable msgpack payload: {exc}") from exc
 
 
 _ADAPTERS: dict[Any, pydantic.TypeAdapter[Any]] = {}
@@ -50,7 +50,7 @@ def to_plain(value: Any) -> Any:
     try:
         return _adapter(type(value)).dump_python(value, mode="python")
     except pydantic.PydanticSchemaGenerationError as exc:
-        raise _errors.CodecError(f"cannot encode values of type {type(value).__name__}") from exc
+        raise errors.CodecError(f"cannot encode values of type {type(value).__name__}") from exc
 
 
 class Codec(Generic[T]):
@@ -63,13 +63,13 @@ class Codec(Generic[T]):
         try:
             self._adapter = _adapter(tp)
         except pydantic.PydanticSchemaGenerationError as exc:
-            raise _errors.DefinitionError(f"type {tp!r} cannot be encoded: {exc}") from exc
+            raise errors.DefinitionError(f"type {tp!r} cannot be encoded: {exc}") from exc
 
     def encode(self, value: T) -> bytes:
         try:
             plain = self._adapter.dump_python(value, mode="python")
         except pydantic_core.PydanticSerializationError as exc:
-            raise _errors.CodecError(f"cannot encode {value!r} as {self.type!r}: {exc}") from exc
+            raise errors.CodecError(f"cannot encode {value!r} as {self.type!r}: {exc}") from exc
         return pack(plain)
 
     def decode(self, data: bytes) -> T:
@@ -79,4 +79,4 @@ class Codec(Generic[T]):
         try:
             return self._adapter.validate_python(plain)  # type: ignore[no-any-return]
         except pydantic.ValidationError as exc:
-            raise _errors.CodecError(f"stored value does not match {self.type!r}: {exc}") from exc
+            raise errors.CodecError(f"stored value does not match {self.type!r}: {exc}") from exc
