@@ -22,7 +22,7 @@ COPY sdk/ sdk/
 COPY sidecar/ sidecar/
 COPY operator/ operator/
 COPY cli/ cli/
-RUN /opt/statefn/bin/pip install . \
+RUN /opt/statefn/bin/pip install '.[all]' \
  && /opt/statefn/bin/statefn --help > /dev/null
 # The examples are importable as `examples.*` (e.g. `statefn serve examples.counter.app:app`).
 COPY examples/ /app/examples/

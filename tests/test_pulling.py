@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import time
 
 import nats
@@ -62,3 +63,26 @@ async def test_a_deleted_consumer_is_an_error(consumer) -> None:
     await js.delete_consumer(stream, "p")
     with pytest.raises(pulling.PullFailed, match="409"):
         await asyncio.wait_for(waiting, 3.0)
+
+
+def test_written_against_the_installed_nats_py() -> None:
+    """pulling.py uses nats-py's private attributes: a new nats-py must be checked against it first."""
+    installed = importlib.metadata.version("nats-py")
+    assert installed == pulling.NATS_PY_VERSION, (
+        f"nats-py {installed} is installed; statefn_sidecar/pulling.py was written against {pulling.NATS_PY_VERSION}. "
+        "Check that a PullSubscription still has _sub, _nc, _nms and _deliver, and its subscription _pending_queue "
+        "and _pending_size, with the same meaning; then update NATS_PY_VERSION.")
+
+
+async def test_what_a_stopping_owner_hands_back_is_taken_from_the_buffer(consumer) -> None:
+    js, psub, subject, _ = consumer
+    for i in range(3):
+        await js.publish(subject, str(i).encode())
+    # A long poll for more than is stored leaves its late deliveries in the subscription's buffer.
+    await psub._nc.publish(psub._nms, b'{"batch": 3, "no_wait": true}', psub._deliver)
+    await asyncio.sleep(0.3)
+    taken = pulling.take_buffered(psub)
+    assert [m.data for m in taken] == [b"0", b"1", b"2"]
+    assert psub.pending_msgs == 0
+    for m in taken:
+        await m.ack()

@@ -10,7 +10,6 @@ import typer
 
 from statefn_cli import common
 from statefn_core import constants
-from statefn_operator import runner, settings
 
 app = typer.Typer()
 
@@ -47,6 +46,8 @@ def operator_cmd(
         raise common.fail("give --all-namespaces or --namespace, not both")
     if (peering is None) == (not standalone):
         raise common.fail("give --peering NAME (leader election among replicas) or --standalone (one replica)")
+    with common.needs("operator"):
+        from statefn_operator import runner, settings
     common.setup_logging(verbose)
     cfg = settings.Settings(nats_url=nats_url, etcd_endpoint=etcd, sidecar_image=sidecar_image,
                             autoscale_interval=autoscale_interval, stream_replicas=stream_replicas,

@@ -12,7 +12,6 @@ from rich.table import Table
 
 import statefn
 from statefn_cli import common
-from statefn_sidecar import deadletters
 
 app = typer.Typer()
 state_app = typer.Typer(help="Read committed state.")
@@ -62,7 +61,7 @@ def invoke_cmd(
     args = _parse_args(arg or [], as_json)
 
     async def main() -> None:
-        async with statefn.Client(nats=nats_url, etcd=etcd, timeout=timeout) as client:
+        async with common.client(nats_url, etcd, timeout=timeout) as client:
             if no_wait:
                 _print_json({"invocation_id": await client.send(function, key, handler,
                                                                 idempotency_key=idempotency_key, **args)})
@@ -86,7 +85,7 @@ def state_get_cmd(
     """Print the committed state of one key."""
 
     async def main() -> None:
-        async with statefn.Client(nats=nats_url, etcd=etcd) as client:
+        async with common.client(nats_url, etcd) as client:
             await client.describe(function)  # an unknown function is an error, not empty state
             _print_json(await client.get_state(function, key))
 
@@ -101,9 +100,11 @@ def dlq_list_cmd(
     etcd: common.EtcdOpt = common.DEFAULT_ETCD,
 ) -> None:
     """List dead letters, oldest first."""
+    with common.needs("sidecar"):
+        from statefn_sidecar import deadletters
 
     async def main() -> None:
-        async with statefn.Client(nats=nats_url, etcd=etcd) as client:
+        async with common.client(nats_url, etcd) as client:
             letters = await deadletters.list_dead_letters(client.nats.jetstream(), function=function, limit=limit)
         table = Table(title=f"{len(letters)} dead letter(s)")
         for col in ("seq", "function", "key", "handler", "attempts", "error", "message", "failed at"):
@@ -137,9 +138,12 @@ def dlq_replay_cmd(
     if bool(seqs) == replay_all:
         raise common.fail("give dead letter sequence numbers, or --all")
 
+    with common.needs("sidecar"):
+        from statefn_sidecar import deadletters
+
     async def main() -> int:
         refused = 0
-        async with statefn.Client(nats=nats_url, etcd=etcd) as client:
+        async with common.client(nats_url, etcd) as client:
             js = client.nats.jetstream()
             if replay_all:
                 letters = await deadletters.list_dead_letters(js, function=function, limit=1_000_000)

@@ -1,4 +1,8 @@
-"""Long-running commands: sidecar, serve, gateway, dev."""
+"""Long-running commands: sidecar, serve, gateway, dev.
+
+Each imports its plane when it starts, so a function's image with only ``statefn[serve]`` runs
+``statefn serve`` without the data plane's dependencies.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,8 @@ from typing import Annotated
 import typer
 
 import statefn
-from statefn import _serve
 from statefn_cli import common
 from statefn_core import signals
-from statefn_sidecar import config, devservers, gateway, invoker, sidecar, tracing
 
 app = typer.Typer()
 
@@ -43,6 +45,9 @@ def sidecar_cmd(
     """Run the data plane for an app: take partitions, run invocations, commit them exactly once."""
     if (app_spec is None) == (remote is None):
         raise common.fail("give exactly one of --app MODULE:ATTR (embedded) or --remote URL (pod mode)")
+    with common.needs("sidecar"):
+        from statefn import _serve
+        from statefn_sidecar import config, invoker, sidecar
     common.setup_logging(verbose)
 
     async def main() -> None:
@@ -66,6 +71,9 @@ def serve_cmd(
     port: Annotated[int, typer.Option(envvar="STATEFN_PORT")] = 9000,
 ) -> None:
     """Serve an app's handlers to the sidecar next to it (pod mode)."""
+    with common.needs("serve"):
+        from statefn import _serve
+        from statefn_sidecar import tracing
     common.setup_logging(False)
     # Handlers run in their invocation's trace context; with OTEL_* set, the spans they start are exported.
     tracing.configure("statefn-function", install_global=True)
@@ -87,6 +95,8 @@ def gateway_cmd(
     port: Annotated[int, typer.Option(envvar="STATEFN_PORT")] = 8080,
 ) -> None:
     """The HTTP gateway for callers outside the platform."""
+    with common.needs("sidecar"):
+        from statefn_sidecar import gateway
     common.setup_logging(False)
     common.run(gateway.run_gateway(nats_url, etcd, host, port))
 
@@ -98,6 +108,9 @@ def dev_cmd(
     partitions: int = 4,
 ) -> None:
     """Everything local in one command: nats-server, etcd, a sidecar running the app, the gateway."""
+    with common.needs("sidecar"):
+        from statefn import _serve
+        from statefn_sidecar import config, devservers, gateway, invoker, sidecar, tracing
     common.setup_logging(False)
     traced = tracing.configure("statefn-dev", install_global=True)
 

@@ -7,6 +7,7 @@ the platform) reported, with a machine-readable ``kind``.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 
@@ -42,17 +43,27 @@ class CodecError(StatefnError, TypeError):
     """A value cannot be encoded or decoded with msgpack and its declared type."""
 
 
-# Error kinds carried on the wire (replies, dead letters, HTTP mapping in the gateway).
-KIND_HANDLER = "handler_error"
-KIND_RETRIES_EXHAUSTED = "retries_exhausted"
-KIND_UNKNOWN_HANDLER = "unknown_handler"
-KIND_UNKNOWN_FUNCTION = "unknown_function"
-KIND_INVALID_ARGUMENT = "invalid_argument"
-KIND_STATE_TOO_LARGE = "state_too_large"
-KIND_UNDECODABLE = "undecodable"
-KIND_CALL_TIMEOUT = "call_timeout"  # a durable call's reply did not arrive within its timeout
-KIND_TX_CONFLICT = "tx_conflict"    # wait-die: an older transaction holds the participant's key
-KIND_TX_TIMEOUT = "tx_timeout"      # a participant's vote did not arrive within the transaction's timeout
+class ErrorKind(enum.StrEnum):
+    """Why an invocation failed, as every caller sees it.
+
+    It is ``kind`` on :class:`CallFailed` and :class:`InvocationFailed`, ``error.kind`` in the
+    gateway's answers and in dead letters. Members are strings, so ``exc.kind ==
+    ErrorKind.CALL_TIMEOUT`` and ``exc.kind == "call_timeout"`` say the same; a kind this version
+    does not know (from a newer peer) still arrives, as a plain string.
+    """
+
+    HANDLER = "handler_error"                # the handler raised (not statefn.Retry)
+    RETRIES_EXHAUSTED = "retries_exhausted"  # it raised statefn.Retry on every attempt
+    UNKNOWN_HANDLER = "unknown_handler"
+    UNKNOWN_FUNCTION = "unknown_function"
+    INVALID_ARGUMENT = "invalid_argument"    # the arguments do not match the handler's signature
+    STATE_TOO_LARGE = "state_too_large"      # a state value, or all its effects, over the limits
+    UNDECODABLE = "undecodable"              # the message itself could not be read
+    CALL_TIMEOUT = "call_timeout"            # a durable call's reply did not arrive within its timeout
+    TX_CONFLICT = "tx_conflict"              # wait-die: an older transaction holds the participant's key
+    TX_TIMEOUT = "tx_timeout"                # a participant's vote did not arrive within the transaction's timeout
+    PAYLOAD_TOO_LARGE = "payload_too_large"  # the request is larger than NATS (or the gateway) accepts
+    TIMEOUT = "timeout"                      # the caller stopped waiting (the gateway's 504); it may still run
 
 
 class InvocationFailed(StatefnError):

@@ -45,14 +45,14 @@ async def _invoke_one(
     spec = fn.handlers.get(inv.handler)
     if spec is None:
         return wire.Result(id=inv.id, error=_error(
-            errors.KIND_UNKNOWN_HANDLER,
+            errors.ErrorKind.UNKNOWN_HANDLER,
             f"{fn.type} has no handler {inv.handler!r}; known handlers: {', '.join(sorted(fn.handlers))}",
         ))
     try:
         args = spec.args_model.model_validate(inv.args)
     except pydantic.ValidationError as exc:
         return wire.Result(id=inv.id, error=_error(
-            errors.KIND_INVALID_ARGUMENT, f"{fn.type}.{inv.handler}: {_validation_message(exc)}"))
+            errors.ErrorKind.INVALID_ARGUMENT, f"{fn.type}.{inv.handler}: {_validation_message(exc)}"))
     ctx = _context.Context(function=str(fn.type), key=key, specs=fn.states, stored=stored,
                            invocation_id=inv.id, attempt=inv.attempt, journal=inv.journal, participant=inv.prepare,
                            tx_age=inv.tx_age)
@@ -68,9 +68,9 @@ async def _invoke_one(
         return wire.Result(id=inv.id, call=ctx._pending_call, sends=ctx._sends[inv.sends_done:],
                             journal_added=ctx._recorded, transactions=ctx._decided)
     except errors.Retry as exc:
-        return _failed(ctx, inv, _error(errors.KIND_HANDLER, exc, retry=True, after=exc.after))
+        return _failed(ctx, inv, _error(errors.ErrorKind.HANDLER, exc, retry=True, after=exc.after))
     except errors.StateTooLarge as exc:
-        return _failed(ctx, inv, _error(errors.KIND_STATE_TOO_LARGE, exc))
+        return _failed(ctx, inv, _error(errors.ErrorKind.STATE_TOO_LARGE, exc))
     except errors.TransactionAborted as exc:
         # Restartable: run again from scratch by the sidecar once the key is unlocked; else terminal. The
         # transaction it gave way to is usually decided already, its decision on the way: try again soon.
@@ -79,7 +79,7 @@ async def _invoke_one(
                                                  retry=ctx._restartable(exc), retry_after=after))
     except Exception as exc:
         _log.warning("%s(%r).%s failed (attempt %d)", fn.type, key, inv.handler, inv.attempt, exc_info=exc)
-        return _failed(ctx, inv, _error(errors.KIND_HANDLER, exc))
+        return _failed(ctx, inv, _error(errors.ErrorKind.HANDLER, exc))
     return wire.Result(id=inv.id, reply=reply, state=changes, sends=ctx._sends[inv.sends_done:],
                         transactions=ctx._decided)
 
@@ -98,7 +98,7 @@ async def _run_key(app: _function.App, req: wire.KeyRequest, max_state_bytes: in
     fn = app.functions.get(req.function)
     if fn is None:
         msg = f"this app does not serve {req.function}; it serves: {', '.join(sorted(app.functions))}"
-        return [wire.Result(id=i.id, error=_error(errors.KIND_UNKNOWN_FUNCTION, msg)) for i in req.invocations]
+        return [wire.Result(id=i.id, error=_error(errors.ErrorKind.UNKNOWN_FUNCTION, msg)) for i in req.invocations]
     stored = dict(req.state)
     results: list[wire.Result] = []
     locked = False

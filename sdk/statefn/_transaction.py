@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 PREPARE = "tx.prepare"
 COMMIT = "tx.commit"
 ABORT = "tx.abort"
-_ABORTED_KINDS = frozenset({errors.KIND_TX_CONFLICT, errors.KIND_TX_TIMEOUT})
+_ABORTED_KINDS = frozenset({errors.ErrorKind.TX_CONFLICT, errors.ErrorKind.TX_TIMEOUT})
 
 
 class Transaction:

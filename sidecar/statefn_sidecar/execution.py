@@ -123,7 +123,7 @@ class Executor:
                 oc.sends.append(planner.Send(target, item.message))
             elif item.kind is items.Kind.DEAD:
                 assert item.dead is not None
-                err = wire.ErrorInfo(kind=errors.KIND_UNDECODABLE,
+                err = wire.ErrorInfo(kind=errors.ErrorKind.UNDECODABLE,
                                       message=f"cannot decode the message: {item.dead['reason']}")
                 oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
         return outcomes, later
@@ -174,7 +174,7 @@ class Executor:
                     await self._suspend(oc, key, result, partition)
                     return
             except (errors.UnknownFunction, errors.InvalidFunctionType) as exc:
-                err = wire.ErrorInfo(kind=errors.KIND_UNKNOWN_FUNCTION, message=str(exc))
+                err = wire.ErrorInfo(kind=errors.ErrorKind.UNKNOWN_FUNCTION, message=str(exc))
             else:
                 oc.reply = envelope.Reply(ok=True, value=result.reply)
                 if item.message.is_prepare:
@@ -182,7 +182,7 @@ class Executor:
                 else:
                     oc.state = {(key, name): value for name, value in result.state.items()}
                 return
-        restart = err.kind in (errors.KIND_TX_CONFLICT, errors.KIND_TX_TIMEOUT)  # only ever with retry set
+        restart = err.kind in (errors.ErrorKind.TX_CONFLICT, errors.ErrorKind.TX_TIMEOUT)  # only ever with retry set
         if err.retry and item.message.attempt < self.policy.max_attempts:
             after = err.retry_after if err.retry_after is not None else self.policy.backoff(item.message.attempt)
             oc.retry_at_ms = int((time.time() + after) * 1000)
@@ -194,7 +194,7 @@ class Executor:
             return
         if err.retry:
             err = wire.ErrorInfo(
-                kind=errors.KIND_RETRIES_EXHAUSTED, type=err.type,
+                kind=errors.ErrorKind.RETRIES_EXHAUSTED, type=err.type,
                 message=f"gave up after {item.message.attempt} attempts: {err.message}")
         oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
         await self._add_decisions(oc, key, result)

@@ -25,14 +25,14 @@ from statefn_core import codec, errors, layout, signals
 from statefn_sidecar import metrics, tracing
 
 _META_TTL_S = 5.0
-_STATUS_BY_KIND = {
-    errors.KIND_INVALID_ARGUMENT: 400,
-    errors.KIND_UNDECODABLE: 400,
-    errors.KIND_UNKNOWN_HANDLER: 404,
-    errors.KIND_UNKNOWN_FUNCTION: 404,
-    errors.KIND_STATE_TOO_LARGE: 413,
-    errors.KIND_HANDLER: 500,
-    errors.KIND_RETRIES_EXHAUSTED: 500,
+_STATUS_BY_KIND: dict[str, int] = {
+    errors.ErrorKind.INVALID_ARGUMENT: 400,
+    errors.ErrorKind.UNDECODABLE: 400,
+    errors.ErrorKind.UNKNOWN_HANDLER: 404,
+    errors.ErrorKind.UNKNOWN_FUNCTION: 404,
+    errors.ErrorKind.STATE_TOO_LARGE: 413,
+    errors.ErrorKind.HANDLER: 500,
+    errors.ErrorKind.RETRIES_EXHAUSTED: 500,
 }
 # Request-scoped: the function the path named, once known to exist.
 _FUNCTION: web.RequestKey[str] = web.RequestKey("function", str)
@@ -69,7 +69,7 @@ async def _meta(request: web.Request, function: str) -> dict[str, Any] | web.Res
         meta = await request.app[CLIENT_KEY].describe(function, refresh=True)
     except errors.UnknownFunction:
         known = ", ".join(str(m["type"]) for m in await _functions(request)) or "none"
-        return _error(404, errors.KIND_UNKNOWN_FUNCTION, f"unknown function {function}; known functions: {known}")
+        return _error(404, errors.ErrorKind.UNKNOWN_FUNCTION, f"unknown function {function}; known functions: {known}")
     cache[function] = (time.monotonic(), meta)
     return meta
 
@@ -80,7 +80,7 @@ async def _resolve(request: web.Request) -> tuple[str, dict[str, Any]] | web.Res
     try:
         layout.FunctionType.parse(function)
     except errors.InvalidFunctionType as exc:
-        return _error(404, errors.KIND_UNKNOWN_FUNCTION, str(exc))
+        return _error(404, errors.ErrorKind.UNKNOWN_FUNCTION, str(exc))
     meta = await _meta(request, function)
     return meta if isinstance(meta, web.Response) else (function, meta)
 
@@ -136,19 +136,19 @@ async def _invoke(request: web.Request, traceparent: str | None) -> web.Response
     # unknown here, so the invocation goes through and the sidecar that wakes up validates it.
     described = meta.get("described", True)
     if described and handler not in handlers:
-        return _error(404, errors.KIND_UNKNOWN_HANDLER,
+        return _error(404, errors.ErrorKind.UNKNOWN_HANDLER,
                       f"{function} has no handler {handler!r}; known handlers: {', '.join(sorted(handlers))}")
     raw = await request.read()
     try:
         args = json.loads(raw) if raw.strip() else {}
     except ValueError as exc:
-        return _error(400, errors.KIND_INVALID_ARGUMENT, f"the body is not JSON: {exc}")
+        return _error(400, errors.ErrorKind.INVALID_ARGUMENT, f"the body is not JSON: {exc}")
     if not isinstance(args, dict):
-        return _error(400, errors.KIND_INVALID_ARGUMENT,
+        return _error(400, errors.ErrorKind.INVALID_ARGUMENT,
                       f"the body must be a JSON object of {handler}'s arguments, not {type(args).__name__}")
     problem = _schema_errors(handlers[handler]["parameters"], args) if handler in handlers else None
     if problem:
-        return _error(400, errors.KIND_INVALID_ARGUMENT, f"{function}.{handler}: {problem}")
+        return _error(400, errors.ErrorKind.INVALID_ARGUMENT, f"{function}.{handler}: {problem}")
     client = request.app[CLIENT_KEY]
     idem = request.headers.get("Idempotency-Key") or uuid.uuid4().hex
     try:
@@ -158,9 +158,9 @@ async def _invoke(request: web.Request, traceparent: str | None) -> web.Response
         reply = await client.invoke_raw(function, key, handler, args=args, idempotency_key=idem,
                                         traceparent=traceparent)
     except errors.PayloadTooLarge as exc:
-        return _error(413, "payload_too_large", str(exc))
+        return _error(413, errors.ErrorKind.PAYLOAD_TOO_LARGE, str(exc))
     except errors.InvocationTimeout as exc:
-        return _error(504, "timeout", str(exc))
+        return _error(504, errors.ErrorKind.TIMEOUT, str(exc))
     if not reply.ok:
         assert reply.error is not None
         return _error(_STATUS_BY_KIND.get(reply.error.kind, 500), reply.error.kind, reply.error.message)
@@ -239,7 +239,8 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         return response
     except web.HTTPRequestEntityTooLarge:
         limit = request.app._client_max_size
-        return _error(413, "payload_too_large", f"the request body is larger than the gateway accepts ({limit} bytes)")
+        return _error(413, errors.ErrorKind.PAYLOAD_TOO_LARGE,
+                      f"the request body is larger than the gateway accepts ({limit} bytes)")
 
 
 def build_app(client: statefn.Client) -> web.Application:

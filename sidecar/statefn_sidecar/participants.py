@@ -28,7 +28,7 @@ def die(oc: planner.Outcome, fn: layout.FunctionType) -> None:
     msg = oc.item.message
     assert msg is not None and msg.tx is not None
     oc.reply = envelope.Reply(ok=False, error=wire.ErrorInfo(
-        kind=errors.KIND_TX_CONFLICT,
+        kind=errors.ErrorKind.TX_CONFLICT,
         message=f"{fn}({msg.key!r}) is held by an older transaction; the younger one gives way (wait-die)"))
     oc.tx_event = "died"
 

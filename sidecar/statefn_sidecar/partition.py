@@ -187,8 +187,7 @@ class PartitionWorker:
             return
         await asyncio.sleep(self._cfg.fetch_timeout + 0.05)
         handed_back = 0
-        while self._psub.pending_msgs:
-            msg = await self._psub._sub.next_msg(timeout=0.1)
+        for msg in pulling.take_buffered(self._psub):
             if msg.reply and msg.reply.startswith("$JS.ACK."):
                 await msg.nak()
                 handed_back += 1

@@ -177,7 +177,7 @@ class Planner:
                 txn, eff, pending_sends = commit.Txn(), Effects(), {}
             if not txn.fits(ops - reserved_ops, size - reserved_bytes, compares):
                 err = wire.ErrorInfo(
-                    kind=errors.KIND_STATE_TOO_LARGE,
+                    kind=errors.ErrorKind.STATE_TOO_LARGE,
                     message=f"the effects of this invocation ({ops} writes, {size} bytes) exceed etcd's "
                             f"transaction limits ({commit.MAX_OPS} writes, {commit.MAX_BYTES} bytes)",
                 )
@@ -354,7 +354,7 @@ class Planner:
         if record.sleeping:  # ctx.sleep: the timer's answer is what it waits for
             reply = envelope.Reply(ok=True, value=None)
         else:
-            kind = errors.KIND_TX_TIMEOUT if record.tx is not None else errors.KIND_CALL_TIMEOUT
+            kind = errors.ErrorKind.TX_TIMEOUT if record.tx is not None else errors.ErrorKind.CALL_TIMEOUT
             what = "vote" if record.tx is not None else "reply"
             reply = envelope.Reply(ok=False, error=wire.ErrorInfo(
                 kind=kind, message=f"no {what} within the timeout of {record.timeout:g}s"))

@@ -15,6 +15,11 @@ So this asks twice, each time for what the server can answer completely:
 
 Both use the subscription nats-py set up (its inbox and the consumer's next-message subject),
 so messages a previous request delivered late still come from the same buffer first.
+
+This is the one module that touches nats-py's private attributes (a pull subscription's
+``_sub``, ``_nc``, ``_nms`` and ``_deliver``, and the subscription's ``_pending_queue`` and
+``_pending_size``), written against the version pinned as ``NATS_PY_VERSION``;
+``tests/test_pulling.py`` fails on any other version until this module is checked against it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
+NATS_PY_VERSION = "2.16.0"
 # A no_wait request ends with 404 (nothing more now); a long poll with 408 when it expires. A status of
 # the other kind, or a 408 long before our own request could expire, answers an earlier request whose
 # fetch had already returned: skipped, or it would end this one early.
@@ -52,6 +58,11 @@ def _ends(request: dict[str, object], status: str, elapsed: float, timeout: floa
     if request.get("no_wait"):
         return status == api.StatusCode.NO_MESSAGES
     return status == api.StatusCode.REQUEST_TIMEOUT and elapsed >= timeout * _EARLY
+
+
+def take_buffered(psub: JetStreamContext.PullSubscription) -> list[Msg]:
+    """Everything already delivered to this subscription and not yet taken (a stopping owner hands it back)."""
+    return _buffered(psub, psub.pending_msgs)
 
 
 def _buffered(psub: JetStreamContext.PullSubscription, limit: int) -> list[Msg]:
