@@ -108,6 +108,7 @@ async def post_until_answered(session: aiohttp.ClientSession, base: str, namespa
             await asyncio.sleep(0.2)
 
 
+@pytest.mark.timeout(DEADLINE_S + 120)
 @pytest.mark.parametrize("kinds", [["move"], ["move", "saga", "calls"]], ids=["tx", "mixed"])
 async def test_every_reply_matches_every_key_under_kills(servers, namespace, kinds) -> None:  # noqa: F811
     rng = random.Random(SEED)

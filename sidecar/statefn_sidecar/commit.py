@@ -22,7 +22,7 @@ from statefn_sidecar import faults as faults_mod
 _log = logging.getLogger("statefn.commit")
 
 # What it costs to add an op to a request, beyond its key and value (protobuf framing; generous).
-_OP_OVERHEAD = 32
+OP_OVERHEAD = 32
 # Leave room under etcd's limits for the fence, the marker and framing.
 MAX_OPS = constants.ETCD_MAX_TXN_OPS - 2
 MAX_BYTES = constants.ETCD_MAX_REQUEST_BYTES - 64 * 1024
@@ -34,7 +34,11 @@ class Fenced(Exception):
 
 @dataclasses.dataclass
 class Txn:
-    """The writes of one commit: folded puts/deletes plus guarded idempotency records."""
+    """The writes of one commit: folded puts/deletes plus guarded idempotency records.
+
+    Its size is counted as it is written, by one rule (``_op_bytes``), and ``cost_with`` applies the
+    same rule to tell what absorbing another one would make it: the planner never estimates.
+    """
 
     puts: dict[bytes, tuple[bytes, int | None]] = dataclasses.field(default_factory=dict)  # key -> (value, lease)
     deletes: set[bytes] = dataclasses.field(default_factory=set)
@@ -47,33 +51,72 @@ class Txn:
         return len(self.puts) + len(self.deletes) + len(self.range_deletes)
 
     def put(self, key: bytes, value: bytes, lease: int | None = None) -> None:
-        old = self.puts.get(key)
-        self.size += len(key) + len(value) + _OP_OVERHEAD - (len(key) + len(old[0]) + _OP_OVERHEAD if old else 0)
+        self.size += self._put_delta(key, value)[1]
         self.deletes.discard(key)
         self.puts[key] = (value, lease)
 
     def delete(self, key: bytes) -> None:
-        if key in self.puts:
-            value, _ = self.puts.pop(key)
-            self.size -= len(key) + len(value) + _OP_OVERHEAD
-        if key not in self.deletes:
-            self.deletes.add(key)
-            self.size += len(key) + _OP_OVERHEAD
+        self.size += self._delete_delta(key)[1]
+        self.puts.pop(key, None)
+        self.deletes.add(key)
 
     def delete_range(self, start: bytes, end: bytes) -> None:
         self.range_deletes.append((start, end))
-        self.size += len(start) + len(end) + _OP_OVERHEAD
+        self.size += _op_bytes(start, end)
 
     def require_absent(self, key: bytes) -> None:
         self.absent.append(key)
-        self.size += len(key) + _OP_OVERHEAD
+        self.size += _op_bytes(key)
 
-    def fits(self, extra_ops: int, extra_bytes: int, extra_compares: int = 0) -> bool:
-        return (
-            self.op_count + extra_ops <= MAX_OPS
-            and len(self.absent) + extra_compares <= MAX_OPS
-            and self.size + extra_bytes <= MAX_BYTES
-        )
+    def absorb(self, other: Txn) -> None:
+        """Add another commit's writes after this one's (a later write to the same key wins)."""
+        for key, (value, lease) in other.puts.items():
+            self.put(key, value, lease)
+        for key in other.deletes:
+            self.delete(key)
+        for start, end in other.range_deletes:
+            self.delete_range(start, end)
+        for key in other.absent:
+            self.require_absent(key)
+
+    def cost_with(self, other: Txn) -> tuple[int, int, int]:
+        """(writes, bytes, compares) after ``absorb(other)``, without absorbing it."""
+        ops, size = self.op_count, self.size
+        for key, (value, _) in other.puts.items():
+            d_ops, d_size = self._put_delta(key, value)
+            ops, size = ops + d_ops, size + d_size
+        for key in other.deletes:
+            d_ops, d_size = self._delete_delta(key)
+            ops, size = ops + d_ops, size + d_size
+        ops += len(other.range_deletes)
+        size += sum(_op_bytes(start, end) for start, end in other.range_deletes)
+        size += sum(_op_bytes(key) for key in other.absent)
+        return ops, size, len(self.absent) + len(other.absent)
+
+    def _put_delta(self, key: bytes, value: bytes) -> tuple[int, int]:
+        old = self.puts.get(key)
+        if old is not None:
+            return 0, len(value) - len(old[0])
+        if key in self.deletes:
+            return 0, _op_bytes(key, value) - _op_bytes(key)
+        return 1, _op_bytes(key, value)
+
+    def _delete_delta(self, key: bytes) -> tuple[int, int]:
+        old = self.puts.get(key)
+        if old is not None:
+            return 0, _op_bytes(key) - _op_bytes(key, old[0])
+        if key in self.deletes:
+            return 0, 0
+        return 1, _op_bytes(key)
+
+
+def fits(ops: int, size: int, compares: int) -> bool:
+    """Whether a commit of this cost stays under etcd's limits (with room for the fence and the marker)."""
+    return ops <= MAX_OPS and compares <= MAX_OPS and size <= MAX_BYTES
+
+
+def _op_bytes(*parts: bytes) -> int:
+    return sum(len(p) for p in parts) + OP_OVERHEAD
 
 
 @dataclasses.dataclass

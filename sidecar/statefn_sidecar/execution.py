@@ -13,8 +13,8 @@ import time
 from typing import Any, Protocol
 
 from statefn_core import backoff, constants, envelope, errors, layout, wire
+from statefn_sidecar import assembly, items, keylocks, metrics, observe, participants, planner, statecache, suspension
 from statefn_sidecar import invoker as invoker_mod
-from statefn_sidecar import items, keylocks, metrics, observe, participants, planner, statecache, suspension
 
 _log = logging.getLogger("statefn.execution")
 
@@ -120,7 +120,7 @@ class Executor:
                 if item.timer_key in cancelled:
                     continue  # a call's timeout whose reply came first: deleting the timer is all
                 target = await self.target(item.target_function, item.message.key)
-                oc.sends.append(planner.Send(target, item.message))
+                oc.sends.append(assembly.Send(target, item.message))
             elif item.kind is items.Kind.DEAD:
                 assert item.dead is not None
                 err = wire.ErrorInfo(kind=errors.ErrorKind.UNDECODABLE,
@@ -218,7 +218,7 @@ class Executor:
             if s.delay:
                 oc.delayed.append((int((time.time() + s.delay) * 1000), s.function, message))
             else:
-                oc.sends.append(planner.Send(await self.target(s.function, s.key), message))
+                oc.sends.append(assembly.Send(await self.target(s.function, s.key), message))
 
     def _outgoing(self, oc: planner.Outcome, key: str, out: wire.Outgoing, verb: str) -> envelope.Message:
         assert oc.item.message is not None
@@ -245,5 +245,5 @@ class Executor:
         # The span says what the call is for: saga.step, saga.compensate, tx.prepare.
         message = self._outgoing(oc, key, result.call, result.call.purpose or "call")
         message.caller = envelope.CallerAddress(str(self.fn), partition, key, record.waiting)
-        oc.sends.append(planner.Send(await self.target(result.call.function, result.call.key), message))
+        oc.sends.append(assembly.Send(await self.target(result.call.function, result.call.key), message))
         oc.suspend = record

@@ -12,7 +12,7 @@ import logging
 from typing import Protocol
 
 from statefn_core import constants, envelope, errors, layout, wire
-from statefn_sidecar import keylocks, planner, statecache, twophase
+from statefn_sidecar import assembly, keylocks, planner, statecache, twophase
 
 _log = logging.getLogger("statefn.participants")
 
@@ -86,7 +86,7 @@ class Participants:
             if s.due_ms:
                 oc.delayed.append((s.due_ms, s.function, s.message))
             else:
-                oc.sends.append(planner.Send(layout.PartitionId(layout.FunctionType.parse(s.function), s.partition),
+                oc.sends.append(assembly.Send(layout.PartitionId(layout.FunctionType.parse(s.function), s.partition),
                                              s.message))
 
     async def _answer_inquiry(self, oc: planner.Outcome, locks: keylocks.KeyLocks) -> None:
@@ -131,7 +131,7 @@ class Participants:
         inquiry = envelope.tx_control_message(constants.INQUIRE_HANDLER, tx, tx.key, origin=f"{fn}:{msg.key}",
                                                traceparent=None, args={"function": str(fn), "key": msg.key})
         try:
-            oc.sends.append(planner.Send(await self._targets.target(tx.function, tx.key), inquiry))
+            oc.sends.append(assembly.Send(await self._targets.target(tx.function, tx.key), inquiry))
         except (errors.UnknownFunction, errors.InvalidFunctionType) as exc:
             _log.error("%s(%r) is prepared for %s, whose coordinator cannot be reached (%s); it stays locked",
                        fn, msg.key, tx.id, exc)
@@ -141,4 +141,4 @@ class Participants:
         assert msg is not None
         abort = envelope.tx_control_message(constants.ABORT_HANDLER, tx, key, origin=f"{self._targets.fn}:{msg.key}",
                                              traceparent=msg.traceparent)
-        oc.sends.append(planner.Send(await self._targets.target(function, key), abort))
+        oc.sends.append(assembly.Send(await self._targets.target(function, key), abort))

@@ -22,6 +22,7 @@ from nats.js.client import JetStreamContext
 
 from statefn_core import codec, envelope, layout
 from statefn_sidecar import (
+    assembly,
     commit,
     config,
     execution,
@@ -273,7 +274,7 @@ class PartitionWorker:
             raise
         self.locks.release_taken()
 
-    async def _commit_plans(self, plans: list[tuple[commit.Txn, planner.Effects]]) -> list[items.Item]:
+    async def _commit_plans(self, plans: list[tuple[commit.Txn, assembly.Effects]]) -> list[items.Item]:
         """Commit in order; on an idempotency conflict return the items to run again."""
         assert self._committer is not None
         for i, (txn, eff) in enumerate(plans):
@@ -314,7 +315,7 @@ class PartitionWorker:
             return redo
         return []
 
-    async def _apply(self, eff: planner.Effects) -> None:
+    async def _apply(self, eff: assembly.Effects) -> None:
         self.cache.update(eff.state)
         self._chan_in.update(eff.chan_in)
         self._chan_out.update(eff.chan_out)
