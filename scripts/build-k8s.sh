@@ -11,6 +11,11 @@ cache="${STATEFN_CACHE:-$HOME/.cache/statefn}/k8s-${k8s_version}"
 mkdir -p "$cache"
 minor="$(echo "$k8s_version" | cut -d. -f2)"
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=${k8s_version} -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${minor} -X k8s.io/component-base/version.gitTreeState=clean"
+# Not whatever `go` is on PATH: a fresh machine has none, Debian's is too old. GOTOOLCHAIN=local: never
+# switch to (download) another toolchain behind our back; GOROOT unset: the go found must use its own.
+go="$(bash "$here/scripts/install-go.sh" | tail -n1)"
+export PATH="$(dirname "$go"):$PATH" GOTOOLCHAIN=local
+unset GOROOT
 cd "$here/e2e/k8sbin"
 [ -f go.sum ] || go mod tidy >&2
 for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do

@@ -14,6 +14,10 @@ if [ "$missing" = 1 ]; then
   echo "fetching ${module}@${version} CRDs (first time only)..." >&2
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
+  # The go of scripts/install-go.sh (pinned when PATH has none new enough), as in build-k8s.sh.
+  go="$(bash "$(dirname "$0")/install-go.sh" | tail -n1)"
+  export PATH="$(dirname "$go"):$PATH" GOTOOLCHAIN=local
+  unset GOROOT
   # Outside any module, so no go.mod of ours is read or changed.
   dir="$(cd "$work" && GOFLAGS=-mod=mod go mod download -json "${module}@${version}" \
          | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')"

@@ -9,7 +9,7 @@ import pytest
 
 import statefn
 from statefn import Context, StatefulFunction
-from statefn_core import constants, envelope, layout
+from statefn_core import codec, constants, envelope, layout
 from statefn_sidecar import config, deadletters, faults, invoker, sidecar
 from tests import helpers
 
@@ -181,3 +181,24 @@ async def test_a_replay_that_would_not_be_exactly_once_is_refused(nats_server, e
         assert await c.get_state(f"{namespace}/stock", "nuts") == {"left": 3}
         remaining = {d.seq for d in await deadletters.list_dead_letters(c.nats.jetstream())}
         assert caller.seq not in remaining and {callee.seq, participant.seq, coordinator.seq} <= remaining
+
+
+async def test_a_malformed_idempotency_key_is_dead_lettered_and_the_partition_goes_on(nats_server, etcd_server,
+                                                                                    namespace) -> None:
+    """An idempotency key that is not a string once reached lookups that crashed the partition loop, again
+    on every redelivery; now it is an undecodable message: an error to its caller and a dead letter."""
+    fn = f"{namespace}/orders"
+    async with helpers.running_sidecar(make_app(namespace, {"yes": False}), nats_server, etcd_server,
+                                       partitions=1), helpers.client(nats_server, etcd_server, timeout=20) as c:
+        ftype = layout.FunctionType.parse(fn)
+        inbox = c.nats.new_inbox()
+        sub = await c.nats.subscribe(inbox)
+        body = codec.pack({"k": "o1", "h": "add", "a": {"amount": 1}, "i": ["not", "a", "string"]})
+        await c.nats.jetstream().publish(ftype.ingress_subject(0), body,
+                                         headers={constants.HEADER_REPLY_TO: inbox})
+        reply = envelope.Reply.decode((await sub.next_msg(timeout=10)).data)
+        assert reply.error is not None and reply.error.kind == "undecodable"
+        assert "idempotency key" in reply.error.message
+        assert await c.invoke(fn, "o1", "add", amount=2) == 2  # the partition still serves
+        (letter,) = await _letters(c, fn, 1)
+        assert letter.error["kind"] == "undecodable"

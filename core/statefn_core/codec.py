@@ -67,7 +67,9 @@ class Codec(Generic[T]):
 
     def encode(self, value: T) -> bytes:
         try:
-            plain = self._adapter.dump_python(value, mode="python")
+            # warnings="error": a value of another type than declared is refused here, not committed
+            # and then unreadable at every later decode.
+            plain = self._adapter.dump_python(value, mode="python", warnings="error")
         except pydantic_core.PydanticSerializationError as exc:
             raise errors.CodecError(f"cannot encode {value!r} as {self.type!r}: {exc}") from exc
         return pack(plain)

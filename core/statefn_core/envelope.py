@@ -127,6 +127,8 @@ def decode_invoke(body: bytes, headers: dict[str, str] | None) -> Message:
     args = raw.get("a") or {}
     if not isinstance(args, dict):
         raise TypeError("invocation arguments must be a map of parameter name to value")
+    if raw.get("i") is not None and not isinstance(raw["i"], str):
+        raise TypeError("an invocation's idempotency key ('i') must be a string")
     return Message(
         key=raw["k"],
         handler=raw["h"],

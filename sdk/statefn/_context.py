@@ -22,7 +22,8 @@ _MISSING: Any = object()
 class Context:
     """Passed as the first argument to every handler."""
 
-    __slots__ = ("_attempt", "_decided", "_function", "_in_tx", "_invocation_id", "_journal", "_key", "_ops",
+    __slots__ = ("_assigned", "_attempt", "_decided", "_deleted", "_function", "_in_tx", "_invocation_id", "_journal",
+                 "_key", "_ops",
                  "_participant", "_pending_call", "_random", "_recorded", "_sends", "_specs", "_stored", "_tx_count",
                  "_tx_ts", "_values", "_worked")
 
@@ -44,6 +45,8 @@ class Context:
         self._specs = specs
         self._stored = stored
         self._values: dict[str, Any] = {}
+        self._assigned: set[str] = set()  # set with ``ctx[spec] = ...`` (since its last delete)
+        self._deleted: set[str] = set()   # reset with ``del ctx[spec]``
         self._sends: list[wire.Outgoing] = []
         self._invocation_id = invocation_id
         self._attempt = attempt
@@ -97,12 +100,16 @@ class Context:
         return value  # type: ignore[no-any-return]
 
     def __setitem__(self, spec: _state.StateSpec[T], value: T) -> None:
-        self._values[self._spec(spec).name] = value
+        name = self._spec(spec).name
+        self._values[name] = value
+        self._assigned.add(name)
 
     def __delitem__(self, spec: _state.StateSpec[Any]) -> None:
-        """Reset to the default; the stored value is removed."""
+        """Reset to the default; the stored value is removed (unless set again before the handler ends)."""
         s = self._spec(spec)
-        self._values[s.name] = _MISSING_DELETED
+        self._values[s.name] = s.fresh_default()
+        self._deleted.add(s.name)
+        self._assigned.discard(s.name)
 
     def send(
         self,
@@ -286,15 +293,20 @@ class Context:
                 and all(s.tx is not None and s.purpose != _transaction.PREPARE for s in self._sends))
 
     def _changes(self, max_state_bytes: int) -> dict[str, bytes | None]:
-        """Re-encode every value the handler touched; mutations in place count as writes."""
+        """Re-encode every value the handler touched; mutations in place count as writes.
+
+        A value that is still its default, never assigned, is not written: a read of a key never
+        stored writes nothing, and a deleted value read since is removed.
+        """
         changes: dict[str, bytes | None] = {}
         for name, value in self._values.items():
+            spec = self._specs[name]
             old = self._stored.get(name)
-            if value is _MISSING_DELETED:
+            if name not in self._assigned and value == spec.default and (old is None or name in self._deleted):
                 if old is not None:
                     changes[name] = None
                 continue
-            encoded = self._specs[name].codec.encode(value)
+            encoded = spec.codec.encode(value)
             if len(encoded) > max_state_bytes:
                 raise errors.StateTooLarge(
                     f"state {self._function}:{name} of key {self._key!r} would be {len(encoded)} bytes; "
@@ -312,11 +324,3 @@ _MIN_SLEEP_S = 0.001  # a sleep's timer is its call's timeout, which must be > 0
 
 def _is_run(raw: Any) -> bool:
     return isinstance(raw, list) and len(raw) == 3 and raw[0] == _RUN
-
-
-class _Deleted:
-    def __repr__(self) -> str:
-        return "<deleted>"
-
-
-_MISSING_DELETED: Any = _Deleted()
