@@ -32,10 +32,11 @@ async def test_transient_failures_are_waited_out_doubling_up_to_the_cap(caplog: 
     flaky, retried = Flaky(4), []
     caplog.set_level(logging.WARNING, "test.backoff")
     # A lambda returning a coroutine, as call sites write it: awaited, not returned as a coroutine.
-    got = await backoff.until_done(lambda: flaky(), transient=transient, first=0.001, cap=0.004, log=_log,
+    got = await backoff.until_done(lambda: flaky(), transient=transient, first=0.01, cap=0.04, log=_log,
                                    what="reaching the thing", on_retry=lambda: retried.append(1))
     assert (got, flaky.calls, len(retried)) == ("up", 5, 4)
-    assert len(caplog.records) == 4
+    waits = [r.getMessage().rsplit("retrying in ", 1)[1] for r in caplog.records]
+    assert waits == ["0.01s", "0.02s", "0.04s", "0.04s"]
     assert "reaching the thing failed (ConnectionError: down (1)); retrying in" in caplog.text
 
 

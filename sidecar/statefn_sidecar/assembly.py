@@ -33,7 +33,7 @@ class Send:
     message: envelope.Message
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Effects:
     """Applied to the owner's caches and the outside world once its commit landed."""
 
@@ -56,17 +56,29 @@ class Effects:
         self.outcomes += other.outcomes
         for key, changes in other.state.items():
             self.state.setdefault(key, {}).update(changes)
-        self.chan_in.update(other.chan_in)
-        self.chan_out.update(other.chan_out)
-        self.entries += other.entries
-        self.timers_added += other.timers_added
-        self.timers_removed += other.timers_removed
-        self.idem_records.update(other.idem_records)
-        self.trimmed.update(other.trimmed)
-        self.suspended.update(other.suspended)
-        self.queued += other.queued
-        self.dequeued += other.dequeued
-        self.prepared.update(other.prepared)
+        # Most shares touch few of these: skip the empty ones (this runs once per invocation).
+        if other.chan_in:
+            self.chan_in.update(other.chan_in)
+        if other.chan_out:
+            self.chan_out.update(other.chan_out)
+        if other.entries:
+            self.entries += other.entries
+        if other.timers_added:
+            self.timers_added += other.timers_added
+        if other.timers_removed:
+            self.timers_removed += other.timers_removed
+        if other.idem_records:
+            self.idem_records.update(other.idem_records)
+        if other.trimmed:
+            self.trimmed.update(other.trimmed)
+        if other.suspended:
+            self.suspended.update(other.suspended)
+        if other.queued:
+            self.queued += other.queued
+        if other.dequeued:
+            self.dequeued += other.dequeued
+        if other.prepared:
+            self.prepared.update(other.prepared)
 
 
 @dataclasses.dataclass
@@ -90,23 +102,21 @@ class _Channel:
     chunks: list[list[tuple[Send, bytes]]] = dataclasses.field(default_factory=lambda: [[]])
     fill: int = 0  # bytes in the last chunk
 
-    def cost_of_adding(self, sends: list[tuple[Send, bytes]], entry_bytes: int) -> tuple[int, int]:
-        """(new entries, their bytes) if these messages joined, chunked the same way."""
-        chunks, fill, new_ops, new_bytes = len(self.chunks), self.fill, 0, 0
-        for _, packed in sends:
-            if fill and fill + len(packed) > MAX_BUNDLE_BYTES:
-                chunks, fill = chunks + 1, 0
-                new_ops, new_bytes = new_ops + 1, new_bytes + entry_bytes
+    def add(self, sends: list[tuple[Send, bytes]], entry_bytes: int, *, apply: bool) -> tuple[int, int]:
+        """(new entries, bytes) these messages add, chunked as finish() bundles them; ``apply``: add them."""
+        fill, new_ops, new_bytes = self.fill, 0, 0
+        for send, packed in sends:
+            if fill and fill + len(packed) > MAX_BUNDLE_BYTES:  # the bundle is full: the next one starts
+                fill, new_ops, new_bytes = 0, new_ops + 1, new_bytes + entry_bytes
+                if apply:
+                    self.chunks.append([])
             fill += len(packed)
             new_bytes += len(packed)
+            if apply:
+                self.chunks[-1].append((send, packed))
+        if apply:
+            self.fill = fill
         return new_ops, new_bytes
-
-    def add(self, send: Send, packed: bytes) -> None:
-        if self.fill and self.fill + len(packed) > MAX_BUNDLE_BYTES:
-            self.chunks.append([])
-            self.fill = 0
-        self.chunks[-1].append((send, packed))
-        self.fill += len(packed)
 
 
 class Assembly:
@@ -121,40 +131,48 @@ class Assembly:
         self.eff = Effects()
         self._channels: dict[str, _Channel] = {}
         self._dead: list[bytes] = []
+        # What finish() will add for the messages and dead letters absorbed so far (kept as they join).
+        self._out_ops = 0
+        self._out_bytes = 0
 
     def cost_with(self, share: Share) -> tuple[int, int, int]:
         """(writes, bytes, compares) of the finished commit if ``share`` joined it."""
         ops, size, compares = self.txn.cost_with(share.txn)
-        out_ops, out_bytes = self._outbox_cost()
-        ops, size = ops + out_ops, size + out_bytes
-        by_token: dict[str, list[tuple[Send, bytes]]] = {}
-        for send, packed in share.sends:
-            by_token.setdefault(send.target.token, []).append((send, packed))
-        for token, sends in by_token.items():
-            channel = self._channels.get(token)
-            entry = self._bundle_entry_bytes(token, sends[0][0].target)
-            if channel is None:  # a new channel: its first entry and its sequence counter
-                channel = _Channel(sends[0][0].target)
-                ops, size = ops + 2, size + entry + self._counter_bytes(token)
-            new_ops, new_bytes = channel.cost_of_adding(sends, entry)
-            ops, size = ops + new_ops, size + new_bytes
+        out_ops, out_bytes = self._outbox_delta(share, apply=False)
+        return ops + self._out_ops + out_ops, size + self._out_bytes + out_bytes, compares
+
+    def absorb(self, share: Share) -> None:
+        self.txn.absorb(share.txn)
+        self.eff.absorb(share.eff)
+        out_ops, out_bytes = self._outbox_delta(share, apply=True)
+        self._out_ops += out_ops
+        self._out_bytes += out_bytes
+
+    def _outbox_delta(self, share: Share, *, apply: bool) -> tuple[int, int]:
+        """The writes and bytes ``share``'s messages and dead letter add to what finish() writes."""
+        ops = size = 0
+        if share.sends:
+            by_token: dict[str, list[tuple[Send, bytes]]] = {}
+            for send, packed in share.sends:
+                by_token.setdefault(send.target.token, []).append((send, packed))
+            for token, sends in by_token.items():
+                channel = self._channels.get(token)
+                entry = self._bundle_entry_bytes(token, sends[0][0].target)
+                if channel is None:  # a new channel: its first entry and its sequence counter
+                    channel = _Channel(sends[0][0].target)
+                    if apply:
+                        self._channels[token] = channel
+                    ops, size = ops + 2, size + entry + self._counter_bytes(token)
+                new_ops, new_bytes = channel.add(sends, entry, apply=apply)
+                ops, size = ops + new_ops, size + new_bytes
         if share.dead:
             if not self._dead:
                 ops, size = ops + 1, size + self._counter_bytes(DLQ_TARGET)
             ops += len(share.dead)
             size += sum(len(d) + self._dead_entry_bytes() for d in share.dead)
-        return ops, size, compares
-
-    def absorb(self, share: Share) -> None:
-        self.txn.absorb(share.txn)
-        self.eff.absorb(share.eff)
-        for send, packed in share.sends:
-            token = send.target.token
-            channel = self._channels.get(token)
-            if channel is None:
-                channel = self._channels[token] = _Channel(send.target)
-            channel.add(send, packed)
-        self._dead += share.dead
+            if apply:
+                self._dead += share.dead
+        return ops, size
 
     @property
     def empty(self) -> bool:
@@ -182,18 +200,6 @@ class Assembly:
         return txn, eff
 
     # ---- sizes: measured on the entries' own encoding, with the longest sequence numbers ----
-    def _outbox_cost(self) -> tuple[int, int]:
-        ops = size = 0
-        for token, channel in self._channels.items():
-            entry = self._bundle_entry_bytes(token, channel.target)
-            ops += 1 + len(channel.chunks)
-            size += self._counter_bytes(token) + sum(entry + sum(len(p) for _, p in chunk)
-                                                     for chunk in channel.chunks)
-        if self._dead:
-            ops += 1 + len(self._dead)
-            size += self._counter_bytes(DLQ_TARGET) + sum(len(d) + self._dead_entry_bytes() for d in self._dead)
-        return ops, size
-
     def _bundle_entry_bytes(self, token: str, target: layout.PartitionId) -> int:
         """An outbox entry's bytes besides its messages' own: key, subject, id, headers, framing."""
         return _entry_overhead(self._fn, self._keys.partition, target)

@@ -36,8 +36,9 @@ class Fenced(Exception):
 class Txn:
     """The writes of one commit: folded puts/deletes plus guarded idempotency records.
 
-    Its size is counted as it is written, by one rule (``_op_bytes``), and ``cost_with`` applies the
-    same rule to tell what absorbing another one would make it: the planner never estimates.
+    Its size is counted as it is written, by one rule (``_put_delta``, ``_delete_delta``), and
+    ``cost_with`` applies the same rule to tell what absorbing another one would make it: the planner
+    never estimates.
     """
 
     puts: dict[bytes, tuple[bytes, int | None]] = dataclasses.field(default_factory=dict)  # key -> (value, lease)
@@ -52,7 +53,8 @@ class Txn:
 
     def put(self, key: bytes, value: bytes, lease: int | None = None) -> None:
         self.size += self._put_delta(key, value)[1]
-        self.deletes.discard(key)
+        if self.deletes:
+            self.deletes.discard(key)
         self.puts[key] = (value, lease)
 
     def delete(self, key: bytes) -> None:
@@ -62,11 +64,11 @@ class Txn:
 
     def delete_range(self, start: bytes, end: bytes) -> None:
         self.range_deletes.append((start, end))
-        self.size += _op_bytes(start, end)
+        self.size += len(start) + len(end) + OP_OVERHEAD
 
     def require_absent(self, key: bytes) -> None:
         self.absent.append(key)
-        self.size += _op_bytes(key)
+        self.size += len(key) + OP_OVERHEAD
 
     def absorb(self, other: Txn) -> None:
         """Add another commit's writes after this one's (a later write to the same key wins)."""
@@ -88,35 +90,33 @@ class Txn:
         for key in other.deletes:
             d_ops, d_size = self._delete_delta(key)
             ops, size = ops + d_ops, size + d_size
-        ops += len(other.range_deletes)
-        size += sum(_op_bytes(start, end) for start, end in other.range_deletes)
-        size += sum(_op_bytes(key) for key in other.absent)
+        for start, end in other.range_deletes:
+            ops, size = ops + 1, size + len(start) + len(end) + OP_OVERHEAD
+        for key in other.absent:
+            size += len(key) + OP_OVERHEAD
         return ops, size, len(self.absent) + len(other.absent)
 
+    # One rule for what a write costs: its key, its value, and OP_OVERHEAD of framing.
     def _put_delta(self, key: bytes, value: bytes) -> tuple[int, int]:
         old = self.puts.get(key)
         if old is not None:
             return 0, len(value) - len(old[0])
         if key in self.deletes:
-            return 0, _op_bytes(key, value) - _op_bytes(key)
-        return 1, _op_bytes(key, value)
+            return 0, len(value)
+        return 1, len(key) + len(value) + OP_OVERHEAD
 
     def _delete_delta(self, key: bytes) -> tuple[int, int]:
         old = self.puts.get(key)
         if old is not None:
-            return 0, _op_bytes(key) - _op_bytes(key, old[0])
+            return 0, -len(old[0])
         if key in self.deletes:
             return 0, 0
-        return 1, _op_bytes(key)
+        return 1, len(key) + OP_OVERHEAD
 
 
 def fits(ops: int, size: int, compares: int) -> bool:
     """Whether a commit of this cost stays under etcd's limits (with room for the fence and the marker)."""
     return ops <= MAX_OPS and compares <= MAX_OPS and size <= MAX_BYTES
-
-
-def _op_bytes(*parts: bytes) -> int:
-    return sum(len(p) for p in parts) + OP_OVERHEAD
 
 
 @dataclasses.dataclass
