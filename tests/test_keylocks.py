@@ -150,3 +150,14 @@ def test_a_decision_and_anything_else_about_its_key_take_one_round_each() -> Non
     assert locks.route(decide[0]) is keylocks.Route.CONTROL
     assert locks.route(decide[1]) is keylocks.Route.LATER  # it must see whether the commit applied
     assert locks.route(inquire) is keylocks.Route.LATER   # and must not re-arm what was just decided
+
+
+def test_a_reply_that_carries_no_reply_is_dropped_not_run() -> None:
+    """A malformed answer (a forged or corrupted channel message) must not reach the replay, nor crash routing."""
+    locks = _suspended("inv#1")
+    broken = _answer("inv#1", True, 0)
+    assert broken.message is not None
+    del broken.message.args["reply"]
+    locks.start_round()
+    assert locks.route(broken) is keylocks.Route.DROP
+    assert locks.route(_answer("inv#1", True, 1)) is keylocks.Route.RUN  # the real answer still resumes

@@ -136,6 +136,9 @@ class KeyLocks:
         attempt = msg.attempt  # a RESUME timer carries the next attempt; a reply resumes the current one
         if msg.is_response:
             call_id = msg.args.get("call")
+            if not isinstance(msg.args.get("reply"), bytes):
+                _log.warning("a reply for call %s of key %r carries no reply; dropped", call_id, msg.key)
+                return Route.DROP
             if record is None or record.waiting != call_id:
                 _log.warning("a reply for call %s of key %r arrived but nothing waits for it; dropped",
                              call_id, msg.key)

@@ -109,11 +109,17 @@ class Participants:
         msg = oc.item.message
         assert msg is not None
         prepared = msg.args.get("prepared") if msg.is_response else None
-        if not prepared or not envelope.Reply.decode(msg.args["reply"]).ok:
+        if not prepared or not isinstance(msg.args.get("reply"), bytes):
             return
-        function, key, plain = prepared
-        tx = wire.TxInfo.from_plain(plain)
-        assert tx is not None
+        try:
+            voted_yes = envelope.Reply.decode(msg.args["reply"]).ok
+            function, key, plain = prepared
+            tx = wire.TxInfo.from_plain(plain)
+        except (errors.CodecError, TypeError, ValueError) as exc:
+            _log.warning("a malformed vote for %r (%s); nothing to release", msg.key, exc)
+            return
+        if not voted_yes or tx is None:
+            return
         oc.tx_event = "orphan_abort"
         await self._send_abort(oc, function, key, tx)
 
