@@ -202,3 +202,20 @@ async def test_a_malformed_idempotency_key_is_dead_lettered_and_the_partition_go
         assert await c.invoke(fn, "o1", "add", amount=2) == 2  # the partition still serves
         (letter,) = await _letters(c, fn, 1)
         assert letter.error["kind"] == "undecodable"
+
+
+@pytest.mark.parametrize("handler", ["~commit", "~abort", "~inquire", "~response"])
+async def test_an_internal_handler_sent_from_outside_is_an_unknown_handler(nats_server, etcd_server, namespace,
+                                                                         handler: str) -> None:
+    """Decisions, inquiries and replies travel only on channels; from a client they once reached an assert in
+    2PC (the partition loop crashed on every redelivery). Now: an error to the caller, a dead letter, and the
+    partition goes on."""
+    fn = f"{namespace}/orders"
+    async with helpers.running_sidecar(make_app(namespace, {"yes": False}), nats_server, etcd_server,
+                                       partitions=1), helpers.client(nats_server, etcd_server, timeout=20) as c:
+        with pytest.raises(statefn.InvocationFailed) as err:
+            await c.invoke(fn, "o1", handler)
+        assert err.value.kind == "unknown_handler" and repr(handler) in err.value.message
+        assert await c.invoke(fn, "o1", "add", amount=2) == 2
+        (letter,) = await _letters(c, fn, 1)
+        assert letter.record["handler"] == handler

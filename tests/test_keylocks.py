@@ -24,7 +24,7 @@ def _locks(*messages: envelope.Message) -> keylocks.KeyLocks:
     locks = keylocks.KeyLocks(layout.PartitionKeys(layout.FunctionType.parse("ns/acct"), 0))
     entries = []
     for i, msg in enumerate(messages):
-        item = items.Item(kind=items.Kind.CHANNEL, id=f"m{i}", message=msg)
+        item = items.Delivered(id=f"m{i}", message=msg, sender="ns.x.0", bundle_seq=1, index=i, bundle_size=9)
         entries.append(locks.entry_for(item))
     locks.apply({}, entries, [], {})
     return locks
@@ -94,12 +94,12 @@ def _suspended(waiting: str, tx: wire.TxInfo | None = None) -> keylocks.KeyLocks
     return locks
 
 
-def _answer(call: str, ok: bool, i: int) -> items.Item:
+def _answer(call: str, ok: bool, i: int) -> items.Delivered:
     reply = envelope.Reply(ok=ok, value=b"\xc0") if ok else envelope.Reply(
         ok=False, error=wire.ErrorInfo(kind="tx_timeout", message="late"))
     caller = envelope.CallerAddress("ns/acct", 0, KEY, call)
-    return items.Item(kind=items.Kind.CHANNEL, id=f"c{i}",
-                      message=envelope.response_message(caller, reply, origin="ns/x:y", traceparent=None))
+    return items.Delivered(id=f"c{i}", sender="ns.x.0", bundle_seq=1, index=i, bundle_size=9,
+                           message=envelope.response_message(caller, reply, origin="ns/x:y", traceparent=None))
 
 
 def test_two_answers_to_one_call_in_one_round_resume_it_once() -> None:
@@ -107,10 +107,10 @@ def test_two_answers_to_one_call_in_one_round_resume_it_once() -> None:
     vote, timeout = _answer("inv#2", True, 0), _answer("inv#2", False, 1)
     locks.start_round()
     assert locks.route(vote) is keylocks.Route.RUN
-    assert vote.resume is not None and vote.message is not None and vote.message.handler == "move"
+    assert vote.resume is not None and vote.message.handler == "move"
     assert locks.route(timeout) is keylocks.Route.LATER
     # The vote's commit: the invocation now waits for its next call.
-    locks.apply({KEY: dataclasses.replace(vote.resume, waiting="inv#3")}, [], [], {})
+    locks.apply({KEY: dataclasses.replace(vote.resume.record, waiting="inv#3")}, [], [], {})
     locks.start_round()
     assert locks.route(timeout) is keylocks.Route.DROP  # it answers a call nothing waits for any more
 
@@ -122,18 +122,19 @@ def test_an_item_whose_round_did_not_commit_is_routed_afresh() -> None:
     assert locks.route(answer) is keylocks.Route.RUN
     locks.start_round()  # its commit was refused (another item's idempotency record existed): run again
     assert locks.route(answer) is keylocks.Route.RUN
-    assert answer.arrived is not None and answer.arrived.is_response and answer.response is not None
+    assert answer.resume is not None and answer.resume.arrived.is_response and answer.response is not None
     locks.apply({KEY: None}, [], [], {})  # another round's commit ended the invocation meanwhile
     locks.start_round()
     assert locks.route(answer) is keylocks.Route.DROP
-    assert answer.resume is None and answer.message is not None and answer.message.is_response
+    assert answer.resume is None and answer.message.is_response
 
 
 def test_a_prepare_after_a_run_on_its_key_waits_for_the_round() -> None:
     locks = _locks()
     locks.start_round()
-    plain = items.Item(kind=items.Kind.INGRESS, id="i", message=_plain("client"))
-    prepare = items.Item(kind=items.Kind.CHANNEL, id="p", message=_prepare("ns/coord:c", _tx(5.0, "t")))
+    plain = items.Ingress(id="i", message=_plain("client"))
+    prepare = items.Delivered(id="p", message=_prepare("ns/coord:c", _tx(5.0, "t")), sender="ns.coord.0",
+                              bundle_seq=1, index=0, bundle_size=1)
     assert locks.route(plain) is keylocks.Route.RUN
     assert locks.route(prepare) is keylocks.Route.LATER  # the plain run may lock the key under a transaction
 
@@ -142,10 +143,10 @@ def test_a_decision_and_anything_else_about_its_key_take_one_round_each() -> Non
     tx = _tx(5.0, "t")
     locks = _locks()
     locks.apply({}, [], [], {KEY: twophase.Prepared(KEY, tx, {"balance": b"\x01"}, timer=b"timer")})
-    decide = [items.Item(kind=items.Kind.CHANNEL, id=f"d{i}", message=envelope.tx_control_message(
-        handler, tx, KEY, origin="ns/coord:c", traceparent=None)) for i, handler in enumerate(("~commit", "~abort"))]
-    inquire = items.Item(kind=items.Kind.INQUIRE, id="timer", timer_key=b"timer",
-                         message=envelope.Message(key=KEY, handler="", args={"tx": "t"}))
+    decide = [items.Delivered(id=f"d{i}", message=envelope.tx_control_message(
+        handler, tx, KEY, origin="ns/coord:c", traceparent=None), sender="ns.coord.0", bundle_seq=1, index=i,
+        bundle_size=2) for i, handler in enumerate(("~commit", "~abort"))]
+    inquire = items.InquiryTimer(id="timer", timer=b"timer", key=KEY, tx_id="t")
     locks.start_round()
     assert locks.route(decide[0]) is keylocks.Route.CONTROL
     assert locks.route(decide[1]) is keylocks.Route.LATER  # it must see whether the commit applied
@@ -156,8 +157,23 @@ def test_a_reply_that_carries_no_reply_is_dropped_not_run() -> None:
     """A malformed answer (a forged or corrupted channel message) must not reach the replay, nor crash routing."""
     locks = _suspended("inv#1")
     broken = _answer("inv#1", True, 0)
-    assert broken.message is not None
     del broken.message.args["reply"]
     locks.start_round()
     assert locks.route(broken) is keylocks.Route.DROP
     assert locks.route(_answer("inv#1", True, 1)) is keylocks.Route.RUN  # the real answer still resumes
+
+
+def test_internal_handlers_from_outside_run_as_plain_messages() -> None:
+    """A reply, decision or inquiry travels only on channels: sent from outside, it runs as any message does
+    (and fails as an unknown handler: an error to its caller and a dead letter), never reaching 2PC or a
+    suspended invocation's journal."""
+    tx = _tx(5.0, "t")
+    locks = _suspended("inv#1", tx)
+    reply = envelope.response_message(envelope.CallerAddress("ns/acct", 0, KEY, "inv#1"),
+                                      envelope.Reply(ok=True, value=b"\xc0"), origin="client", traceparent=None)
+    decision = envelope.Message(key="other", handler="~commit", args={})  # no transaction: not a decision
+    locks.start_round()
+    forged = items.Ingress(id="i1", message=reply)
+    assert locks.route(forged) is keylocks.Route.QUEUE and forged.resume is None  # the key is locked: it waits
+    assert not decision.is_tx_control
+    assert locks.route(items.Ingress(id="i2", message=decision)) is keylocks.Route.RUN

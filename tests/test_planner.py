@@ -15,7 +15,7 @@ FN = layout.FunctionType("a", "b")
 
 
 def _ingress(i: int, *, key: str, sends: int = 0, state_bytes: int = 1) -> planner.Outcome:
-    it = items.Item(kind=items.Kind.INGRESS, id=f"i{i}",
+    it = items.Ingress(id=f"i{i}",
                     message=envelope.Message(key=key, handler="h", args={}, idempotency_key=f"i{i}"))
     oc = planner.Outcome(item=it, state={(key, "count"): b"x" * state_bytes},
                          reply=envelope.Reply(ok=True, value=b"1"))

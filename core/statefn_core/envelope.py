@@ -54,8 +54,12 @@ class Message:
 
     @property
     def is_tx_control(self) -> bool:
-        """A decision or an inquiry: handled by the sidecar itself, past any lock on the key."""
-        return self.handler in constants.TX_CONTROL_HANDLERS
+        """A decision or an inquiry: handled by the sidecar itself, past any lock on the key.
+
+        Only with its transaction: a ``~commit`` without one is nothing the sidecar acts on, and runs
+        (and fails, as an unknown handler) like any message.
+        """
+        return self.tx is not None and self.handler in constants.TX_CONTROL_HANDLERS
 
     @property
     def is_prepare(self) -> bool:

@@ -70,13 +70,12 @@ class Executor:
                 break
             oc = planner.Outcome(item=item)
             outcomes.append(oc)
-            if route is keylocks.Route.OWN:
+            if not isinstance(item, items.Invocation):  # routed OWN: handled below, after the handlers
                 continue
-            assert item.message is not None
             if route is keylocks.Route.RUN:
                 by_key.setdefault(item.message.key, []).append(oc)
-                if item.resume is not None and item.resume.timer:
-                    cancelled.add(item.resume.timer)
+                if item.resume is not None and item.resume.record.timer:
+                    cancelled.add(item.resume.record.timer)
             elif route is keylocks.Route.QUEUE:
                 oc.queued = locks.entry_for(item)
             elif route is keylocks.Route.DIE:
@@ -107,31 +106,28 @@ class Executor:
                     if result.deferred:
                         # Only plain messages share a key within a round (routing sends anything that reads
                         # the key's records LATER), so what waits is the message as it arrived.
-                        assert oc.item.resume is None, "a resumed invocation was deferred"
-                        oc.queued = locks.entry_for(oc.item)
+                        assert oc.invocation.resume is None, "a resumed invocation was deferred"
+                        oc.queued = locks.entry_for(oc.invocation)
                     else:
                         await self._decide(oc, key, result, partition, locks)
         for oc in outcomes:
             item = oc.item
-            if item.kind is items.Kind.INQUIRE:
-                await self._participants.inquire(oc, locks)
-            elif item.kind is items.Kind.DELAYED_SEND:
-                assert item.message is not None and item.target_function is not None
-                if item.timer_key in cancelled:
+            if isinstance(item, items.InquiryTimer):
+                await self._participants.inquire(oc, item, locks)
+            elif isinstance(item, items.DelayedSend):
+                if item.timer in cancelled:
                     continue  # a call's timeout whose reply came first: deleting the timer is all
                 target = await self.target(item.target_function, item.message.key)
                 oc.sends.append(assembly.Send(target, item.message))
-            elif item.kind is items.Kind.DEAD:
-                assert item.dead is not None
+            elif isinstance(item, items.Undecodable):
                 err = wire.ErrorInfo(kind=errors.ErrorKind.UNDECODABLE,
-                                      message=f"cannot decode the message: {item.dead['reason']}")
+                                     message=f"cannot decode the message: {item.reason}")
                 oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
         return outcomes, later
 
     def _invocation(self, oc: planner.Outcome) -> wire.Invocation:
-        item = oc.item
+        item = oc.invocation
         msg = item.message
-        assert msg is not None
         # The handler runs in its invoke span's context (if traced), so the spans it starts nest under it.
         traceparent = msg.traceparent if oc.span is None else observe.traceparent_of(oc)
         if item.resume is None:
@@ -144,11 +140,11 @@ class Executor:
                                 sends_done=progress.sends_done, tx_age=msg.tx_age)
 
     @staticmethod
-    def _progress(item: items.Item) -> suspension.Suspension:
+    def _progress(item: items.Invocation) -> suspension.Suspension:
         """Where a suspended invocation stands once the reply in hand is journaled (not waiting for anything)."""
-        record = item.resume
-        assert record is not None and item.message is not None
-        journal = [*record.journal, item.response] if item.response is not None else list(record.journal)
+        assert item.resume is not None
+        record, response = item.resume.record, item.resume.response
+        journal = [*record.journal, response] if response is not None else list(record.journal)
         return suspension.Suspension(record.invocation_id, item.message, journal, record.sends_done, tx=record.tx)
 
     async def _call(self, request: wire.BatchRequest) -> wire.BatchResponse:
@@ -163,8 +159,7 @@ class Executor:
 
     async def _decide(self, oc: planner.Outcome, key: str, result: wire.Result, partition: int,
                       locks: keylocks.KeyLocks) -> None:
-        item = oc.item
-        assert item.message is not None
+        item = oc.invocation
         err = result.error
         if err is None:
             try:
@@ -221,17 +216,16 @@ class Executor:
                 oc.sends.append(assembly.Send(await self.target(s.function, s.key), message))
 
     def _outgoing(self, oc: planner.Outcome, key: str, out: wire.Outgoing, verb: str) -> envelope.Message:
-        assert oc.item.message is not None
         message = envelope.Message(key=out.key, handler=out.handler, args=out.args, origin=f"{self.fn}:{key}",
-                                    traceparent=out.traceparent or oc.item.message.traceparent, tx=out.tx)
+                                    traceparent=out.traceparent or oc.invocation.message.traceparent, tx=out.tx)
         if not out.traceparent:
             message.traceparent = observe.send_traceparent(oc, message, out.function, out.delay or 0.0, verb)
         return message
 
     async def _suspend(self, oc: planner.Outcome, key: str, result: wire.Result, partition: int) -> None:
         """The handler waits at a call: send the call (its reply addressed to this key) and record where it is."""
-        item = oc.item
-        assert result.call is not None and item.message is not None
+        item = oc.invocation
+        assert result.call is not None
         record = self._progress(item) if item.resume is not None else suspension.Suspension(item.id, item.message)
         record.sends_done += len(result.sends)
         record.journal.extend(result.journal_added)  # ctx.run/ctx.now results, in order before the call

@@ -36,7 +36,7 @@ class Intake:
 
     async def decode(self, msgs: list[Msg]) -> list[items.Item]:
         out: list[items.Item] = []
-        first_by_idem: dict[str, items.Item] = {}
+        first_by_idem: dict[str, items.Ingress] = {}
         wm_batch: dict[str, Watermark] = {}
         for msg in msgs:
             headers = msg.headers or {}
@@ -55,9 +55,9 @@ class Intake:
                         await self._nc.publish(headers[constants.HEADER_REPLY_TO], recorded)
                     await msg.ack()
                     continue
-                out.append(items.Item(kind=items.Kind.DEAD, id=f"seq:{seq}", source=items.Source(msg, 1),
-                                      dead={"raw": msg.data[:4096], "reason": f"{type(exc).__name__}: {exc}",
-                                            "reply_to": headers.get(constants.HEADER_REPLY_TO)}))
+                out.append(items.Undecodable(id=f"seq:{seq}", source=items.Source(msg, 1), raw=msg.data[:4096],
+                                             reason=f"{type(exc).__name__}: {exc}",
+                                             reply_to=headers.get(constants.HEADER_REPLY_TO)))
                 continue
             if not message.idempotency_key:
                 message.idempotency_key = headers.get(constants.HEADER_MSG_ID) or f"seq:{seq}"
@@ -74,7 +74,7 @@ class Intake:
                 self._duplicate()
                 first.dups.append((msg, message.reply_to))
                 continue
-            item = items.Item(kind=items.Kind.INGRESS, id=idem, message=message, source=items.Source(msg, 1))
+            item = items.Ingress(id=idem, message=message, source=items.Source(msg, 1))
             first_by_idem[idem] = item
             out.append(item)
         return out
@@ -104,7 +104,7 @@ class Intake:
         wm_batch[bundle.sender] = (bundle.seq, size, size)
         source = items.Source(msg, size - start)
         return [
-            items.Item(kind=items.Kind.CHANNEL, id=f"{bundle.sender}:{bundle.seq}:{i}", message=m,
-                       source=source, sender=bundle.sender, bundle_seq=bundle.seq, index=i, bundle_size=size)
+            items.Delivered(id=f"{bundle.sender}:{bundle.seq}:{i}", message=m, source=source, sender=bundle.sender,
+                            bundle_seq=bundle.seq, index=i, bundle_size=size)
             for i, m in enumerate(bundle.messages) if i >= start
         ]

@@ -1,34 +1,20 @@
-"""What a partition works on: invocations from ingress, channels and timers, and their acks.
+"""What a partition works on, one type per kind: invocations from ingress, channels, timers and inboxes.
 
-A NATS message becomes one item (an ingress invocation) or many (a channel bundle); it is
-acked once every item it carried is committed or found to be a duplicate.
+A NATS message becomes one item (an ingress invocation, an undecodable message) or many (a
+channel bundle's messages); it is acked once every item it carried is committed or found to be a
+duplicate. Timers and inbox heads become items too, and their commit deletes the timer or the
+inbox entry. Each type carries only what its kind has, so code that handles a kind reads its
+fields without asking which of them are set.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-from typing import Any
 
 from nats.aio.msg import Msg
 
 from statefn_core import envelope
 from statefn_sidecar import suspension
-
-
-class Kind(enum.Enum):
-    INGRESS = "ingress"      # from outside, carries an idempotency key
-    CHANNEL = "channel"      # from another partition's commit, deduplicated by channel sequence
-    RETRY = "retry"          # a timer: run the message again (attempt + 1)
-    DELAYED_SEND = "send"    # a timer: put the message on its channel now
-    DEAD = "dead"            # undecodable input: dead-letter it as it is
-    DROP_TIMER = "drop"      # a retry whose invocation turned out to be recorded: delete the timer
-    INBOX = "inbox"          # a message that waited in its locked key's inbox, now at its head
-    RESUME = "resume"        # a timer: retry a suspended invocation (attempt + 1) from its journal
-    INQUIRE = "inquire"      # a timer: a prepared participant has heard no decision; ask its coordinator
-
-
-RUNNABLE = frozenset({Kind.INGRESS, Kind.CHANNEL, Kind.RETRY, Kind.INBOX, Kind.RESUME})  # run a handler
 
 
 class Source:
@@ -41,67 +27,167 @@ class Source:
         self.pending = pending
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, kw_only=True)
 class Item:
-    kind: Kind
+    """Anything a batch holds: its id (for logs, spans and inbox entries) and the message it came in."""
+
     id: str
-    message: envelope.Message | None = None
     source: Source | None = None
-    # Channel items: where they came from, for the receiver's dedup watermark.
-    sender: str | None = None
-    bundle_seq: int = 0
-    index: int = 0
-    bundle_size: int = 0
-    # Timer items: the timer to delete in the same commit.
-    timer_key: bytes | None = None
-    # Delayed sends: the target function type.
-    target_function: str | None = None
-    # Dead items: what to put in the dead letter.
-    dead: dict[str, Any] | None = None
-    # Copies of the same ingress invocation in the same batch, answered with its outcome.
-    dups: list[tuple[Msg, str | None]] = dataclasses.field(default_factory=list)
-    # Inbox items: the entry to delete in the same commit.
-    inbox_key: bytes | None = None
+
+    @property
+    def timer_key(self) -> bytes | None:
+        """The timer this item is (deleted by the commit that applies it), if it is one."""
+        return None
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """What makes a redelivered copy of this item a no-op: recorded with its outcome in the commit."""
+        return None
+
+
+@dataclasses.dataclass(slots=True)
+class Resumption:
+    """Routing found the invocation suspended on the item's key waiting for it: that invocation runs."""
+
+    record: suspension.Suspension
+    response: bytes | None  # the call's reply that resumes it (None: a resume timer, run from the journal)
+    arrived: envelope.Message  # the item's own message, to route it again if its round does not commit
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class Invocation(Item):
+    """A message that runs a handler (or waits in its key's inbox, or resumes the invocation suspended there).
+
+    ``message`` is the invocation that runs: the item's own, or, once routing attached a
+    ``resume``, the suspended invocation's.
+    """
+
+    message: envelope.Message
     # Its idempotency record exists and says PENDING (it was queued or suspended): overwrite it.
     idem_pending: bool = False
-    # Runs a suspended invocation again (a call's reply arrived, or a RESUME timer is due); ``message``
-    # is then the suspended invocation's, ``response`` the reply that resumes it, and ``arrived`` the
-    # message as it arrived (the reply, or the timer's), to route it again if its round does not commit.
-    resume: suspension.Suspension | None = None
-    response: bytes | None = None
-    arrived: envelope.Message | None = None
+    resume: Resumption | None = None
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self.message.idempotency_key
+
+    @property
+    def response(self) -> bytes | None:
+        return self.resume.response if self.resume is not None else None
 
     def resume_with(self, record: suspension.Suspension, message: envelope.Message) -> None:
         """Route this reply (or resume timer) to the invocation suspended on its key, which runs instead."""
-        assert self.message is not None and self.arrived is None
-        self.arrived = self.message
-        if self.message.is_response:
-            self.response = self.message.args["reply"]
-        self.resume = record
+        assert self.resume is None
+        response = self.message.args["reply"] if self.message.is_response else None
+        self.resume = Resumption(record, response, self.message)
         self.idem_pending = suspension.idem_pending(record.message)
         self.message = message
 
     def unroute(self) -> None:
         """Undo ``resume_with``: the item is what arrived again (its round was not committed)."""
-        if self.arrived is not None:
-            self.message, self.arrived = self.arrived, None
-            self.resume = self.response = None
+        if self.resume is not None:
+            self.message = self.resume.arrived
+            self.resume = None
             self.idem_pending = False
 
-    @property
-    def key(self) -> str | None:
-        return self.message.key if self.message else None
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class Ingress(Invocation):
+    """From outside: carries an idempotency key (the client's, or its message id)."""
+
+    # Copies of the same invocation in the same batch: acked with it and answered with its outcome.
+    dups: list[tuple[Msg, str | None]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class Delivered(Invocation):
+    """A message of a channel bundle from another partition's commit, deduplicated by the channel's watermark."""
+
+    sender: str
+    bundle_seq: int
+    index: int
+    bundle_size: int
 
     @property
     def idempotency_key(self) -> str | None:
-        """What makes a redelivered copy of this item a no-op: recorded with its outcome in the commit.
+        # Its channel's watermark makes a copy a no-op; a reply resuming an invocation carries that one's key.
+        return self.message.idempotency_key if self.resume is not None else None
 
-        Ingress invocations (and their retries) carry one; an undecodable message is known by its
-        stream sequence (its id), so a redelivery after a lost ack is not dead-lettered twice.
-        Channel items are deduplicated by their channel's watermark instead.
-        """
-        if self.kind is Kind.DEAD:
-            return self.id
-        if self.kind in (Kind.CHANNEL, Kind.DELAYED_SEND) and self.resume is None:
-            return None
-        return self.message.idempotency_key if self.message else None
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class Retry(Invocation):
+    """A timer: run the message again (its attempt already counted up)."""
+
+    timer: bytes
+
+    @property
+    def timer_key(self) -> bytes | None:
+        return self.timer
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class InboxHead(Invocation):
+    """A message that waited in its locked key's inbox, now at its head and the key free."""
+
+    inbox_key: bytes
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class ResumeTimer(Invocation):
+    """A timer: run the invocation suspended on ``message.key`` again from its journal, at ``message.attempt``."""
+
+    timer: bytes
+
+    @property
+    def timer_key(self) -> bytes | None:
+        return self.timer
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class DelayedSend(Item):
+    """A timer: put ``message`` on its channel to ``target_function`` now."""
+
+    message: envelope.Message
+    target_function: str
+    timer: bytes
+
+    @property
+    def timer_key(self) -> bytes | None:
+        return self.timer
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class InquiryTimer(Item):
+    """A timer: ``key`` may still be prepared for transaction ``tx_id``; if so, ask its coordinator."""
+
+    key: str
+    tx_id: str
+    timer: bytes
+
+    @property
+    def timer_key(self) -> bytes | None:
+        return self.timer
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class Undecodable(Item):
+    """A message that could not be decoded: dead-lettered as it is, known by its stream sequence (its id)."""
+
+    raw: bytes
+    reason: str
+    reply_to: str | None
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self.id  # a redelivery after a lost ack is answered from the record, not dead-lettered twice
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class DropTimer(Item):
+    """A retry whose invocation turned out to be recorded already: only its timer is deleted."""
+
+    timer: bytes
+
+    @property
+    def timer_key(self) -> bytes | None:
+        return self.timer

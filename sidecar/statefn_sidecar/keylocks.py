@@ -91,48 +91,52 @@ class KeyLocks:
 
     def route(self, item: items.Item) -> Route:
         """Decide an item's fate in this round; a resuming item gets its suspension attached."""
+        if isinstance(item, items.InquiryTimer):  # reads the key's prepared record
+            return Route.LATER if item.key in self._changing else Route.OWN
+        if not isinstance(item, items.Invocation):
+            return Route.OWN
         item.unroute()  # routed in an earlier round whose commit did not land: decide afresh
-        if item.kind in (items.Kind.DELAYED_SEND, items.Kind.DEAD, items.Kind.DROP_TIMER):
-            return Route.OWN
         msg = item.message
-        assert msg is not None
-        reads_records = (item.kind in (items.Kind.RESUME, items.Kind.INQUIRE) or msg.is_response
-                         or msg.is_prepare or msg.is_tx_control)
-        if reads_records and msg.key in self._changing:
-            return Route.LATER
-        if item.kind is items.Kind.INQUIRE:
-            return Route.OWN
-        if msg.is_tx_control:
-            if msg.handler != constants.INQUIRE_HANDLER:
-                self._changing.add(msg.key)  # a decision unlocks the key
-            return Route.CONTROL
-        if item.kind is items.Kind.RESUME or msg.is_response:
-            route = self._resume(item, self.suspended.get(msg.key))
-        elif msg.is_prepare:
-            route = self._prepare(item, msg)
-        elif item.kind is items.Kind.INBOX:
-            route = Route.RUN
-        else:
-            route = Route.QUEUE if self.locked(msg.key) else Route.RUN
+        route = self._route(item, msg)
         if route is Route.RUN:
             self._changing.add(msg.key)
         return route
 
-    def _prepare(self, item: items.Item, msg: envelope.Message) -> Route:
+    def _route(self, item: items.Invocation, msg: envelope.Message) -> Route:
+        if isinstance(item, items.Ingress):
+            # From outside: never a reply, a prepare or a decision (those travel only on channels). One
+            # that names such a handler runs like any message, and fails as an unknown handler.
+            return Route.QUEUE if self.locked(msg.key) else Route.RUN
+        if isinstance(item, items.InboxHead):  # what queued: a plain message, or a prepare that waited
+            return self._prepare(item, msg) if msg.is_prepare else Route.RUN
+        reads_records = (isinstance(item, items.ResumeTimer) or msg.is_response or msg.is_prepare
+                         or msg.is_tx_control)
+        if reads_records and msg.key in self._changing:
+            return Route.LATER
+        if msg.is_tx_control:
+            if msg.handler != constants.INQUIRE_HANDLER:
+                self._changing.add(msg.key)  # a decision unlocks the key
+            return Route.CONTROL
+        if isinstance(item, items.ResumeTimer) or msg.is_response:
+            return self._resume(item, self.suspended.get(msg.key))
+        if msg.is_prepare:
+            return self._prepare(item, msg)
+        return Route.QUEUE if self.locked(msg.key) else Route.RUN
+
+    def _prepare(self, item: items.Invocation, msg: envelope.Message) -> Route:
         assert msg.tx is not None
         holder = self.holder(msg.key)
         if holder is not None and holder.id == msg.tx.id:
             return Route.RUN  # its own transaction holds the key (the coordinator's key, or a second prepare)
         # An inbox head is taken only once nothing holds its key.
-        if holder is None and (item.kind is items.Kind.INBOX or not self.locked(msg.key)):
+        if holder is None and (isinstance(item, items.InboxHead) or not self.locked(msg.key)):
             return Route.RUN  # it runs, and holds the key from now on
         if holder is None:
             return Route.QUEUE  # held by an invocation outside any transaction, which ends on its own
         return Route.QUEUE if twophase.wait_die(msg.tx, holder) else Route.DIE
 
-    def _resume(self, item: items.Item, record: suspension.Suspension | None) -> Route:
+    def _resume(self, item: items.Invocation, record: suspension.Suspension | None) -> Route:
         msg = item.message
-        assert msg is not None
         attempt = msg.attempt  # a RESUME timer carries the next attempt; a reply resumes the current one
         if msg.is_response:
             call_id = msg.args.get("call")
@@ -150,10 +154,9 @@ class KeyLocks:
         item.resume_with(record, dataclasses.replace(record.message, attempt=attempt))
         return Route.RUN
 
-    def entry_for(self, item: items.Item) -> Queued:
+    def entry_for(self, item: items.Invocation) -> Queued:
         """The inbox entry an item becomes (written by its commit; numbers lost with a failed one leave gaps)."""
         msg = item.message
-        assert msg is not None
         number = self._next_number.get(msg.key, 1)
         self._next_number[msg.key] = number + 1
         return Queued(number, self._keys.inbox(msg.key, number), item.id, msg)
@@ -168,8 +171,8 @@ class KeyLocks:
                 continue
             head = _next(queue)
             self._taken.add(key)
-            out.append(items.Item(kind=items.Kind.INBOX, id=head.item_id, message=head.message,
-                                  inbox_key=head.etcd_key, idem_pending=suspension.idem_pending(head.message)))
+            out.append(items.InboxHead(id=head.item_id, message=head.message, inbox_key=head.etcd_key,
+                                       idem_pending=suspension.idem_pending(head.message)))
         return out
 
     def has_ready(self) -> bool:

@@ -22,9 +22,9 @@ def start_invocations(outcomes: Iterable[planner.Outcome], function: str, partit
     if tracer is None:
         return
     for oc in outcomes:
-        msg = oc.item.message
-        if msg is None or oc.item.kind not in items.RUNNABLE:
+        if not isinstance(oc.item, items.Invocation):
             continue
+        msg = oc.item.message
         # A 2PC decision or inquiry runs no handler: its span is named for the phase ("tx.commit bank/account").
         name = f"tx.{msg.handler[1:]} {function}" if msg.is_tx_control else f"invoke {function}.{msg.handler}"
         oc.span = tracer.start_span(
@@ -66,7 +66,7 @@ def committed(m: metrics.FunctionMetrics, outcomes: list[planner.Outcome], txn_b
             m.transactions[decision].inc()
         if oc.tx_event is not None:
             m.tx_event(oc.tx_event).inc()
-        if oc.item.kind not in items.RUNNABLE:
+        if not isinstance(oc.item, items.Invocation):
             if oc.dead_letter is not None:
                 m.dead_letters.inc()  # an undecodable message
             continue

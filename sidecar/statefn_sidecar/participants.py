@@ -12,7 +12,7 @@ import logging
 from typing import Protocol
 
 from statefn_core import constants, envelope, errors, layout, wire
-from statefn_sidecar import assembly, keylocks, planner, statecache, twophase
+from statefn_sidecar import assembly, items, keylocks, planner, statecache, twophase
 
 _log = logging.getLogger("statefn.participants")
 
@@ -25,8 +25,8 @@ class Targets(Protocol):
 
 def die(oc: planner.Outcome, fn: layout.FunctionType) -> None:
     """Wait-die: a younger transaction's prepare does not wait for an older one's lock; it votes no."""
-    msg = oc.item.message
-    assert msg is not None and msg.tx is not None
+    msg = oc.invocation.message
+    assert msg.tx is not None  # routed DIE: a prepare
     oc.reply = envelope.Reply(ok=False, error=wire.ErrorInfo(
         kind=errors.ErrorKind.TX_CONFLICT,
         message=f"{fn}({msg.key!r}) is held by an older transaction; the younger one gives way (wait-die)"))
@@ -39,16 +39,16 @@ def state_for(key: str, ocs: list[planner.Outcome], cache: statecache.StateCache
     stored = cache.get(key)
     staged = locks.prepared.get(key)
     if staged is not None and all(
-            oc.item.message is not None and oc.item.message.is_prepare and oc.item.message.tx is not None
-            and oc.item.message.tx.id == staged.tx.id for oc in ocs):
+            oc.invocation.message.is_prepare and oc.invocation.message.tx is not None
+            and oc.invocation.message.tx.id == staged.tx.id for oc in ocs):
         return staged.view(stored)
     return dict(stored)
 
 
 def stage(oc: planner.Outcome, key: str, state: dict[str, bytes | None], locks: keylocks.KeyLocks) -> None:
     """A prepare succeeded: its state changes and messages wait in the prepared record, not in etcd's state."""
-    msg = oc.item.message
-    assert msg is not None and msg.tx is not None
+    msg = oc.invocation.message
+    assert msg.tx is not None  # a prepare
     sends = [twophase.StagedSend(str(s.target.function), s.target.partition, s.message) for s in oc.sends]
     sends += [twophase.StagedSend(function, -1, message, due_ms) for due_ms, function, message in oc.delayed]
     oc.sends.clear()
@@ -67,8 +67,8 @@ class Participants:
 
     async def control(self, oc: planner.Outcome, locks: keylocks.KeyLocks) -> None:
         """A decision for a prepared key of this partition, or an inquiry to a coordinator's key."""
-        msg = oc.item.message
-        assert msg is not None and msg.tx is not None
+        msg = oc.invocation.message
+        assert msg.tx is not None  # routed CONTROL: a decision or inquiry, which carries its transaction
         if msg.handler == constants.INQUIRE_HANDLER:
             await self._answer_inquiry(oc, locks)
             return
@@ -95,8 +95,8 @@ class Participants:
         If it decided commit, that decision went out on the same ordered channel before this
         answer, so the participant has applied it and ignores the abort.
         """
-        msg = oc.item.message
-        assert msg is not None and msg.tx is not None
+        msg = oc.invocation.message
+        assert msg.tx is not None  # an inquiry
         record = locks.suspended.get(msg.key)
         if record is not None and record.tx is not None and record.tx.id == msg.tx.id:
             oc.tx_event = "inquiry_pending"  # still undecided: the participant asks again later
@@ -106,8 +106,7 @@ class Participants:
 
     async def release_orphan(self, oc: planner.Outcome) -> None:
         """A yes vote its coordinator no longer waits for (it timed out, or ended): release that participant."""
-        msg = oc.item.message
-        assert msg is not None
+        msg = oc.invocation.message
         prepared = msg.args.get("prepared") if msg.is_response else None
         if not prepared or not isinstance(msg.args.get("reply"), bytes):
             return
@@ -123,28 +122,25 @@ class Participants:
         oc.tx_event = "orphan_abort"
         await self._send_abort(oc, function, key, tx)
 
-    async def inquire(self, oc: planner.Outcome, locks: keylocks.KeyLocks) -> None:
+    async def inquire(self, oc: planner.Outcome, timer: items.InquiryTimer, locks: keylocks.KeyLocks) -> None:
         """A prepared key's timer: still no decision, so ask the coordinator and wait another timeout."""
-        msg = oc.item.message
-        assert msg is not None
-        staged = locks.prepared.get(msg.key)
-        if staged is None or staged.tx.id != msg.args["tx"]:
+        staged = locks.prepared.get(timer.key)
+        if staged is None or staged.tx.id != timer.tx_id:
             return  # decided meanwhile: deleting the timer is all
         tx = staged.tx
         oc.prepare = dataclasses.replace(staged, timer=b"")  # re-armed by this commit
         oc.tx_event = "inquired"
         fn = self._targets.fn
-        inquiry = envelope.tx_control_message(constants.INQUIRE_HANDLER, tx, tx.key, origin=f"{fn}:{msg.key}",
-                                               traceparent=None, args={"function": str(fn), "key": msg.key})
+        inquiry = envelope.tx_control_message(constants.INQUIRE_HANDLER, tx, tx.key, origin=f"{fn}:{timer.key}",
+                                               traceparent=None, args={"function": str(fn), "key": timer.key})
         try:
             oc.sends.append(assembly.Send(await self._targets.target(tx.function, tx.key), inquiry))
         except (errors.UnknownFunction, errors.InvalidFunctionType) as exc:
             _log.error("%s(%r) is prepared for %s, whose coordinator cannot be reached (%s); it stays locked",
-                       fn, msg.key, tx.id, exc)
+                       fn, timer.key, tx.id, exc)
 
     async def _send_abort(self, oc: planner.Outcome, function: str, key: str, tx: wire.TxInfo) -> None:
-        msg = oc.item.message
-        assert msg is not None
+        msg = oc.invocation.message
         abort = envelope.tx_control_message(constants.ABORT_HANDLER, tx, key, origin=f"{self._targets.fn}:{msg.key}",
                                              traceparent=msg.traceparent)
         oc.sends.append(assembly.Send(await self._targets.target(function, key), abort))

@@ -299,7 +299,8 @@ class PartitionWorker:
                     item = oc.item
                     idem = item.idempotency_key
                     # An item whose own record says PENDING (it was queued or suspended) is not a copy.
-                    record = existing.get(self.keys.idempotency(idem)) if idem and not item.idem_pending else None
+                    pending = isinstance(item, items.Invocation) and item.idem_pending
+                    record = existing.get(self.keys.idempotency(idem)) if idem and not pending else None
                     if record is None:
                         observe.abandoned([oc], "rerun")
                         redo.append(item)
@@ -309,7 +310,7 @@ class PartitionWorker:
                     self._executor.metrics.duplicates.inc()
                     await self._answer(item, record)
                     if item.timer_key is not None:
-                        redo.append(items.Item(kind=items.Kind.DROP_TIMER, id=item.id, timer_key=item.timer_key))
+                        redo.append(items.DropTimer(id=item.id, timer=item.timer_key))
                     else:
                         await self._done(item)
             return redo
@@ -342,12 +343,16 @@ class PartitionWorker:
     async def _answer(self, item: items.Item, record: bytes) -> None:
         if record == envelope.PENDING_RECORD:
             return  # still running (suspended or queued): its end answers the original reply address
-        reply_to = item.message.reply_to if item.message else (item.dead or {}).get("reply_to")
+        if isinstance(item, items.Invocation):
+            reply_to = item.message.reply_to
+        else:
+            reply_to = item.reply_to if isinstance(item, items.Undecodable) else None
         if reply_to:
             await self._nc.publish(reply_to, record)
-        for _, dup_reply_to in item.dups:
-            if dup_reply_to:
-                await self._nc.publish(dup_reply_to, record)
+        if isinstance(item, items.Ingress):
+            for _, dup_reply_to in item.dups:
+                if dup_reply_to:
+                    await self._nc.publish(dup_reply_to, record)
 
     async def _done(self, item: items.Item) -> None:
         if item.source is not None:
@@ -359,9 +364,10 @@ class PartitionWorker:
                     except faults.InjectedTimeout:
                         return  # as if the ack never arrived: JetStream redelivers after ack_wait
                 await item.source.msg.ack()
-        for msg, _ in item.dups:
-            await msg.ack()
-        item.dups.clear()
+        if isinstance(item, items.Ingress):
+            for msg, _ in item.dups:
+                await msg.ack()
+            item.dups.clear()
 
     # ---- helpers ----
     def _planner(self) -> planner.Planner:

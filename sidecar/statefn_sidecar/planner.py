@@ -40,6 +40,13 @@ class Outcome:
     span: Any = None                           # the invocation's span while tracing is on
 
     @property
+    def invocation(self) -> items.Invocation:
+        """The invocation this outcome is about; only outcomes of timers and dead letters have none."""
+        if not isinstance(self.item, items.Invocation):
+            raise TypeError(f"{type(self.item).__name__} {self.item.id} carries no invocation")
+        return self.item
+
+    @property
     def label(self) -> str:
         """ok, retry, error (terminal: answered with the error and dead-lettered), suspended, queued, prepared;
         dropped or control when no handler ran (a reply nobody waits for; a 2PC decision, inquiry or refusal)."""
@@ -53,7 +60,7 @@ class Outcome:
             return "queued"
         if self.dropped:
             return "dropped"
-        if self.item.kind in items.RUNNABLE and self.item.message is not None and self.item.message.is_prepare:
+        if isinstance(self.item, items.Invocation) and self.item.message.is_prepare:
             return "prepared" if self.prepare is not None else "control"  # staged, or died under wait-die
         return "control" if self.tx_event is not None else "ok"
 
@@ -78,8 +85,9 @@ def dead_letter_record(fn: layout.FunctionType, partition: int, item: items.Item
     or a transaction that aborted on it); ``journaled`` counts the durable steps (call replies,
     ``ctx.run`` results) it had finished. A replay runs the invocation again from the start, alone.
     """
-    msg = item.message
-    journaled = len(item.resume.journal) + (item.response is not None) if item.resume is not None else 0
+    msg = item.message if isinstance(item, items.Invocation) else None
+    resume = item.resume if isinstance(item, items.Invocation) else None
+    journaled = len(resume.record.journal) + (resume.response is not None) if resume is not None else 0
     return {
         "function": str(fn),
         "partition": partition,
@@ -94,7 +102,7 @@ def dead_letter_record(fn: layout.FunctionType, partition: int, item: items.Item
         "transaction": msg.tx.id if msg and msg.tx else None,
         "journaled": journaled,
         "error": {"kind": error.kind, "message": error.message, "type": error.type},
-        "raw": item.dead.get("raw") if item.dead else None,
+        "raw": item.raw if isinstance(item, items.Undecodable) else None,
         "failed_at": time.time(),
     }
 
@@ -159,29 +167,29 @@ class Planner:
         item = oc.item
         eff.outcomes.append(oc)
         # Source bookkeeping: the thing that makes seeing this item again a no-op.
-        if item.kind is items.Kind.CHANNEL:
-            assert item.sender is not None
+        if isinstance(item, items.Delivered):
             wm = (item.bundle_seq, item.index + 1, item.bundle_size)
             txn.put(self.keys.chan_in(item.sender), codec.pack(list(wm)))
             eff.chan_in[item.sender] = wm
+        elif isinstance(item, items.InboxHead):
+            txn.delete(item.inbox_key)
+            eff.dequeued.append((item.message.key, item.inbox_key))
         if item.timer_key is not None:
             txn.delete(item.timer_key)
             eff.timers_removed.append(item.timer_key)
-        if item.inbox_key is not None:
-            assert item.message is not None
-            txn.delete(item.inbox_key)
-            eff.dequeued.append((item.message.key, item.inbox_key))
         idem = item.idempotency_key
         if idem and (oc.reply is not None or oc.suspend or oc.queued):
             # Final, or PENDING while it waits (a copy arriving meanwhile is then a duplicate).
+            pending = isinstance(item, items.Invocation) and item.idem_pending
             record = oc.reply.encode() if oc.reply is not None else envelope.PENDING_RECORD
-            if not item.idem_pending or oc.reply is not None:
+            if not pending or oc.reply is not None:
                 ikey = self.keys.idempotency(idem)
-                if not item.idem_pending:
+                if not pending:
                     txn.require_absent(ikey)
                 txn.put(ikey, record, lease=self._idem_lease)
                 eff.idem_records[idem] = record
-        self._add_suspension(share, oc)
+        if isinstance(item, items.Invocation):
+            self._add_suspension(share, oc, item)
         # Effects.
         for (key, name), value in oc.state.items():
             skey = self.keys.state(key, name)
@@ -193,17 +201,25 @@ class Planner:
         for s in oc.sends:
             share.send(s)
         self._add_prepared(share, oc)
+        for due_ms, function, message in oc.delayed:
+            self._add_timer(share, due_ms, timer_payload_send(function, message))
+        if isinstance(item, items.Invocation):
+            self._add_reply_and_retry(share, oc, item)
+        if oc.dead_letter is not None:
+            oc.dead_letter["partition"] = self.keys.partition
+            share.dead.append(codec.pack(oc.dead_letter))
+        return share
+
+    def _add_reply_and_retry(self, share: assembly.Share, oc: Outcome, item: items.Invocation) -> None:
+        """The reply to a waiting caller (a durable call's, or a vote), and the timer of another attempt."""
         msg = item.message
-        if oc.reply is not None and msg is not None and msg.caller is not None:
+        if oc.reply is not None and msg.caller is not None:
             vote = (str(self.fn), msg.key, msg.tx) if oc.prepare is not None and msg.tx is not None else None
             response = envelope.response_message(msg.caller, oc.reply, origin=f"{self.fn}:{msg.key}",
                                                   traceparent=msg.traceparent, prepared=vote)
             share.send(assembly.Send(
                 layout.PartitionId(layout.FunctionType.parse(msg.caller.function), msg.caller.partition), response))
-        for due_ms, function, message in oc.delayed:
-            self._add_timer(share, due_ms, timer_payload_send(function, message))
         if oc.retry_at_ms is not None:
-            assert msg is not None
             if item.resume is not None and not oc.restart:  # run again from its journal, kept in the record
                 payload = timer_payload_resume(msg.key, msg.attempt + 1)
             else:
@@ -212,15 +228,12 @@ class Planner:
                 if oc.restart and item.resume is not None:
                     # A new invocation (votes still on their way to the old one find no call of the new one
                     # waiting), whose transactions keep the age of the one that died.
-                    inv_id = f"{item.resume.invocation_id.split('/')[0]}/{msg.attempt + 1}"
-                    if item.resume.tx is not None:
-                        retry.tx_age = item.resume.tx.ts
+                    record = item.resume.record
+                    inv_id = f"{record.invocation_id.split('/')[0]}/{msg.attempt + 1}"
+                    if record.tx is not None:
+                        retry.tx_age = record.tx.ts
                 payload = timer_payload_retry(inv_id, retry, item.idem_pending)
             self._add_timer(share, oc.retry_at_ms, payload)
-        if oc.dead_letter is not None:
-            oc.dead_letter["partition"] = self.keys.partition
-            share.dead.append(codec.pack(oc.dead_letter))
-        return share
 
     def _add_prepared(self, share: assembly.Share, oc: Outcome) -> None:
         """Write a participant's prepared record (arming its inquiry timer), or drop it once decided."""
@@ -237,12 +250,11 @@ class Planner:
             self._cancel_timer(share, oc.decided.timer)
             eff.prepared[oc.decided.key] = None
 
-    def _add_suspension(self, share: assembly.Share, oc: Outcome) -> None:
+    def _add_suspension(self, share: assembly.Share, oc: Outcome, item: items.Invocation) -> None:
         """Write or drop the suspension record, and queue the item in its key's inbox if it must wait."""
         txn, eff = share.txn, share.eff
-        item = oc.item
         if item.resume is not None:  # the call it waited for has its answer: its timeout is moot
-            self._cancel_timer(share, item.resume.timer)
+            self._cancel_timer(share, item.resume.record.timer)
         if oc.suspend is not None:
             key = oc.suspend.message.key
             if oc.suspend.timeout and oc.suspend.waiting and not oc.suspend.timer:
@@ -250,7 +262,7 @@ class Planner:
             txn.put(self.keys.suspended(key), oc.suspend.encode())
             eff.suspended[key] = oc.suspend
         elif item.resume is not None:  # it ended (reply or error): the key is unlocked
-            key = item.resume.message.key
+            key = item.resume.record.message.key
             txn.delete(self.keys.suspended(key))
             eff.suspended[key] = None
         if oc.queued is not None:

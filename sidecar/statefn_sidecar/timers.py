@@ -53,19 +53,17 @@ class TimerHeap:
             raw = codec.unpack(payload)
             if raw[0] == "retry":
                 _, inv_id, plain, *pending = raw
-                out.append(items.Item(kind=items.Kind.RETRY, id=inv_id, message=envelope.Message.from_plain(plain),
-                                      timer_key=key, idem_pending=bool(pending and pending[0])))
+                out.append(items.Retry(id=inv_id, message=envelope.Message.from_plain(plain), timer=key,
+                                       idem_pending=bool(pending and pending[0])))
             elif raw[0] == "resume":  # the suspended invocation of that key, at this attempt
                 _, target_key, attempt = raw
-                out.append(items.Item(kind=items.Kind.RESUME, id=key.decode(), timer_key=key,
-                                      message=envelope.Message(key=target_key, handler="", args={}, attempt=attempt)))
+                out.append(items.ResumeTimer(id=key.decode(), timer=key, message=envelope.Message(
+                    key=target_key, handler="", args={}, attempt=attempt)))
             elif raw[0] == "inquire":  # the key may still be prepared for that transaction
                 _, target_key, tx_id = raw
-                out.append(items.Item(kind=items.Kind.INQUIRE, id=key.decode(), timer_key=key,
-                                      message=envelope.Message(key=target_key, handler="", args={"tx": tx_id})))
+                out.append(items.InquiryTimer(id=key.decode(), timer=key, key=target_key, tx_id=tx_id))
             else:
                 _, function, plain = raw
-                out.append(items.Item(kind=items.Kind.DELAYED_SEND, id=key.decode(),
-                                      message=envelope.Message.from_plain(plain), timer_key=key,
-                                      target_function=function))
+                out.append(items.DelayedSend(id=key.decode(), message=envelope.Message.from_plain(plain), timer=key,
+                                             target_function=function))
         return out
