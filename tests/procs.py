@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,20 @@ def keep_logs(group: list[SidecarProcess], name: str) -> str:
     for i, sc in enumerate(group):
         (out / f"sidecar-{i}.log").write_text(sc.log_text())
     return str(out)
+
+
+@contextlib.contextmanager
+def group(n: int, namespace: str, servers: tuple[devservers.NatsServer, devservers.EtcdServer],
+          app: str, **settings: Any) -> Iterator[list[SidecarProcess]]:
+    """``n`` sidecar processes of one app, ready; killed and their logs removed on the way out."""
+    started = [SidecarProcess(app, namespace, *servers, **settings).start() for _ in range(n)]
+    try:
+        for s in started:
+            s.wait_ready()
+        yield started
+    finally:
+        for s in started:
+            s.cleanup()
 
 
 class SidecarProcess:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats.errors
 import pytest
@@ -25,29 +25,6 @@ from tests.apps import bank
 pytestmark = pytest.mark.crash
 APP = "tests.apps.ordered:app"
 _log = logging.getLogger("test.crash")
-
-
-@pytest.fixture
-def servers() -> Iterator[tuple[devservers.NatsServer, devservers.EtcdServer]]:
-    nats_s, etcd_s = devservers.NatsServer(), devservers.EtcdServer()
-    nats_s.start()
-    etcd_s.start()
-    yield nats_s, etcd_s
-    nats_s.cleanup()
-    etcd_s.cleanup()
-
-
-@contextlib.contextmanager
-def sidecars(n: int, namespace: str, servers: tuple[devservers.NatsServer, devservers.EtcdServer],
-             app: str = APP, **settings: object) -> Iterator[list[procs.SidecarProcess]]:
-    group = [procs.SidecarProcess(app, namespace, *servers, **settings).start() for _ in range(n)]
-    try:
-        for s in group:
-            s.wait_ready()
-        yield group
-    finally:
-        for s in group:
-            s.cleanup()
 
 
 async def invoke_until_answered(c: statefn.Client, fn: str, key: str, idem: str, **args: object) -> object:
@@ -99,7 +76,7 @@ async def test_exactly_once_under_crashes(servers, namespace) -> None:
     random.Random(1).shuffle(plan)
     expected = collections.Counter(k for k, _ in plan)
     nats_s, etcd_s = servers
-    with sidecars(3, namespace, servers) as group:
+    with procs.group(3, namespace, servers, APP) as group:
         async with client(servers) as c:
             done = asyncio.Event()
             faults = collections.Counter()
@@ -166,7 +143,7 @@ async def test_durable_calls_conserve_money_under_crashes(servers, namespace, ha
         outcomes[ref] = "done"
         expected[source] -= amount
         expected[target] += amount
-    with sidecars(3, namespace, servers, app="tests.apps.bank:app") as group:
+    with procs.group(3, namespace, servers, "tests.apps.bank:app") as group:
         async with client(servers) as c:
             done = asyncio.Event()
             kills = 0
@@ -235,7 +212,7 @@ async def test_zombie_is_fenced(servers, namespace) -> None:
     keys = [f"z{i}" for i in range(50)]
     plan = [(keys[i % len(keys)], f"z-{i}") for i in range(2_000)]
     expected = collections.Counter(k for k, _ in plan)
-    with sidecars(2, namespace, servers) as (zombie, survivor):
+    with procs.group(2, namespace, servers, APP) as (zombie, survivor):
         async with client(servers) as c:
             for _ in range(100):
                 if len(zombie.partitions()) == 4 and len(survivor.partitions()) == 4:
@@ -269,7 +246,7 @@ async def test_rebalancing_keeps_order_and_counts(servers, namespace) -> None:
     fn = f"{namespace}/counter"
     keys = [f"r{i}" for i in range(40)]
     per_key = 60
-    with sidecars(1, namespace, servers) as (first,):
+    with procs.group(1, namespace, servers, APP) as (first,):
         async with client(servers) as c:
             await wait_for_partitions(first, list(range(8)))
 
@@ -312,7 +289,7 @@ async def test_rebalancing_keeps_order_and_counts(servers, namespace) -> None:
 async def test_not_ready_while_etcd_or_nats_is_down_and_nothing_lost(servers, namespace) -> None:
     fn = f"{namespace}/counter"
     nats_s, etcd_s = servers
-    with sidecars(1, namespace, servers) as (sc,):
+    with procs.group(1, namespace, servers, APP) as (sc,):
         async with client(servers) as c:
             assert await invoke_until_answered(c, fn, "k", "before") == 1
             etcd_s.stop()
@@ -346,7 +323,7 @@ async def test_new_owner_finishes_the_outbox(servers, namespace) -> None:
             assert (await counts(c, fn, targets)) == dict.fromkeys(targets, 0)  # committed, never published
             assert "injected fault: publish_refused" in stuck.log_text()
             stuck.kill()
-            with sidecars(1, namespace, servers) as (heir,):
+            with procs.group(1, namespace, servers, APP) as (heir,):
                 deadline = time.monotonic() + 30
                 got: dict[str, int] = {}
                 while got != dict.fromkeys(targets, 10):
@@ -373,7 +350,7 @@ async def test_timers_survive_the_owner(servers, namespace) -> None:
                 await c.invoke(fn, f"sender{i}", "increment_later", target=f"late{i % 5}", delay=4.0,
                                idempotency_key=f"later-{i}")
             first.kill()  # the timers are only in etcd now
-            with sidecars(1, namespace, servers) as (heir,):
+            with procs.group(1, namespace, servers, APP) as (heir,):
                 await wait_for_partitions(heir, list(range(8)))
                 targets = [f"late{i}" for i in range(5)]
                 deadline = time.monotonic() + 30

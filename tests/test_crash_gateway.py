@@ -28,7 +28,6 @@ import statefn
 from statefn_sidecar import devservers, gateway
 from tests import helpers, procs
 from tests.apps import ledger
-from tests.test_crash import servers, sidecars  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.crash
 _log = logging.getLogger("test.crash_gateway")
@@ -110,14 +109,14 @@ async def post_until_answered(session: aiohttp.ClientSession, base: str, namespa
 
 @pytest.mark.timeout(DEADLINE_S + 120)
 @pytest.mark.parametrize("kinds", [["move"], ["move", "saga", "calls"]], ids=["tx", "mixed"])
-async def test_every_reply_matches_every_key_under_kills(servers, namespace, kinds) -> None:  # noqa: F811
+async def test_every_reply_matches_every_key_under_kills(servers, namespace, kinds) -> None:
     rng = random.Random(SEED)
     ops = plan(rng, 800, kinds)
     env = {"STATEFN_TEST_TX_TIMEOUT": TX_TIMEOUT_S}
     answers: dict[str, tuple[int, dict[str, Any]]] = {}
     resends: collections.Counter[str] = collections.Counter()
     kept = ""
-    with sidecars(3, namespace, servers, app="tests.apps.ledger:app", env=env, **SIDECAR_SETTINGS) as group:
+    with procs.group(3, namespace, servers, "tests.apps.ledger:app", env=env, **SIDECAR_SETTINGS) as group:
         nats_s, etcd_s = servers
         async with statefn.Client(nats=nats_s.url, etcd=etcd_s.endpoint, retry_interval=2.0,
                                   timeout=GATEWAY_TIMEOUT_S) as client:

@@ -41,10 +41,6 @@ class Suspension:
         return cls(inv_id, envelope.Message.from_plain(plain), list(journal), sends_done, waiting,
                    wire.TxInfo.from_plain(tx), timer, timeout, sleeping)
 
-    @property
-    def size(self) -> int:
-        return sum(len(r) for r in self.journal) + len(codec.pack(self.message.to_plain())) + 128
-
 
 def queued_entry(message: envelope.Message, item_id: str) -> bytes:
     """An inbox entry: a message that waits for its key to be unlocked."""

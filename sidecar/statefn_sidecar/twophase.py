@@ -67,11 +67,6 @@ class Prepared:
         assert info is not None
         return cls(key, info, dict(state), [StagedSend.from_plain(s) for s in sends], timer)
 
-    @property
-    def size(self) -> int:
-        return sum(len(v or b"") + len(k) for k, v in self.state.items()) + sum(
-            len(codec.pack(s.to_plain())) for s in self.sends) + 256
-
 
 def timer_payload_inquire(key: str, tx_id: str) -> bytes:
     """Fires while the key is still prepared for ``tx_id``: ask the coordinator, then wait again."""
