@@ -8,20 +8,26 @@ import random
 import pytest
 
 from statefn_core import envelope, layout, wire
-from statefn_sidecar import assembly, commit, faults, items, planner
+from statefn_sidecar import assembly, commit, deadletters, decisions, faults, items, planner
 from tests import helpers
 
 FN = layout.FunctionType("a", "b")
 
 
-def _ingress(i: int, *, key: str, sends: int = 0, state_bytes: int = 1) -> planner.Outcome:
+def _ingress(i: int, *, key: str, sends: int = 0, state_bytes: int = 1) -> decisions.Outcome:
     it = items.Ingress(id=f"i{i}",
                     message=envelope.Message(key=key, handler="h", args={}, idempotency_key=f"i{i}"))
-    oc = planner.Outcome(item=it, state={(key, "count"): b"x" * state_bytes},
-                         reply=envelope.Reply(ok=True, value=b"1"))
+    changes = decisions.Changes(state={(key, "count"): b"x" * state_bytes})
     for j in range(sends):
-        oc.sends.append(assembly.Send(layout.PartitionId(FN, j % 4), envelope.Message(key="t", handler="h", args={})))
-    return oc
+        changes.sends.append(
+            assembly.Send(layout.PartitionId(FN, j % 4), envelope.Message(key="t", handler="h", args={})))
+    return decisions.Outcome(item=it, decision=decisions.Replied(envelope.Reply(ok=True, value=b"1"), changes))
+
+
+def _changes(oc: decisions.Outcome) -> decisions.Changes:
+    changes = oc.decision.changes()
+    assert changes is not None
+    return changes
 
 
 def _check_limits(plans: list[tuple[commit.Txn, assembly.Effects]]) -> None:
@@ -48,19 +54,18 @@ def test_split_under_byte_limit() -> None:
     plans = planner.Planner(FN, layout.PartitionKeys(FN, 0), {}, None).plan(outcomes, {})
     _check_limits(plans)
     assert sum(len(e.outcomes) for _, e in plans) == 20
-    assert all(oc.dead_letter is None for _, e in plans for oc in e.outcomes)
+    assert all(isinstance(oc.decision, decisions.Replied) for _, e in plans for oc in e.outcomes)
 
 
 def test_invocation_too_big_for_one_commit_fails_alone() -> None:
     big = _ingress(0, key="big")
-    big.state = {("big", f"s{n}"): b"x" * 200_000 for n in range(10)}
+    _changes(big).state = {("big", f"s{n}"): b"x" * 200_000 for n in range(10)}
     plans = planner.Planner(FN, layout.PartitionKeys(FN, 0), {}, None).plan([big, _ingress(1, key="ok")], {})
     _check_limits(plans)
     failed, fine = plans[0][1].outcomes[0], [oc for _, e in plans for oc in e.outcomes][1]
-    assert failed.reply is not None and failed.reply.error is not None
-    assert failed.reply.error.kind == "state_too_large"
-    assert failed.dead_letter is not None and failed.state == {}
-    assert fine.reply is not None and fine.reply.ok
+    assert isinstance(failed.decision, decisions.Failed) and failed.decision.error.kind == "state_too_large"
+    assert failed.decision.dead_letter["key"] == "big" and _changes(failed).state == {}
+    assert isinstance(fine.decision, decisions.Replied) and fine.decision.reply.ok
 
 
 def test_many_sends_to_few_partitions_fit_one_commit() -> None:
@@ -69,21 +74,21 @@ def test_many_sends_to_few_partitions_fit_one_commit() -> None:
     plans = planner.Planner(FN, layout.PartitionKeys(FN, 0), {}, None).plan([fan], {})
     _check_limits(plans)
     ((_, eff),) = plans
-    assert fan.dead_letter is None and fan.reply is not None and fan.reply.ok
+    assert isinstance(fan.decision, decisions.Replied) and fan.decision.reply.ok
     assert sorted(e.target for e in eff.entries) == ["a.b.0", "a.b.1", "a.b.2", "a.b.3"]
     assert sum(len(envelope.decode_bundle(e.body).messages) for e in eff.entries) == 200
 
 
 def _sender(i: int, *, key: str, sends: list[tuple[int, int]], state_bytes: int = 1,
-            dead: int = 0) -> planner.Outcome:
+            dead: int = 0) -> decisions.Outcome:
     """An outcome that sends ``(partition, bytes)`` messages, and optionally fails with a big dead letter."""
     oc = _ingress(i, key=key, state_bytes=state_bytes)
     for partition, size in sends:
-        oc.sends.append(assembly.Send(layout.PartitionId(FN, partition),
+        _changes(oc).sends.append(assembly.Send(layout.PartitionId(FN, partition),
                                       envelope.Message(key="t", handler="h", args={"pad": "x" * size})))
     if dead:
         err = wire.ErrorInfo(kind="handler_error", message="x" * dead)
-        oc.fail(err, planner.dead_letter_record(FN, 0, oc.item, err))
+        oc.decision = decisions.failed(oc.decision, err, deadletters.record(FN, 0, oc.item, err))
     return oc
 
 
@@ -92,7 +97,7 @@ def test_large_messages_are_chunked_the_way_they_are_counted() -> None:
     oc = _sender(0, key="big", sends=[(1, 500_000)] * 3)
     plans = planner.Planner(FN, layout.PartitionKeys(FN, 0), {}, None).plan([oc], {})
     _check_limits(plans)
-    assert [len(eff.entries) for _, eff in plans] == [3] and oc.reply is not None and oc.reply.ok
+    assert [len(eff.entries) for _, eff in plans] == [3] and isinstance(oc.decision, decisions.Replied)
     assert [e.seq for _, eff in plans for e in eff.entries] == [1, 2, 3]
 
 

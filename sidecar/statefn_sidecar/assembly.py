@@ -18,7 +18,7 @@ from statefn_core import codec, constants, envelope, layout
 from statefn_sidecar import commit, keylocks, outbox, suspension, twophase
 
 if TYPE_CHECKING:
-    from statefn_sidecar import planner
+    from statefn_sidecar import decisions
 
 DLQ_TARGET = "~dlq"
 # Bundles are split so a NATS message stays well under the default max_payload (1 MiB).
@@ -37,7 +37,7 @@ class Send:
 class Effects:
     """Applied to the owner's caches and the outside world once its commit landed."""
 
-    outcomes: list[planner.Outcome] = dataclasses.field(default_factory=list)
+    outcomes: list[decisions.Outcome] = dataclasses.field(default_factory=list)
     state: dict[str, dict[str, bytes | None]] = dataclasses.field(default_factory=dict)
     chan_in: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
     chan_out: dict[str, int] = dataclasses.field(default_factory=dict)

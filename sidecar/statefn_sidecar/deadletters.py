@@ -14,13 +14,45 @@ needs ``repeat_steps``, which says the operator knows those steps may run twice.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import nats.js.errors
 from nats.js.client import JetStreamContext
 
 import statefn
-from statefn_core import codec, constants, layout
+from statefn_core import codec, constants, layout, wire
+from statefn_sidecar import items
+
+
+def record(fn: layout.FunctionType, partition: int, item: items.Item,
+                       error: wire.ErrorInfo) -> dict[str, Any]:
+    """What the dead-letter stream keeps of a failed invocation, with what a replay must know about it.
+
+    ``caller`` and ``transaction`` name who was already told of the failure (a durable call's caller,
+    or a transaction that aborted on it); ``journaled`` counts the durable steps (call replies,
+    ``ctx.run`` results) it had finished. A replay runs the invocation again from the start, alone.
+    """
+    msg = item.message if isinstance(item, items.Invocation) else None
+    resume = item.resume if isinstance(item, items.Invocation) else None
+    journaled = len(resume.record.journal) + (resume.response is not None) if resume is not None else 0
+    return {
+        "function": str(fn),
+        "partition": partition,
+        "key": msg.key if msg else None,
+        "handler": msg.handler if msg else None,
+        "args": msg.args if msg else None,
+        "attempts": msg.attempt if msg else 0,
+        "origin": msg.origin if msg else None,
+        "idempotency_key": msg.idempotency_key if msg else None,
+        "invocation_id": item.id,
+        "caller": f"{msg.caller.function}({msg.caller.key!r})" if msg and msg.caller else None,
+        "transaction": msg.tx.id if msg and msg.tx else None,
+        "journaled": journaled,
+        "error": {"kind": error.kind, "message": error.message, "type": error.type},
+        "raw": item.raw if isinstance(item, items.Undecodable) else None,
+        "failed_at": time.time(),
+    }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,18 @@ import time
 from typing import Any, Protocol
 
 from statefn_core import backoff, constants, envelope, errors, layout, wire
-from statefn_sidecar import assembly, items, keylocks, metrics, observe, participants, planner, statecache, suspension
+from statefn_sidecar import (
+    assembly,
+    deadletters,
+    decisions,
+    items,
+    keylocks,
+    metrics,
+    observe,
+    participants,
+    statecache,
+    suspension,
+)
 from statefn_sidecar import invoker as invoker_mod
 
 _log = logging.getLogger("statefn.execution")
@@ -52,14 +63,14 @@ class Executor:
         self._participants = participants.Participants(self)
 
     async def run(self, batch: list[items.Item], cache: statecache.StateCache, partition: int,
-                  locks: keylocks.KeyLocks) -> tuple[list[planner.Outcome], list[items.Item]]:
+                  locks: keylocks.KeyLocks) -> tuple[list[decisions.Outcome], list[items.Item]]:
         """Run one round: the batch up to its first item routed ``LATER``; returns the outcomes and the rest.
 
         The rest waits for this round's commit, so that it is routed against what that commit wrote.
         """
-        outcomes: list[planner.Outcome] = []
-        by_key: dict[str, list[planner.Outcome]] = {}
-        control: list[planner.Outcome] = []
+        outcomes: list[decisions.Outcome] = []
+        by_key: dict[str, list[decisions.Outcome]] = {}
+        control: list[decisions.Outcome] = []
         cancelled: set[bytes] = set()  # call timeout timers of invocations resumed in this round
         later: list[items.Item] = []
         locks.start_round()
@@ -68,7 +79,7 @@ class Executor:
             if route is keylocks.Route.LATER:
                 later = batch[i:]
                 break
-            oc = planner.Outcome(item=item)
+            oc = decisions.Outcome(item=item)
             outcomes.append(oc)
             if not isinstance(item, items.Invocation):  # routed OWN: handled below, after the handlers
                 continue
@@ -77,17 +88,16 @@ class Executor:
                 if item.resume is not None and item.resume.record.timer:
                     cancelled.add(item.resume.record.timer)
             elif route is keylocks.Route.QUEUE:
-                oc.queued = locks.entry_for(item)
+                oc.decision = decisions.Enqueued(locks.entry_for(item))
             elif route is keylocks.Route.DIE:
-                participants.die(oc, self.fn)
+                oc.decision = participants.die(item, self.fn)
             elif route is keylocks.Route.CONTROL:
                 control.append(oc)
             else:
-                oc.dropped = True
-                await self._participants.release_orphan(oc)
+                oc.decision = await self._participants.release_orphan(item)
         observe.start_invocations([*(oc for ocs in by_key.values() for oc in ocs), *control], str(self.fn), partition)
         for oc in control:
-            await self._participants.control(oc, locks)
+            oc.decision = await self._participants.control(oc.invocation, locks)
         if by_key:
             await cache.load(list(by_key))
             request = wire.BatchRequest(
@@ -107,25 +117,25 @@ class Executor:
                         # Only plain messages share a key within a round (routing sends anything that reads
                         # the key's records LATER), so what waits is the message as it arrived.
                         assert oc.invocation.resume is None, "a resumed invocation was deferred"
-                        oc.queued = locks.entry_for(oc.invocation)
+                        oc.decision = decisions.Enqueued(locks.entry_for(oc.invocation))
                     else:
-                        await self._decide(oc, key, result, partition, locks)
+                        oc.decision = await self._decide(oc, key, result, partition, locks)
         for oc in outcomes:
             item = oc.item
             if isinstance(item, items.InquiryTimer):
-                await self._participants.inquire(oc, item, locks)
+                oc.decision = await self._participants.inquire(item, locks)
             elif isinstance(item, items.DelayedSend):
                 if item.timer in cancelled:
                     continue  # a call's timeout whose reply came first: deleting the timer is all
                 target = await self.target(item.target_function, item.message.key)
-                oc.sends.append(assembly.Send(target, item.message))
+                oc.decision = decisions.Fired(decisions.Changes(sends=[assembly.Send(target, item.message)]))
             elif isinstance(item, items.Undecodable):
                 err = wire.ErrorInfo(kind=errors.ErrorKind.UNDECODABLE,
                                      message=f"cannot decode the message: {item.reason}")
-                oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
+                oc.decision = decisions.Failed(err, deadletters.record(self.fn, -1, item, err))
         return outcomes, later
 
-    def _invocation(self, oc: planner.Outcome) -> wire.Invocation:
+    def _invocation(self, oc: decisions.Outcome) -> wire.Invocation:
         item = oc.invocation
         msg = item.message
         # The handler runs in its invoke span's context (if traced), so the spans it starts nest under it.
@@ -157,72 +167,74 @@ class Executor:
         count = self._partition_count if ftype == self.fn else await self._router.partitions(function)
         return layout.PartitionId(ftype, layout.partition_of(key, count))
 
-    async def _decide(self, oc: planner.Outcome, key: str, result: wire.Result, partition: int,
-                      locks: keylocks.KeyLocks) -> None:
+    async def _decide(self, oc: decisions.Outcome, key: str, result: wire.Result, partition: int,
+                      locks: keylocks.KeyLocks) -> decisions.Decision:
         item = oc.invocation
         err = result.error
+        oc.tx_decisions = [outcome for _, outcome in result.transactions]  # for the coordinator's metrics
         if err is None:
             try:
-                await self._add_sends(oc, key, result.sends)
-                oc.tx_decisions = [outcome for _, outcome in result.transactions]
+                changes = decisions.Changes()
+                await self._add_sends(oc, changes, key, result.sends)
                 if result.call is not None:
-                    await self._suspend(oc, key, result, partition)
-                    return
+                    return await self._suspend(oc, changes, key, result, partition)
             except (errors.UnknownFunction, errors.InvalidFunctionType) as exc:
                 err = wire.ErrorInfo(kind=errors.ErrorKind.UNKNOWN_FUNCTION, message=str(exc))
             else:
-                oc.reply = envelope.Reply(ok=True, value=result.reply)
+                reply = envelope.Reply(ok=True, value=result.reply)
                 if item.message.is_prepare:
-                    participants.stage(oc, key, result.state, locks)
-                else:
-                    oc.state = {(key, name): value for name, value in result.state.items()}
-                return
+                    return participants.stage(item, reply, changes, result.state, locks)
+                changes.state = {(key, name): value for name, value in result.state.items()}
+                return decisions.Replied(reply, changes)
         restart = err.kind in (errors.ErrorKind.TX_CONFLICT, errors.ErrorKind.TX_TIMEOUT)  # only ever with retry set
         if err.retry and item.message.attempt < self.policy.max_attempts:
             after = err.retry_after if err.retry_after is not None else self.policy.backoff(item.message.attempt)
-            oc.retry_at_ms = int((time.time() + after) * 1000)
+            at_ms = int((time.time() + after) * 1000)
             if restart:  # from scratch once its key is unlocked (no suspension record), its decisions sent
-                oc.restart = True
-                await self._add_decisions(oc, key, result)
-            elif item.resume is not None:  # keep the reply in hand journaled for the next attempt
-                oc.suspend = self._progress(item)
-            return
+                return decisions.Retrying(at_ms, restart=True, effects=await self._decisions_made(oc, key, result))
+            # From its journal (the reply in hand journaled for the next attempt), or from the start; either
+            # way the next attempt makes its decisions again.
+            oc.tx_decisions = []
+            return decisions.Retrying(at_ms, journal=self._progress(item) if item.resume is not None else None)
         if err.retry:
             err = wire.ErrorInfo(
                 kind=errors.ErrorKind.RETRIES_EXHAUSTED, type=err.type,
                 message=f"gave up after {item.message.attempt} attempts: {err.message}")
-        oc.fail(err, planner.dead_letter_record(self.fn, -1, item, err))
-        await self._add_decisions(oc, key, result)
+        return decisions.Failed(err, deadletters.record(self.fn, -1, item, err),
+                                await self._decisions_made(oc, key, result))
 
-    async def _add_decisions(self, oc: planner.Outcome, key: str, result: wire.Result) -> None:
+    async def _decisions_made(self, oc: decisions.Outcome, key: str, result: wire.Result) -> decisions.Changes:
         """A failed run's effects are dropped, but not the decisions of transactions it ended.
 
         Prepared participants wait for them. (A run retried from its journal makes them again instead.)
         """
-        oc.sends.clear()
-        oc.tx_decisions = [outcome for _, outcome in result.transactions]
+        changes = decisions.Changes()
         try:
-            await self._add_sends(oc, key, [s for s in result.sends if s.handler in constants.TX_CONTROL_HANDLERS])
+            await self._add_sends(oc, changes, key,
+                                  [s for s in result.sends if s.handler in constants.TX_CONTROL_HANDLERS])
         except (errors.UnknownFunction, errors.InvalidFunctionType) as exc:
             _log.error("%s(%r): a transaction decision has no route (%s); its participants will ask", self.fn,
                        key, exc)
+        return changes
 
-    async def _add_sends(self, oc: planner.Outcome, key: str, sends: list[wire.Outgoing]) -> None:
+    async def _add_sends(self, oc: decisions.Outcome, changes: decisions.Changes, key: str,
+                         sends: list[wire.Outgoing]) -> None:
         for s in sends:
             message = self._outgoing(oc, key, s, s.purpose or "send")  # tx.commit, tx.abort: decisions
             if s.delay:
-                oc.delayed.append((int((time.time() + s.delay) * 1000), s.function, message))
+                changes.delayed.append(decisions.Delayed(int((time.time() + s.delay) * 1000), s.function, message))
             else:
-                oc.sends.append(assembly.Send(await self.target(s.function, s.key), message))
+                changes.sends.append(assembly.Send(await self.target(s.function, s.key), message))
 
-    def _outgoing(self, oc: planner.Outcome, key: str, out: wire.Outgoing, verb: str) -> envelope.Message:
+    def _outgoing(self, oc: decisions.Outcome, key: str, out: wire.Outgoing, verb: str) -> envelope.Message:
         message = envelope.Message(key=out.key, handler=out.handler, args=out.args, origin=f"{self.fn}:{key}",
                                     traceparent=out.traceparent or oc.invocation.message.traceparent, tx=out.tx)
         if not out.traceparent:
             message.traceparent = observe.send_traceparent(oc, message, out.function, out.delay or 0.0, verb)
         return message
 
-    async def _suspend(self, oc: planner.Outcome, key: str, result: wire.Result, partition: int) -> None:
+    async def _suspend(self, oc: decisions.Outcome, changes: decisions.Changes, key: str, result: wire.Result,
+                       partition: int) -> decisions.Suspended:
         """The handler waits at a call: send the call (its reply addressed to this key) and record where it is."""
         item = oc.invocation
         assert result.call is not None
@@ -234,10 +246,9 @@ class Executor:
         record.timeout = result.call.timeout or 0.0
         if result.call.handler == constants.SLEEP_HANDLER:  # ctx.sleep: no message; the timer wakes it
             record.sleeping = True
-            oc.suspend = record
-            return
+            return decisions.Suspended(record, changes)
         # The span says what the call is for: saga.step, saga.compensate, tx.prepare.
         message = self._outgoing(oc, key, result.call, result.call.purpose or "call")
         message.caller = envelope.CallerAddress(str(self.fn), partition, key, record.waiting)
-        oc.sends.append(assembly.Send(await self.target(result.call.function, result.call.key), message))
-        oc.suspend = record
+        changes.sends.append(assembly.Send(await self.target(result.call.function, result.call.key), message))
+        return decisions.Suspended(record, changes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from prometheus_client import Counter
@@ -42,22 +43,26 @@ class Intake:
             headers = msg.headers or {}
             kind = headers.get(constants.HEADER_KIND, constants.KIND_INVOKE)
             seq = msg.metadata.sequence.stream
+            # Only decoding is guarded: a NATS error acking or holding back a good bundle is not its fault
+            # (dead-lettering it would lose it), and propagates like any other.
+            bundle: envelope.Bundle | None = None
             try:
                 if kind == constants.KIND_BUNDLE:
-                    out += await self._bundle_items(msg, envelope.decode_bundle(msg.data), wm_batch)
-                    continue
-                message = envelope.decode_invoke(msg.data, headers)
+                    bundle = envelope.decode_bundle(msg.data)
+                else:
+                    message = envelope.decode_invoke(msg.data, headers)
             except Exception as exc:
                 recorded = self._recent.get(f"seq:{seq}")
                 if recorded is not None:  # dead-lettered already; this is a redelivery
                     self._duplicate()
-                    if headers.get(constants.HEADER_REPLY_TO):
-                        await self._nc.publish(headers[constants.HEADER_REPLY_TO], recorded)
-                    await msg.ack()
+                    await self._settle_copy(msg, headers.get(constants.HEADER_REPLY_TO), recorded)
                     continue
                 out.append(items.Undecodable(id=f"seq:{seq}", source=items.Source(msg, 1), raw=msg.data[:4096],
                                              reason=f"{type(exc).__name__}: {exc}",
                                              reply_to=headers.get(constants.HEADER_REPLY_TO)))
+                continue
+            if bundle is not None:
+                out += await self._bundle_items(msg, bundle, wm_batch)
                 continue
             if not message.idempotency_key:
                 message.idempotency_key = headers.get(constants.HEADER_MSG_ID) or f"seq:{seq}"
@@ -65,9 +70,7 @@ class Intake:
             recent = self._recent.get(idem)
             if recent is not None:
                 self._duplicate()
-                if message.reply_to and recent != envelope.PENDING_RECORD:
-                    await self._nc.publish(message.reply_to, recent)
-                await msg.ack()
+                await self._settle_copy(msg, message.reply_to if recent != envelope.PENDING_RECORD else None, recent)
                 continue
             first = first_by_idem.get(idem)
             if first is not None:
@@ -79,6 +82,19 @@ class Intake:
             out.append(item)
         return out
 
+    async def _settle_copy(self, msg: Msg, reply_to: str | None, record: bytes) -> None:
+        """A copy of what was applied already: answer it from the record and ack it, as far as NATS lets us.
+
+        Both are best effort: a copy whose ack is lost comes back and is found a copy again, and
+        its caller asks again. An error here must not end the loop, nor count against the message.
+        """
+        try:
+            if reply_to:
+                await self._nc.publish(reply_to, record)
+            await msg.ack()
+        except nats.errors.Error as exc:
+            _log.warning("%s: could not settle a duplicate (%s); it will be redelivered", self._pid, exc)
+
     def _duplicate(self) -> None:
         self._stats["duplicates"] += 1
         self._duplicates.inc()
@@ -89,7 +105,7 @@ class Intake:
         size = len(bundle.messages)
         if bundle.seq < n or (bundle.seq == n and nxt >= total):
             self._duplicate()
-            await msg.ack()
+            await self._settle_copy(msg, None, b"")
             return []
         if bundle.seq == n:
             start = nxt
@@ -99,7 +115,10 @@ class Intake:
             _log.info("%s: bundle %d from %s arrived before %d; holding it back", self._pid, bundle.seq,
                       bundle.sender, n + 1 if nxt >= total else n)
             self._stats["gaps"] += 1
-            await msg.nak(delay=self._gap_retry_delay)
+            try:
+                await msg.nak(delay=self._gap_retry_delay)
+            except nats.errors.Error as exc:  # it comes back after ack_wait instead
+                _log.warning("%s: could not hold bundle %d back (%s)", self._pid, bundle.seq, exc)
             return []
         wm_batch[bundle.sender] = (bundle.seq, size, size)
         source = items.Source(msg, size - start)

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from opentelemetry import trace
 
 from statefn_core import envelope
-from statefn_sidecar import items, metrics, planner, tracing
+from statefn_sidecar import decisions, items, metrics, tracing
 
 
-def start_invocations(outcomes: Iterable[planner.Outcome], function: str, partition: int) -> None:
+def start_invocations(outcomes: Iterable[decisions.Outcome], function: str, partition: int) -> None:
     """One CONSUMER span per invocation, child of the traceparent its message carried."""
     tracer = tracing.TRACER
     if tracer is None:
@@ -35,11 +35,11 @@ def start_invocations(outcomes: Iterable[planner.Outcome], function: str, partit
                         tracing.MESSAGING_SYSTEM: "nats"})
 
 
-def traceparent_of(oc: planner.Outcome) -> str | None:
+def traceparent_of(oc: decisions.Outcome) -> str | None:
     return None if oc.span is None else tracing.traceparent_of(oc.span)
 
 
-def send_traceparent(oc: planner.Outcome, message: envelope.Message, function: str, delay: float,
+def send_traceparent(oc: decisions.Outcome, message: envelope.Message, function: str, delay: float,
                      verb: str = "send") -> str | None:
     """The traceparent an outgoing message carries: a PRODUCER span's (``send`` or ``call``) when tracing."""
     if oc.span is None or tracing.TRACER is None:
@@ -53,7 +53,7 @@ def send_traceparent(oc: planner.Outcome, message: envelope.Message, function: s
     return tracing.traceparent_of(span)
 
 
-def committed(m: metrics.FunctionMetrics, outcomes: list[planner.Outcome], txn_bytes: int, txn_ops: int,
+def committed(m: metrics.FunctionMetrics, outcomes: list[decisions.Outcome], txn_bytes: int, txn_ops: int,
               started_ns: int) -> None:
     """A commit landed: count it and its invocations; end their spans with a ``commit`` child each."""
     m.commits.inc()
@@ -64,10 +64,11 @@ def committed(m: metrics.FunctionMetrics, outcomes: list[planner.Outcome], txn_b
     for oc in outcomes:
         for decision in oc.tx_decisions:
             m.transactions[decision].inc()
-        if oc.tx_event is not None:
-            m.tx_event(oc.tx_event).inc()
+        event = oc.decision.tx_event()
+        if event is not None:
+            m.tx_event(event).inc()
         if not isinstance(oc.item, items.Invocation):
-            if oc.dead_letter is not None:
+            if isinstance(oc.decision, decisions.Failed):
                 m.dead_letters.inc()  # an undecodable message
             continue
         label = oc.label
@@ -86,7 +87,7 @@ def committed(m: metrics.FunctionMetrics, outcomes: list[planner.Outcome], txn_b
         _end_spans(outcomes, ran, txn_bytes, txn_ops, started_ns)
 
 
-def _end_spans(outcomes: list[planner.Outcome], ran: int, txn_bytes: int, txn_ops: int, started_ns: int) -> None:
+def _end_spans(outcomes: list[decisions.Outcome], ran: int, txn_bytes: int, txn_ops: int, started_ns: int) -> None:
     assert tracing.TRACER is not None
     ended_ns = time.time_ns()
     attributes = {tracing.COMMIT_INVOCATIONS: ran, tracing.COMMIT_BYTES: txn_bytes, tracing.COMMIT_OPS: txn_ops}
@@ -99,13 +100,14 @@ def _end_spans(outcomes: list[planner.Outcome], ran: int, txn_bytes: int, txn_op
                                           attributes=attributes)
         child.end(end_time=ended_ns)
         span.set_attribute(tracing.OUTCOME, oc.label)
-        if oc.label == "error" and oc.reply is not None and oc.reply.error is not None:
-            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{oc.reply.error.kind}: {oc.reply.error.message}"))
+        if isinstance(oc.decision, decisions.Failed):
+            error = oc.decision.error
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{error.kind}: {error.message}"))
         span.end(end_time=ended_ns)
         oc.span = None
 
 
-def abandoned(outcomes: Iterable[planner.Outcome], reason: str) -> None:
+def abandoned(outcomes: Iterable[decisions.Outcome], reason: str) -> None:
     """Outcomes that will not be committed by us (fenced, or to be run again): end their spans so."""
     for oc in outcomes:
         span = oc.span

@@ -20,11 +20,13 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
-from statefn_core import codec, envelope, layout
+from statefn_core import codec, layout
 from statefn_sidecar import (
+    acks,
     assembly,
     commit,
     config,
+    decisions,
     execution,
     faults,
     intake,
@@ -84,8 +86,8 @@ class PartitionWorker:
         self._trimmed_upto: dict[str, int] = {}
         self._idem_lease: tuple[int, float] | None = None
         self._psub: Any = None
-        self._progress_task: asyncio.Task[None] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+        self._acks = acks.Acks(nc, faults, self.stats, cfg.ack_wait)
         self._intake = intake.Intake(self.pid, nc, self._chan_in, self._recent, self.stats, cfg.gap_retry_delay,
                                      executor.metrics.duplicates)
         self.cache = statecache.StateCache(etcd, self.keys, cfg.max_cached_keys // partition_count)
@@ -230,28 +232,8 @@ class PartitionWorker:
 
     # ---- execute and commit ----
     async def _process(self, batch: list[items.Item]) -> None:
-        # A batch that outlasts ack_wait would be redelivered (and answered as a duplicate): past half of
-        # ack_wait, tell JetStream it is still in progress (+WPI), every half ack_wait until it is done.
-        progress = asyncio.get_running_loop().call_later(self._cfg.ack_wait / 2, self._report_progress, batch)
-        try:
+        with self._acks.in_progress(batch):
             await self._run_batch(batch)
-        finally:
-            progress.cancel()
-            if self._progress_task is not None:
-                self._progress_task.cancel()
-                self._progress_task = None
-
-    def _report_progress(self, batch: list[items.Item]) -> None:
-        async def report() -> None:
-            while True:
-                sources = {id(i.source): i.source for i in batch if i.source is not None and i.source.pending > 0}
-                for source in sources.values():
-                    with contextlib.suppress(nats.errors.Error):
-                        await source.msg.in_progress()
-                self.stats["in_progress_reports"] += len(sources)
-                await asyncio.sleep(self._cfg.ack_wait / 2)
-
-        self._progress_task = asyncio.create_task(report(), name=f"in progress {self.pid}")
 
     async def _run_batch(self, batch: list[items.Item]) -> None:
         pending = batch
@@ -267,10 +249,7 @@ class PartitionWorker:
                            if i.timer_key is None or self._timers.scheduled(i.timer_key)]
         except commit.Fenced:
             self.locks.release_taken()
-            # Hand what we pulled straight back to the new owner instead of waiting for ack_wait.
-            sources = {id(i.source): i.source for i in batch if i.source is not None and i.source.pending > 0}
-            for source in sources.values():
-                await source.msg.nak()
+            await self._acks.hand_back(batch)  # to the new owner, at once rather than after ack_wait
             raise
         self.locks.release_taken()
 
@@ -308,11 +287,11 @@ class PartitionWorker:
                     observe.abandoned([oc], "recorded_already")
                     self._remember(idem, record)  # type: ignore[arg-type]
                     self._executor.metrics.duplicates.inc()
-                    await self._answer(item, record)
+                    await self._acks.answer(item, record)
                     if item.timer_key is not None:
                         redo.append(items.DropTimer(id=item.id, timer=item.timer_key))
                     else:
-                        await self._done(item)
+                        await self._acks.done(item)
             return redo
         return []
 
@@ -332,42 +311,14 @@ class PartitionWorker:
             self._publisher(entry.target).enqueue(entry)
         for oc in eff.outcomes:
             self.stats["invocations"] += 1
-            if oc.dead_letter is not None:
+            if isinstance(oc.decision, decisions.Failed):
                 self.stats["dead_letters"] += 1
-            if oc.retry_at_ms is not None:
+            elif isinstance(oc.decision, decisions.Retrying):
                 self.stats["retries"] += 1
-            if oc.reply is not None:
-                await self._answer(oc.item, oc.reply.encode())
-            await self._done(oc.item)
-
-    async def _answer(self, item: items.Item, record: bytes) -> None:
-        if record == envelope.PENDING_RECORD:
-            return  # still running (suspended or queued): its end answers the original reply address
-        if isinstance(item, items.Invocation):
-            reply_to = item.message.reply_to
-        else:
-            reply_to = item.reply_to if isinstance(item, items.Undecodable) else None
-        if reply_to:
-            await self._nc.publish(reply_to, record)
-        if isinstance(item, items.Ingress):
-            for _, dup_reply_to in item.dups:
-                if dup_reply_to:
-                    await self._nc.publish(dup_reply_to, record)
-
-    async def _done(self, item: items.Item) -> None:
-        if item.source is not None:
-            item.source.pending -= 1
-            if item.source.pending == 0:
-                if self._faults.enabled:
-                    try:
-                        self._faults.maybe(faults.ACK_LOST)
-                    except faults.InjectedTimeout:
-                        return  # as if the ack never arrived: JetStream redelivers after ack_wait
-                await item.source.msg.ack()
-        if isinstance(item, items.Ingress):
-            for msg, _ in item.dups:
-                await msg.ack()
-            item.dups.clear()
+            reply = oc.decision.answer()
+            if reply is not None:
+                await self._acks.answer(oc.item, reply.encode())
+            await self._acks.done(oc.item)
 
     # ---- helpers ----
     def _planner(self) -> planner.Planner:

@@ -9,7 +9,10 @@ it): a quarter of calls took the rest of the 1 s fetch timeout, up to 1,000 ms i
 
 So this asks twice, each time for what the server can answer completely:
 1. ``no_wait`` for up to ``n`` messages, without ``expires``: what is there now, then a 404
-   status that ends the request (under load this is the only request a batch needs);
+   status that ends the request (under load this is the only request a batch needs). Its answer
+   is waited for even when the caller's timeout is shorter: a due timer's batch asks with 1 ms,
+   and a stored message whose answer missed that millisecond would run after the timer, in the
+   next batch;
 2. only when that found nothing, a long poll for **one** message with ``expires``, which ends
    when its message is delivered; whatever else arrived by then is the next batch's.
 
@@ -37,6 +40,9 @@ NATS_PY_VERSION = "2.16.0"
 # the other kind, or a 408 long before our own request could expire, answers an earlier request whose
 # fetch had already returned: skipped, or it would end this one early.
 _EARLY = 0.8
+# The no_wait request is answered at once (its messages, then a 404); it is waited for this long even when
+# the caller's timeout is shorter (a due timer asks for 1 ms), so a timer never overtakes a stored message.
+_NO_WAIT_ANSWER = 0.25
 
 
 class PullFailed(nats.errors.Error):
@@ -47,7 +53,8 @@ async def fetch(psub: JetStreamContext.PullSubscription, batch: int, timeout: fl
     """Up to ``batch`` messages: at once if any are stored, else the first to arrive within ``timeout``."""
     msgs = _buffered(psub, batch)
     if len(msgs) < batch:
-        msgs += await _request(psub, {"batch": batch - len(msgs), "no_wait": True}, batch - len(msgs), timeout)
+        msgs += await _request(psub, {"batch": batch - len(msgs), "no_wait": True}, batch - len(msgs),
+                               max(timeout, _NO_WAIT_ANSWER))
     if not msgs:
         expires_ns = max(int(timeout * 1e9) - 100_000, 1_000_000)  # the server ends it just before we stop waiting
         msgs = await _request(psub, {"batch": 1, "expires": expires_ns}, 1, timeout)
