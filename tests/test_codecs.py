@@ -373,9 +373,17 @@ def test_a_malformed_reply_is_refused(data: bytes, error: type[Exception]) -> No
         envelope.Reply.decode(data)
 
 
-def test_the_pending_record_is_a_fixed_marker_no_reply_can_equal() -> None:
-    assert codec.unpack(envelope.PENDING_RECORD) == "~pending"
-    assert envelope.PENDING_RECORD not in {envelope.Reply(ok=True, value=codec.pack("~pending")).encode()}
+def test_an_idempotency_record_round_trips_and_says_when_it_is_pending() -> None:
+    done = envelope.Record(b"fp", envelope.Reply(ok=True).encode())
+    assert envelope.Record.decode(done.encode()) == done and not done.pending
+    assert envelope.Record.decode(envelope.Record(b"fp").encode()).pending
+
+
+def test_idempotency_ids_cannot_run_into_each_other() -> None:
+    """Key, handler and idempotency key are escaped, so no choice of them makes another's id."""
+    assert envelope.idempotency_id("a/b", "h", "i") != envelope.idempotency_id("a", "b/h", "i")
+    assert envelope.idempotency_id("k", "h", "x/y") != envelope.idempotency_id("k", "h/x", "y")
+    assert "@" not in envelope.idempotency_id("k@1", "h", "i@2")  # '@' separates a restart's attempt
 
 
 # ---- wire: the batch protocol ------------------------------------------------------------------

@@ -52,9 +52,12 @@ async def test_dead_letter_then_replay_once(nats_server, etcd_server, namespace)
             ("o1", "add", {"amount": 3}, "handler_error"), ("o1", "add", {"amount": 4}, "handler_error")]
         broken["yes"] = False
         first = letters[0]
-        assert await deadletters.replay(c, first) == f"dlq-replay:{first.seq}"
+        assert await deadletters.replay(c, first) == f"~dlq-replay:{first.seq}"
         # Replaying the same entry again (e.g. an operator ran the command twice) runs it once.
-        await c.send(fn, "o1", "add", idempotency_key=f"dlq-replay:{first.seq}", amount=3)
+        assert await deadletters.replay(c, first) == f"~dlq-replay:{first.seq}"
+        # A caller cannot claim a replay's key (it would pre-empt the replay).
+        with pytest.raises(ValueError, match="reserved for the platform"):
+            await c.send(fn, "o1", "add", idempotency_key=f"~dlq-replay:{letters[1].seq}", amount=4)
         assert [d.seq for d in await deadletters.list_dead_letters(c.nats.jetstream(), function=fn)] == [
             letters[1].seq]
         await deadletters.replay(c, letters[1])

@@ -13,6 +13,7 @@ from statefn_sidecar import assembly, deadletters, decisions, items, keylocks, p
 FN = layout.FunctionType("ns", "f")
 KEYS = layout.PartitionKeys(FN, 3)
 CALLER = envelope.CallerAddress("ns/caller", 1, "ck", "inv-c#0")
+IKEY = KEYS.idempotency(envelope.idempotency_id("k", "h", "idem-1"))
 TX = wire.TxInfo(id="tx1", ts=1.0, function="ns/coord", key="c", timeout=5.0)
 
 
@@ -40,9 +41,10 @@ def timers_of(share: assembly.Share) -> list[list[object]]:
 
 def test_a_reply_commits_its_state_and_its_idempotency_record_once() -> None:
     share = share_of(ingress(), replied(count=b"\x01", gone=None))
-    ikey = KEYS.idempotency("idem-1")
-    assert share.txn.puts[ikey] == (envelope.Reply(ok=True, value=codec.pack(1)).encode(), 7)
-    assert share.txn.absent == [ikey]  # a second copy's commit is refused
+    record = envelope.Record(envelope.fingerprint(ingress().message),
+                             envelope.Reply(ok=True, value=codec.pack(1)).encode())
+    assert share.txn.puts[IKEY] == (record.encode(), 7)
+    assert share.txn.absent == [IKEY]  # a second copy's commit is refused
     assert share.txn.puts[KEYS.state("k", "count")][0] == b"\x01"
     assert KEYS.state("k", "gone") in share.txn.deletes
     assert share.eff.state == {"k": {"count": b"\x01", "gone": None}}
@@ -64,7 +66,7 @@ def test_a_suspension_records_where_it_waits_and_arms_its_call_timeout() -> None
                          envelope.Message(key="x", handler="work", args={}))
     share = share_of(ingress(), decisions.Suspended(record, decisions.Changes(sends=[call])))
     assert suspension.Suspension.decode(share.txn.puts[KEYS.suspended("k")][0]).waiting == "inv#0"
-    assert share.txn.puts[KEYS.idempotency("idem-1")][0] == envelope.PENDING_RECORD
+    assert envelope.Record.decode(share.txn.puts[IKEY][0]).pending
     assert sent_to(share) == [("ns.g.0", "work")]
     ((kind, _, answer),) = timers_of(share)
     assert kind == "send" and record.timer  # armed, and remembered in the record
@@ -74,8 +76,8 @@ def test_a_suspension_records_where_it_waits_and_arms_its_call_timeout() -> None
 def test_a_queued_message_joins_the_inbox_and_writes_nothing_else() -> None:
     entry = keylocks.Queued(0, KEYS.inbox("k", 0), "idem-1", ingress().message)
     share = share_of(ingress(), decisions.Enqueued(entry))
-    assert set(share.txn.puts) == {KEYS.inbox("k", 0), KEYS.idempotency("idem-1")}
-    assert share.txn.puts[KEYS.idempotency("idem-1")][0] == envelope.PENDING_RECORD
+    assert set(share.txn.puts) == {KEYS.inbox("k", 0), IKEY}
+    assert envelope.Record.decode(share.txn.puts[IKEY][0]).pending
     assert share.eff.queued == [entry] and not share.sends
 
 
@@ -85,7 +87,7 @@ def test_a_fresh_retry_is_a_timer_and_no_record() -> None:
     assert (kind, inv_id, idem_pending) == ("retry", "idem-1", False)
     assert envelope.Message.from_plain(message).attempt == 2
     assert share.eff.timers_added[0][0] == 123_000
-    assert not share.txn.absent and KEYS.idempotency("idem-1") not in share.txn.puts
+    assert not share.txn.absent and IKEY not in share.txn.puts
 
 
 def _resumed(reply: bytes = b"r") -> items.Delivered:
@@ -114,7 +116,7 @@ def test_a_restart_unlocks_the_key_and_starts_a_new_invocation_with_the_old_age(
                                                     effects=decisions.Changes(sends=[abort])))
     assert KEYS.suspended("k") in share.txn.deletes
     ((kind, inv_id, message, _),) = timers_of(share)
-    assert kind == "retry" and inv_id == "idem-1/2"
+    assert kind == "retry" and inv_id == "idem-1@2"
     assert envelope.Message.from_plain(message).tx_age == TX.ts
     assert sent_to(share) == [("ns.p.0", constants.COMMIT_HANDLER)]
 
@@ -133,7 +135,8 @@ def test_a_failure_is_answered_dead_lettered_and_keeps_only_its_decisions() -> N
     assert sent_to(share) == [("ns.f.1", constants.ABORT_HANDLER), ("ns.caller.1", constants.RESPONSE_HANDLER)]
     (dead,) = share.dead
     assert codec.unpack(dead)["partition"] == 3 and codec.unpack(dead)["error"]["message"] == "boom"
-    assert envelope.Reply.decode(share.txn.puts[KEYS.idempotency("idem-1")][0]).error == err
+    reply = envelope.Record.decode(share.txn.puts[IKEY][0]).reply
+    assert reply is not None and envelope.Reply.decode(reply).error == err
 
 
 def test_a_yes_vote_stages_the_prepared_record_with_its_inquiry_timer() -> None:

@@ -84,6 +84,34 @@ async def test_idempotency_key_returns_the_original_reply(gw) -> None:
     assert calls["deposit"] == 1
 
 
+async def test_one_idempotency_key_on_eight_keys_is_eight_requests(gw) -> None:
+    """The same Idempotency-Key names one request per key and handler: before, k2..k8 got k1's reply and
+    never ran (their state stayed empty)."""
+    http, base, ns, calls = gw
+    urls = [f"{base}/v1/functions/{ns}/account/k{i}/deposit" for i in range(1, 9)]
+    same = {"Idempotency-Key": "same-key-1"}
+    answers = await asyncio.gather(*(_post(http, url, {"amount": i}, headers=same) for i, url in enumerate(urls, 1)))
+    assert answers == [(200, {"result": i}) for i in range(1, 9)]
+    assert calls["deposit"] == 8
+    for i in range(1, 9):
+        async with http.get(f"{base}/v1/functions/{ns}/account/k{i}/state") as resp:
+            assert (await resp.json()) == {"state": {"balance": i}}
+    # A re-send of k1's request is answered from its record; the same key with other arguments is refused.
+    assert await _post(http, urls[0], {"amount": 1}, headers=same) == (200, {"result": 1})
+    status, body = await _post(http, urls[0], {"amount": 100}, headers=same)
+    assert status == 422 and body["error"]["kind"] == "idempotency_mismatch"
+    assert calls["deposit"] == 8
+
+
+async def test_a_reserved_idempotency_key_is_refused(gw) -> None:
+    http, base, ns, calls = gw
+    url = f"{base}/v1/functions/{ns}/account/r/deposit"
+    for reserved in ("~seq:1", "~dlq-replay:4"):
+        status, body = await _post(http, url, {"amount": 1}, headers={"Idempotency-Key": reserved})
+        assert status == 400 and "reserved" in body["error"]["message"]
+    assert calls["deposit"] == 0
+
+
 async def test_async_invocation(gw) -> None:
     http, base, ns, _ = gw
     url = f"{base}/v1/functions/{ns}/account/carol"
@@ -117,6 +145,12 @@ async def test_bad_requests_enqueue_nothing(gw) -> None:
         "kind": "invalid_argument", "message": f"{ns}/account.deposit: amount: 'x' is not of type 'integer'"}})
     assert await _post(http, f"{url}/deposit", {}) == (400, {"error": {
         "kind": "invalid_argument", "message": f"{ns}/account.deposit: 'amount' is a required property"}})
+    # Deeply nested bodies: past Python's recursion limit (a RecursionError, a plain 500 before) and past ours.
+    too_deep = {"error": {"kind": "invalid_argument",
+                          "message": "the body nests deeper than 64 levels of arrays and objects"}}
+    for depth in (100_000, 65):
+        body = b'{"amount": 1, "note": ' + b"[" * depth + b"]" * depth + b"}"
+        assert await _post(http, f"{url}/deposit", data=body) == (400, too_deep), depth
     assert calls["deposit"] == 0
     async with http.get(f"{url}/state") as resp:
         assert (await resp.json()) == {"state": {}}
@@ -150,6 +184,21 @@ async def test_openapi_health_and_listing(gw) -> None:
     for path in ("/healthz", "/readyz"):
         async with http.get(f"{base}{path}") as resp:
             assert resp.status == 200
+
+
+async def test_keys_named_meta_do_not_break_the_listing(gw) -> None:
+    """The listing read every key under the root and took any ending in '/meta' for a function's registration:
+    one increment sent with 'Idempotency-Key: meta' made GET /v1/functions a 500. Registrations now have a
+    prefix of their own."""
+    http, base, ns, _ = gw
+    assert await _post(http, f"{base}/v1/functions/{ns}/account/meta/deposit", {"amount": 1},
+                       headers={"Idempotency-Key": "meta"}) == (200, {"result": 1})
+    for path in ("/v1/functions", "/openapi.json"):
+        async with http.get(f"{base}{path}") as resp:
+            assert resp.status == 200, path
+    async with http.get(f"{base}/v1/functions") as resp:
+        assert [f["type"] for f in (await resp.json())["functions"] if f["type"].startswith(ns)] == [f"{ns}/account"]
+    assert (await _post(http, f"{base}/v1/functions/{ns}/nosuch/k/deposit", {"amount": 1}))[0] == 404
 
 
 async def _known(http: aiohttp.ClientSession, base: str) -> str:

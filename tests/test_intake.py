@@ -76,7 +76,7 @@ class Rig:
     def __init__(self) -> None:
         self.nc = FakeNats()
         self.chan_in: dict[str, intake.Watermark] = {}
-        self.recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self.recent: collections.OrderedDict[str, envelope.Record] = collections.OrderedDict()
         self.stats: collections.Counter[str] = collections.Counter()
         self.registry = CollectorRegistry()
         counter = Counter("statefn_duplicates", "duplicates", registry=self.registry)
@@ -94,6 +94,13 @@ class Rig:
     async def decode(self, *msgs: FakeMsg) -> list[items.Item]:
         return await self.intake.decode([_nats(m) for m in msgs])
 
+    def record(self, idem: str, reply: bytes | None = REPLY, args: dict[str, object] | None = None,
+               key: str = "k") -> None:
+        """What the owner remembers of a committed request (the one ``invoke`` builds, unless ``args`` differ)."""
+        message = envelope.Message(key=key, handler="deposit", args={"n": 1} if args is None else args)
+        self.recent[envelope.idempotency_id(key, "deposit", idem)] = envelope.Record(envelope.fingerprint(message),
+                                                                                     reply)
+
     def raw(self, data: bytes, headers: dict[str, str] | None, stream_seq: int | None = None,
             fail_with: Exception | None = None) -> FakeMsg:
         return FakeMsg(data, headers, next(self._seqs) if stream_seq is None else stream_seq, fail_with)
@@ -105,8 +112,8 @@ class Rig:
         return self.raw(data, {constants.HEADER_KIND: constants.KIND_BUNDLE}, fail_with=fail_with)
 
     def invoke(self, idem: str | None = None, reply_to: str | None = None, msg_id: str | None = None,
-               stream_seq: int | None = None) -> FakeMsg:
-        data, headers = envelope.encode_invoke(envelope.Message(key="k", handler="deposit", args={"n": 1},
+               stream_seq: int | None = None, key: str = "k", n: int = 1) -> FakeMsg:
+        data, headers = envelope.encode_invoke(envelope.Message(key=key, handler="deposit", args={"n": n},
                                                                 reply_to=reply_to, idempotency_key=idem))
         if msg_id is not None:
             headers[constants.HEADER_MSG_ID] = msg_id
@@ -263,6 +270,10 @@ async def test_senders_are_independent(rig: Rig) -> None:
 # ---- ingress --------------------------------------------------------------------------------------
 
 
+def _id(idem: str, key: str = "k") -> str:
+    return f"ns/acct/{envelope.idempotency_id(key, 'deposit', idem)}"
+
+
 def _ingress(out: list[items.Item]) -> list[items.Ingress]:
     assert all(isinstance(i, items.Ingress) for i in out), out
     return cast(list[items.Ingress], out)
@@ -271,7 +282,7 @@ def _ingress(out: list[items.Item]) -> list[items.Ingress]:
 async def test_client_idempotency_key_is_kept(rig: Rig) -> None:
     msg = rig.invoke(idem="order-1", msg_id="mid-1", reply_to="_INBOX.a")
     [item] = _ingress(await rig.decode(msg))
-    assert item.id == "order-1" and item.message.idempotency_key == "order-1"
+    assert item.id == _id("order-1") and item.message.idempotency_key == "order-1"
     assert item.message.reply_to == "_INBOX.a" and item.message.key == "k"
     assert item.source is not None and item.source.msg is _nats(msg) and item.source.pending == 1
     assert item.dups == []
@@ -280,16 +291,17 @@ async def test_client_idempotency_key_is_kept(rig: Rig) -> None:
 
 async def test_missing_idempotency_key_comes_from_the_message_id(rig: Rig) -> None:
     [item] = _ingress(await rig.decode(rig.invoke(msg_id="mid-7")))
-    assert item.id == "mid-7" and item.message.idempotency_key == "mid-7" and item.idempotency_key == "mid-7"
+    assert item.id == _id("mid-7") and item.message.idempotency_key == "mid-7"
+    assert item.idempotency_id == envelope.idempotency_id("k", "deposit", "mid-7")
 
 
 async def test_missing_idempotency_key_and_message_id_use_the_stream_sequence(rig: Rig) -> None:
     [item] = _ingress(await rig.decode(rig.invoke(stream_seq=42)))
-    assert item.id == "seq:42" and item.message.idempotency_key == "seq:42"
+    assert item.id == _id("~seq:42") and item.message.idempotency_key == "~seq:42"  # reserved: no caller has it
 
 
 async def test_recorded_copy_is_answered_from_its_record_and_acked(rig: Rig) -> None:
-    rig.recent["order-1"] = REPLY
+    rig.record("order-1")
     msg = rig.invoke(idem="order-1", reply_to="_INBOX.b")
     assert await rig.decode(msg) == []
     assert rig.nc.published == [("_INBOX.b", REPLY)]
@@ -298,21 +310,21 @@ async def test_recorded_copy_is_answered_from_its_record_and_acked(rig: Rig) -> 
 
 
 async def test_recorded_copy_found_by_message_id(rig: Rig) -> None:
-    rig.recent["mid-9"] = REPLY
+    rig.record("mid-9")
     msg = rig.invoke(msg_id="mid-9", reply_to="_INBOX.c")
     assert await rig.decode(msg) == []
     assert rig.nc.published == [("_INBOX.c", REPLY)] and msg.acks == 1
 
 
 async def test_recorded_copy_without_reply_address_is_only_acked(rig: Rig) -> None:
-    rig.recent["order-1"] = REPLY
+    rig.record("order-1")
     msg = rig.invoke(idem="order-1")
     assert await rig.decode(msg) == []
     assert rig.nc.published == [] and msg.acks == 1 and rig.duplicates == 1
 
 
 async def test_copy_of_a_pending_invocation_is_acked_but_not_answered(rig: Rig) -> None:
-    rig.recent["order-1"] = envelope.PENDING_RECORD
+    rig.record("order-1", reply=None)
     msg = rig.invoke(idem="order-1", reply_to="_INBOX.d")
     assert await rig.decode(msg) == []
     assert rig.nc.published == []
@@ -325,7 +337,7 @@ async def test_copies_in_one_batch_ride_on_the_first(rig: Rig) -> None:
     copy = rig.invoke(idem="order-1", reply_to="_INBOX.2")
     other = rig.invoke(idem="order-2")
     out = _ingress(await rig.decode(first, copy, other))
-    assert [i.id for i in out] == ["order-1", "order-2"]
+    assert [i.id for i in out] == [_id("order-1"), _id("order-2")]
     assert out[0].source is not None and out[0].source.msg is _nats(first)
     assert out[0].message.reply_to == "_INBOX.1"
     assert out[0].dups == [(_nats(copy), "_INBOX.2")]
@@ -339,7 +351,7 @@ async def test_copies_in_one_batch_ride_on_the_first(rig: Rig) -> None:
 async def test_copies_by_message_id_in_one_batch_ride_on_the_first(rig: Rig) -> None:
     first, copy = rig.invoke(msg_id="mid-3"), rig.invoke(msg_id="mid-3")
     [item] = _ingress(await rig.decode(first, copy))
-    assert item.id == "mid-3" and item.dups == [(_nats(copy), None)]
+    assert item.id == _id("mid-3") and item.dups == [(_nats(copy), None)]
 
 
 # ---- undecodable messages -------------------------------------------------------------------------
@@ -355,7 +367,7 @@ async def test_garbage_invoke_becomes_one_dead_item(rig: Rig) -> None:
     msg = rig.raw(data, {constants.HEADER_KIND: constants.KIND_INVOKE, constants.HEADER_REPLY_TO: "_INBOX.e"},
                   stream_seq=77)
     item = _undecodable(await rig.decode(msg))
-    assert item.id == "seq:77" and item.idempotency_key == "seq:77"
+    assert item.id == "seq:77" and item.idempotency_id == "seq:77"
     assert item.reason.startswith("CodecError: ")
     assert item.raw == data[:4096] and len(item.raw) == 4096
     assert item.reply_to == "_INBOX.e"
@@ -393,7 +405,7 @@ async def test_dead_items_sit_among_good_ones(rig: Rig) -> None:
 @pytest.mark.parametrize("kind", [constants.KIND_INVOKE, constants.KIND_BUNDLE])
 async def test_redelivered_dead_letter_is_answered_from_its_record(rig: Rig, kind: str) -> None:
     record = envelope.Reply(ok=False).encode()
-    rig.recent["seq:81"] = record
+    rig.recent["seq:81"] = envelope.Record(b"", record)
     msg = rig.raw(b"\xc1", {constants.HEADER_KIND: kind, constants.HEADER_REPLY_TO: "_INBOX.f"}, stream_seq=81)
     assert await rig.decode(msg) == []
     assert msg.acks == 1 and msg.naks == []
@@ -402,14 +414,14 @@ async def test_redelivered_dead_letter_is_answered_from_its_record(rig: Rig, kin
 
 
 async def test_redelivered_dead_letter_without_reply_address_is_only_acked(rig: Rig) -> None:
-    rig.recent["seq:82"] = envelope.Reply(ok=False).encode()
+    rig.recent["seq:82"] = envelope.Record(b"", envelope.Reply(ok=False).encode())
     msg = rig.raw(b"\xc1", None, stream_seq=82)
     assert await rig.decode(msg) == []
     assert msg.acks == 1 and rig.nc.published == []
 
 
 async def test_other_dead_letter_records_do_not_match(rig: Rig) -> None:
-    rig.recent["seq:83"] = envelope.Reply(ok=False).encode()
+    rig.recent["seq:83"] = envelope.Record(b"", envelope.Reply(ok=False).encode())
     item = _undecodable(await rig.decode(rig.raw(b"\xc1", None, stream_seq=84)))
     assert item.id == "seq:84" and rig.duplicates == 0
 
@@ -429,8 +441,52 @@ async def test_ack_or_nak_failure_does_not_make_a_bundle_undecodable(rig: Rig, w
 
 async def test_a_copy_whose_ack_fails_is_still_only_a_copy(rig: Rig) -> None:
     """A recorded invocation's copy whose ack (or answer) NATS refuses: no item, no error; it comes back later."""
-    rig.recent["order-1"] = REPLY
-    data, headers = envelope.encode_invoke(envelope.Message(key="k", handler="deposit", args={},
+    rig.record("order-1")
+    data, headers = envelope.encode_invoke(envelope.Message(key="k", handler="deposit", args={"n": 1},
                                                             idempotency_key="order-1"))
     msg = rig.raw(data, headers, fail_with=nats.errors.ConnectionClosedError())
     assert await rig.decode(msg) == [] and rig.duplicates == 1
+
+
+# ---- idempotency keys name one request to one key's handler -----------------------------------------
+
+
+async def test_one_idempotency_key_on_other_keys_is_other_requests(rig: Rig) -> None:
+    """The issue's k1..k8 with one Idempotency-Key: each key runs; before, all but the first were answered
+    with the first one's reply and never ran."""
+    rig.record("same-key-1", key="k1")
+    out = _ingress(await rig.decode(*(rig.invoke(idem="same-key-1", key=f"k{i}") for i in range(2, 9))))
+    assert [i.message.key for i in out] == [f"k{i}" for i in range(2, 9)]
+    assert len({i.id for i in out}) == 7 and rig.duplicates == 0
+
+
+async def test_a_used_key_with_other_arguments_is_refused(rig: Rig) -> None:
+    rig.record("order-1")
+    msg = rig.invoke(idem="order-1", reply_to="_INBOX.m", n=100)
+    assert await rig.decode(msg) == []
+    ((subject, payload),) = rig.nc.published
+    reply = envelope.Reply.decode(payload)
+    assert subject == "_INBOX.m" and reply.error is not None and reply.error.kind == "idempotency_mismatch"
+    assert "order-1" in reply.error.message
+    assert msg.acks == 1 and rig.duplicates == 0 and rig.stats["idempotency_mismatches"] == 1
+
+
+async def test_a_pending_request_under_a_used_key_with_other_arguments_is_refused_at_once(rig: Rig) -> None:
+    rig.record("order-1", reply=None)
+    msg = rig.invoke(idem="order-1", reply_to="_INBOX.p", n=2)
+    assert await rig.decode(msg) == []
+    assert envelope.Reply.decode(rig.nc.published[0][1]).error.kind == "idempotency_mismatch"  # type: ignore[union-attr]
+
+
+async def test_other_arguments_in_one_batch_are_refused_not_ridden(rig: Rig) -> None:
+    first, other = rig.invoke(idem="order-1", reply_to="_INBOX.1"), rig.invoke(idem="order-1", reply_to="_INBOX.2", n=5)
+    [item] = _ingress(await rig.decode(first, other))
+    assert item.dups == [] and other.acks == 1
+    assert [subject for subject, _ in rig.nc.published] == ["_INBOX.2"]
+
+
+def test_the_fingerprint_ignores_argument_order() -> None:
+    a = envelope.Message(key="k", handler="h", args={"x": 1, "y": {"b": [1, 2], "a": None}})
+    b = envelope.Message(key="k", handler="h", args={"y": {"a": None, "b": [1, 2]}, "x": 1})
+    c = envelope.Message(key="k", handler="h", args={"x": 1, "y": {"a": None, "b": [2, 1]}})
+    assert envelope.fingerprint(a) == envelope.fingerprint(b) != envelope.fingerprint(c)

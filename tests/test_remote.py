@@ -96,7 +96,7 @@ async def test_malformed_batch_is_a_400() -> None:
             assert resp.status == 400
             assert (await resp.json())["error"].startswith("malformed batch request: ")
         async with http.get(f"http://127.0.0.1:{port}/discover") as resp:
-            assert sorted((await resp.json())["malformed/account"]["handlers"])[:3] == ["boom", "deposit", "flaky"]
+            assert sorted((await resp.json())["malformed/account"]["handlers"])[:3] == ["boom", "deposit", "echo_big"]
 
 
 @pytest.mark.parametrize(

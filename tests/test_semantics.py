@@ -86,6 +86,21 @@ def make_app(ns: str) -> tuple[statefn.App, dict[str, int]]:
     async def send_nowhere(ctx: Context) -> None:
         ctx.send("nosuch/function", "k", "h")
 
+    @account.handler
+    async def echo_big(ctx: Context, size: int) -> bytes:
+        ctx[balance] += 1  # must not commit: the reply cannot be delivered
+        return b"r" * size
+
+    @account.handler
+    async def send_big(ctx: Context, to: str, size: int, delay: float = 0.0) -> None:
+        ctx[balance] += 1
+        ctx.send(f"{ns}/account", to, "note", delay=delay, text="t" * size)
+
+    @account.handler
+    async def note(ctx: Context, text: str) -> int:
+        ctx[history].append(len(text))
+        return len(text)
+
     return statefn.App(account), calls
 
 
@@ -137,10 +152,14 @@ async def test_idempotency_key_returns_original_reply_and_runs_once(env) -> None
     c, fn, _, _ = env
     first = await c.invoke(fn, "i", "deposit", amount=10, idempotency_key="req-1")
     again = await c.invoke(fn, "i", "deposit", amount=10, idempotency_key="req-1")
-    # Even with different arguments, the same key is the same request: the original reply.
-    third = await c.invoke(fn, "i", "deposit", amount=99, idempotency_key="req-1")
-    assert first == again == third == 10
+    assert first == again == 10
+    # The same key with other arguments is not a retry but another request under a used key: refused.
+    with pytest.raises(statefn.InvocationFailed) as refused:
+        await c.invoke(fn, "i", "deposit", amount=99, idempotency_key="req-1")
+    assert refused.value.kind == statefn.ErrorKind.IDEMPOTENCY_MISMATCH
     assert (await c.get_state(fn, "i"))["balance"] == 10
+    # It names one request to one key's handler: on another key it is another request.
+    assert await c.invoke(fn, "j", "deposit", amount=99, idempotency_key="req-1") == 99
 
 
 async def test_a_repeated_invoke_is_answered_without_waiting_for_a_resend(nats_server, etcd_server, namespace) -> None:
@@ -170,6 +189,13 @@ async def test_idempotency_across_sidecar_restart(nats_server, etcd_server, name
         async with helpers.running_sidecar(app, nats_server, etcd_server):
             assert await c.invoke(fn, "r", "deposit", amount=3, idempotency_key="k1") == 3
             assert await c.invoke(fn, "r", "deposit", amount=3, idempotency_key="k2") == 6
+        # Found in etcd by the commit (not in a new owner's memory), other arguments are still refused.
+        app, _ = make_app(namespace)
+        async with helpers.running_sidecar(app, nats_server, etcd_server):
+            with pytest.raises(statefn.InvocationFailed) as refused:
+                await c.invoke(fn, "r", "deposit", amount=5, idempotency_key="k1")
+            assert refused.value.kind == "idempotency_mismatch"
+            assert (await c.get_state(fn, "r"))["balance"] == 6
 
 
 async def test_retry_then_success_drops_failed_attempts_state(env) -> None:
@@ -208,7 +234,7 @@ async def test_unknown_handler_and_bad_arguments(env) -> None:
     with pytest.raises(statefn.InvocationFailed) as err:
         await c.invoke(fn, "u", "nope")
     assert err.value.kind == "unknown_handler"
-    assert "has no handler 'nope'; known handlers: boom, deposit, flaky" in err.value.message
+    assert "has no handler 'nope'; known handlers: boom, deposit, echo_big, flaky" in err.value.message
     with pytest.raises(statefn.InvocationFailed) as err:
         await c.invoke(fn, "u", "deposit", amount="lots")
     assert err.value.kind == "invalid_argument"
@@ -265,6 +291,32 @@ async def test_payload_over_max_payload_is_a_clear_error(env) -> None:
     with pytest.raises(statefn.PayloadTooLarge) as err:
         await c.invoke(fn, "big", "deposit", amount=1, padding="x" * (2 * 1024 * 1024))
     assert str(err.value).endswith("bytes; the NATS server accepts at most 1048576 bytes")
+
+
+@pytest.mark.parametrize("what", ["reply", "send", "delayed send"])
+async def test_a_message_over_max_payload_fails_its_invocation_not_its_partition(env, nats_server, what) -> None:
+    """Committed, a reply or message larger than NATS carries could never be published: the reply publish
+    raised on every redelivery, and an outbox entry was retried forever with its channel blocked behind it.
+    Now it is refused before the commit, with a clear error and a dead letter; nothing of it is applied."""
+    c, fn, _, _ = env
+    size = 1024 * 1024 + 10
+    with pytest.raises(statefn.InvocationFailed) as err:
+        if what == "reply":
+            await c.invoke(fn, "big", "echo_big", size=size)
+        else:
+            await c.invoke(fn, "big", "send_big", to="small", size=size, delay=0.2 if what == "delayed send" else 0.0)
+    assert err.value.kind == statefn.ErrorKind.PAYLOAD_TOO_LARGE and "NATS carries at most" in err.value.message
+    assert (await c.get_state(fn, "big")).get("balance") is None
+    letter = await _dead_letter(nats_server, fn, "big")
+    assert letter["error"]["kind"] == "payload_too_large"  # type: ignore[index]
+    # The partition and the channel keep serving: a message of a good size goes through, to the same key.
+    await c.invoke(fn, "big", "send_big", to="small", size=1000)
+    for _ in range(50):
+        if (await c.get_state(fn, "small")).get("history") == [1000]:
+            break
+        await asyncio.sleep(0.1)
+    assert (await c.get_state(fn, "small"))["history"] == [1000]
+    assert (await c.get_state(fn, "big"))["balance"] == 1
 
 
 async def _dead_letter(nats_server, fn: str, key: str | None) -> dict[str, object]:

@@ -24,6 +24,11 @@ KIND_INVOKE = "invoke"
 KIND_BUNDLE = "bundle"
 KIND_DEAD_LETTER = "dead-letter"
 ORIGIN_CLIENT = "client"
+# nats-server's default max_payload (and the one serverconf/nats-server.conf sets): the largest message.
+DEFAULT_NATS_MAX_PAYLOAD = 1024 * 1024
+# Idempotency keys the platform makes itself (a message sent without one, a dead-letter replay) start
+# with this; callers' keys may not, so a caller cannot claim one.
+RESERVED_IDEMPOTENCY_PREFIX = "~"
 # The handler name of a durable call's reply on its way back to the caller's partition (never a
 # user handler: names starting with "~" are not valid Python identifiers).
 RESPONSE_HANDLER = "~response"

@@ -7,9 +7,10 @@ headers from the first version, so tracing needs no format change.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
-from statefn_core import codec, constants, wire
+from statefn_core import codec, constants, errors, layout, wire
 
 
 @dataclasses.dataclass(slots=True)
@@ -104,9 +105,55 @@ def tx_control_message(handler: str, tx: wire.TxInfo, key: str, *, origin: str, 
     return Message(key=key, handler=handler, args=args or {}, origin=origin, traceparent=traceparent, tx=tx)
 
 
-# What an idempotency record holds while its invocation waits (suspended at a call, or queued
-# behind one): a copy that arrives meanwhile is a duplicate, answered when the invocation ends.
-PENDING_RECORD = codec.pack("~pending")
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    """An idempotency record: which request it is for, and its final reply (``None`` while it waits).
+
+    A copy that arrives while the invocation waits (suspended at a call, or queued behind one) is
+    a duplicate, answered when the invocation ends. A request under the same idempotency key with
+    another ``fingerprint`` is not a copy: it is refused with ``idempotency_mismatch``.
+    """
+
+    fingerprint: bytes
+    reply: bytes | None = None  # an encoded Reply
+
+    @property
+    def pending(self) -> bool:
+        return self.reply is None
+
+    def encode(self) -> bytes:
+        return codec.pack([self.fingerprint, self.reply])
+
+    @classmethod
+    def decode(cls, data: bytes) -> Record:
+        fingerprint, reply = codec.unpack(data)
+        return cls(fingerprint, reply)
+
+
+def fingerprint(msg: Message) -> bytes:
+    """What makes two requests under one idempotency key the same request: their arguments, in canonical order."""
+    return hashlib.blake2b(codec.pack(_canonical(msg.args)), digest_size=12).digest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return [[k, _canonical(v)] for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))]
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def idempotency_id(key: str, handler: str, idempotency_key: str) -> str:
+    """An idempotency key names one request to one key's handler: the same key sent to another key
+    or handler is another request, with its own record."""
+    return f"{layout.escape_key(key)}/{layout.escape_key(handler)}/{layout.escape_key(idempotency_key)}"
+
+
+def mismatch_reply(idempotency_key: str) -> Reply:
+    return Reply(ok=False, error=wire.ErrorInfo(
+        kind=errors.ErrorKind.IDEMPOTENCY_MISMATCH,
+        message=f"the idempotency key {idempotency_key!r} was used for a request with other arguments; "
+                "a retry must send the same request, and a new request needs a new key"))
 
 
 def encode_invoke(msg: Message) -> tuple[bytes, dict[str, str]]:

@@ -64,6 +64,7 @@ class ErrorKind(enum.StrEnum):
     TX_TIMEOUT = "tx_timeout"                # a participant's vote did not arrive within the transaction's timeout
     PAYLOAD_TOO_LARGE = "payload_too_large"  # the request is larger than NATS (or the gateway) accepts
     TIMEOUT = "timeout"                      # the caller stopped waiting (the gateway's 504); it may still run
+    IDEMPOTENCY_MISMATCH = "idempotency_mismatch"  # its idempotency key was used for a different request
 
 
 class InvocationFailed(StatefnError):

@@ -16,6 +16,9 @@ import urllib.parse
 from statefn_core import constants, errors
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Function registrations, one key each. '_' is not in a DNS label, so no namespace's data
+# (``/statefn/<namespace>/...``) can fall under it: listing them is a bounded read.
+REGISTRY_PREFIX = f"{constants.ETCD_ROOT}/_registry/"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,7 +82,8 @@ class FunctionType:
 
     @property
     def meta_key(self) -> str:
-        return f"{self.etcd_prefix}/meta"
+        """The function's registration: apart from its data, so listing functions reads only registrations."""
+        return f"{REGISTRY_PREFIX}{self.namespace}/{self.name}"
 
     @property
     def retained_key(self) -> str:
@@ -129,7 +133,7 @@ class PartitionId:
 
 def workflow_key(namespace: str, name: str) -> str:
     """Where the operator publishes a Workflow's definition for the orchestrator."""
-    return f"{constants.ETCD_ROOT}/workflows/{namespace}/{name}"
+    return f"{constants.ETCD_ROOT}/_workflows/{namespace}/{name}"
 
 
 def escape_key(key: str) -> str:

@@ -1,11 +1,14 @@
 """``statefn.Client``: invoke, send and read state from outside the platform.
 
-Every request carries an idempotency key (given or generated). The client re-sends a request
-with the same key when no reply arrives in ``retry_interval``; each re-send is a new stream
-message (``Nats-Msg-Id`` is ``<key>:<call>:<n>``, unique per ``invoke`` call and re-send, so
-JetStream's duplicate window never swallows a later call's copy), and the owning sidecar
-answers it from the idempotency record instead of running it again. So a retried ``invoke`` returns the original
-reply and has its effects once.
+Every request carries an idempotency key (given or generated). ``invoke`` publishes its request
+once (until JetStream has stored it), then waits: a stored request runs, even if its owner
+crashes, so only its reply can be lost (the client's connection dropped while it was published).
+So the client never re-sends a stored request; when no reply has come in ``retry_interval``, it
+reads the request's idempotency record, then again at doubling intervals (at most 30 s), and
+returns the reply found there. Another ``invoke`` with the same key is a new stream message
+(``Nats-Msg-Id`` is ``<key>:<call>``, unique per call, so JetStream's duplicate window never
+swallows it), and the owning sidecar answers it from the record instead of running it again.
+So a retried ``invoke`` returns the original reply and has its effects once.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from statefn import _tracecontext
 from statefn_core import codec, connect, constants, envelope, errors, layout
 
 _log = logging.getLogger("statefn.client")
+# Waiting for a reply, the idempotency record is read after retry_interval, then at doubling intervals up to this.
+_MAX_RECORD_CHECK_INTERVAL = 30.0
 
 
 class Client:
@@ -109,21 +114,16 @@ class Client:
         return self._meta[function]
 
     async def list_functions(self) -> list[dict[str, Any]]:
-        out = []
-        for kv in await self.etcd.get_prefix(f"{constants.ETCD_ROOT}/".encode()):
-            if kv.key.decode().endswith("/meta"):
-                out.append(json.loads(kv.value))
-        return out
+        """Every registered function's metadata: one read of the registrations, never of any state."""
+        return [json.loads(kv.value) for kv in await self.etcd.get_prefix(layout.REGISTRY_PREFIX.encode())]
 
     async def _subject(self, function: str, key: str) -> str:
         meta = await self.describe(function)
         ftype = layout.FunctionType.parse(function)
         return ftype.ingress_subject(layout.partition_of(key, int(meta["partitions"])))
 
-    async def _publish(self, subject: str, msg: envelope.Message, n: int, call: str = "") -> None:
+    async def _publish(self, subject: str, msg: envelope.Message, msg_id: str) -> None:
         body, headers = envelope.encode_invoke(msg)
-        # send(): <key>:0, so JetStream drops a repeated send; invoke(): <key>:<call>:<n>, never dropped.
-        msg_id = f"{msg.idempotency_key}:{call}:{n}" if call else f"{msg.idempotency_key}:{n}"
         headers[constants.HEADER_MSG_ID] = msg_id
         limit = self.nats.max_payload
         if len(body) > limit:
@@ -132,16 +132,39 @@ class Client:
             )
         await self.nats.jetstream().publish(subject, body, headers=headers)
 
+    async def _recorded_reply(self, function: str, msg: envelope.Message) -> envelope.Reply | None:
+        """The reply the invocation's idempotency record holds, once it has one (a lost reply, found again)."""
+        assert msg.idempotency_key is not None
+        ftype = layout.FunctionType.parse(function)
+        partitions = int((await self.describe(function))["partitions"])
+        keys = layout.PartitionKeys(ftype, layout.partition_of(msg.key, partitions))
+        got = await self.etcd.get(keys.idempotency(envelope.idempotency_id(msg.key, msg.handler, msg.idempotency_key)))
+        if got is None:
+            return None
+        record = envelope.Record.decode(got.value)
+        if record.fingerprint != envelope.fingerprint(msg):
+            return envelope.mismatch_reply(msg.idempotency_key)
+        return None if record.reply is None else envelope.Reply.decode(record.reply)
+
     # ---- the API ----
     async def send(
         self, function: str, key: str, handler: str, *, idempotency_key: str | None = None,
         traceparent: str | None = None, **args: Any,
     ) -> str:
         """Enqueue a one-way invocation; returns its idempotency key once JetStream stored it."""
-        idem = idempotency_key or uuid.uuid4().hex
+        return await self.send_raw(function, key, handler, args=args, idempotency_key=idempotency_key,
+                                   traceparent=traceparent)
+
+    async def send_raw(
+        self, function: str, key: str, handler: str, *, args: dict[str, Any],
+        idempotency_key: str | None = None, traceparent: str | None = None,
+    ) -> str:
+        """Like send, with the arguments apart from the options (a handler may take an argument named ``key``)."""
+        idem = _idempotency_key(idempotency_key)
         msg = envelope.Message(key=key, handler=handler, args={k: codec.to_plain(v) for k, v in args.items()},
                                 idempotency_key=idem, traceparent=traceparent or _tracecontext.current_traceparent())
-        await self._publish(await self._subject(function, key), msg, 0)
+        # The same id for every send of this key: JetStream stores a repeated send once.
+        await self._publish(await self._subject(function, key), msg, f"{idem}:0")
         return idem
 
     async def invoke(
@@ -160,8 +183,8 @@ class Client:
         self, function: str, key: str, handler: str, *, args: dict[str, Any],
         idempotency_key: str | None = None, timeout: float | None = None, traceparent: str | None = None,
     ) -> envelope.Reply:
-        """Like invoke, but returns the reply envelope (used by the gateway)."""
-        idem = idempotency_key or uuid.uuid4().hex
+        """Like invoke, but returns the reply envelope, with the arguments apart from the options (the gateway's)."""
+        idem = _idempotency_key(idempotency_key)
         token = uuid.uuid4().hex
         msg = envelope.Message(
             key=key, handler=handler, args={k: codec.to_plain(v) for k, v in args.items()},
@@ -172,26 +195,38 @@ class Client:
         fut: asyncio.Future[envelope.Reply] = asyncio.get_running_loop().create_future()
         self._waiters[token] = fut
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        n = 0
+        published = False
+        wait = self.retry_interval
+        checks = 0
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    how = f"its record checked {checks} times" if published else "never stored: every publish failed"
                     raise errors.InvocationTimeout(
                         f"no reply from {function}({key!r}).{handler} within the timeout "
-                        f"(idempotency key {idem!r}; re-sent {n} times)"
+                        f"(idempotency key {idem!r}; {how})"
                     )
-                try:
-                    await self._publish(subject, msg, n, token[:12])
-                except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
-                    _log.info("publish of %s failed (%s); retrying", idem, exc)
-                    await asyncio.sleep(min(0.5, max(remaining, 0)))
-                    n += 1
+                if not published:
+                    try:
+                        # Unique to this call: another invoke with the same key must reach the sidecar (to be
+                        # answered from the record), not be dropped by JetStream's duplicate window.
+                        await self._publish(subject, msg, f"{idem}:{token[:12]}")
+                        published = True
+                    except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                        _log.info("publish of %s failed (%s); retrying", idem, exc)
+                        await asyncio.sleep(min(0.5, max(remaining, 0)))
                     continue
                 try:
-                    return await asyncio.wait_for(asyncio.shield(fut), min(self.retry_interval, remaining))
+                    return await asyncio.wait_for(asyncio.shield(fut), min(wait, remaining))
                 except TimeoutError:
-                    n += 1
+                    # Stored, so it runs (a crashed owner's successor takes it); only its reply can be lost
+                    # (our connection dropped while it was published). The record has it once it is done.
+                    checks += 1
+                    recorded = await self._recorded_reply(function, msg)
+                    if recorded is not None:
+                        return recorded
+                    wait = min(wait * 2, _MAX_RECORD_CHECK_INTERVAL)
         finally:
             self._waiters.pop(token, None)
 
@@ -203,3 +238,15 @@ class Client:
         for kv in await self.etcd.get_prefix(prefix.encode()):
             out[kv.key.decode()[len(prefix):]] = codec.unpack(kv.value)
         return out
+
+
+def _idempotency_key(given: str | None) -> str:
+    """The caller's idempotency key, or a fresh one; a key the platform reserves for itself is refused."""
+    if given is None:
+        return uuid.uuid4().hex
+    if not isinstance(given, str) or not given:
+        raise ValueError(f"an idempotency key must be a non-empty string, not {given!r}")
+    if given.startswith(constants.RESERVED_IDEMPOTENCY_PREFIX):
+        raise ValueError(f"idempotency keys starting with {constants.RESERVED_IDEMPOTENCY_PREFIX!r} are reserved "
+                         f"for the platform: {given!r}")
+    return given

@@ -79,6 +79,11 @@ class Context:
 
     @property
     def invocation_id(self) -> str:
+        """Unique across functions and keys, the same in every attempt and replay.
+
+        For a request from outside: ``<function>/<key>/<handler>/<idempotency key>`` (parts escaped).
+        Transaction ids and ``random()`` derive from it.
+        """
         return self._invocation_id
 
     def _spec(self, spec: _state.StateSpec[Any]) -> _state.StateSpec[Any]:

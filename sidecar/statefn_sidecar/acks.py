@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from statefn_core import envelope
 from statefn_sidecar import faults, items
 
 
@@ -34,20 +33,20 @@ class Acks:
         self._stats = stats
         self._ack_wait = ack_wait
 
-    async def answer(self, item: items.Item, record: bytes) -> None:
+    async def answer(self, item: items.Item, reply: bytes | None) -> None:
         """Publish the reply (an encoded ``envelope.Reply``) to the item's reply address and its copies'."""
-        if record == envelope.PENDING_RECORD:
+        if reply is None:
             return  # still running (suspended or queued): its end answers the original reply address
         if isinstance(item, items.Invocation):
             reply_to = item.message.reply_to
         else:
             reply_to = item.reply_to if isinstance(item, items.Undecodable) else None
         if reply_to:
-            await self._nc.publish(reply_to, record)
+            await self._nc.publish(reply_to, reply)
         if isinstance(item, items.Ingress):
             for _, dup_reply_to in item.dups:
                 if dup_reply_to:
-                    await self._nc.publish(dup_reply_to, record)
+                    await self._nc.publish(dup_reply_to, reply)
 
     async def done(self, item: items.Item) -> None:
         """The item is settled: ack its message once all of that message's items are, and its copies now."""

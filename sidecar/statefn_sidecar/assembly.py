@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 DLQ_TARGET = "~dlq"
 # Bundles are split so a NATS message stays well under the default max_payload (1 MiB).
 MAX_BUNDLE_BYTES = 768 * 1024
+# What a bundle, a dead letter or a published reply adds around one message, with room to spare.
+MESSAGE_MARGIN = 4096
 # msgpack headers that grow with a bundle's length (an array of up to 2**32 messages; a bin of up to 4 GiB).
 _GROWTH = 8
 
@@ -44,7 +46,7 @@ class Effects:
     entries: list[outbox.Entry] = dataclasses.field(default_factory=list)
     timers_added: list[tuple[int, bytes, bytes]] = dataclasses.field(default_factory=list)
     timers_removed: list[bytes] = dataclasses.field(default_factory=list)
-    idem_records: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    idem_records: dict[str, envelope.Record] = dataclasses.field(default_factory=dict)
     trimmed: dict[str, int] = dataclasses.field(default_factory=dict)
     suspended: dict[str, suspension.Suspension | None] = dataclasses.field(default_factory=dict)
     queued: list[keylocks.Queued] = dataclasses.field(default_factory=list)
@@ -89,9 +91,17 @@ class Share:
     eff: Effects = dataclasses.field(default_factory=Effects)
     sends: list[tuple[Send, bytes]] = dataclasses.field(default_factory=list)  # with each message packed
     dead: list[bytes] = dataclasses.field(default_factory=list)  # packed dead-letter records
+    largest: int = 0  # the largest message it puts on NATS (now, or when a timer or a decision sends it)
 
     def send(self, send: Send) -> None:
-        self.sends.append((send, codec.pack(send.message.to_plain())))
+        packed = codec.pack(send.message.to_plain())
+        self.sends.append((send, packed))
+        self.carries(len(packed))
+
+    def carries(self, size: int) -> None:
+        """A message of ``size`` bytes will go over NATS because of this share."""
+        if size > self.largest:
+            self.largest = size
 
 
 @dataclasses.dataclass

@@ -1,8 +1,9 @@
 """Reading and replaying dead letters (the ``STATEFN_DLQ`` stream).
 
 A replay is a new ingress invocation whose idempotency key is derived from the dead letter's
-stream sequence (``dlq-replay:<seq>``): replaying the same entry twice runs it once. The
-original key cannot be reused, because the terminal failure recorded its error under it.
+stream sequence (``~dlq-replay:<seq>``, a key only the platform may use): replaying the same entry
+twice runs it once. The original key cannot be reused, because the terminal failure recorded its
+error under it.
 
 A replay runs the invocation from the start, on its own. That is refused where it would apply
 effects someone was told did not happen: a callee whose error answered a durable call (the caller
@@ -21,8 +22,12 @@ import nats.js.errors
 from nats.js.client import JetStreamContext
 
 import statefn
-from statefn_core import codec, constants, layout, wire
+from statefn_core import codec, constants, envelope, layout, wire
 from statefn_sidecar import items
+
+# A dead letter is one NATS message: what it keeps of a failed invocation stays well under max_payload.
+_MAX_ARGS_BYTES = 512 * 1024
+_MAX_TEXT = 8192
 
 
 def record(fn: layout.FunctionType, partition: int, item: items.Item,
@@ -34,6 +39,10 @@ def record(fn: layout.FunctionType, partition: int, item: items.Item,
     ``ctx.run`` results) it had finished. A replay runs the invocation again from the start, alone.
     """
     msg = item.message if isinstance(item, items.Invocation) else None
+    args = msg.args if msg else None
+    args_size = len(codec.pack(args)) if args else 0
+    if args_size > _MAX_ARGS_BYTES:  # the letter must stay publishable; a replay then is refused
+        args = None
     resume = item.resume if isinstance(item, items.Invocation) else None
     journaled = len(resume.record.journal) + (resume.response is not None) if resume is not None else 0
     return {
@@ -41,7 +50,8 @@ def record(fn: layout.FunctionType, partition: int, item: items.Item,
         "partition": partition,
         "key": msg.key if msg else None,
         "handler": msg.handler if msg else None,
-        "args": msg.args if msg else None,
+        "args": args,
+        "args_dropped": args_size if args is None and msg and msg.args else 0,
         "attempts": msg.attempt if msg else 0,
         "origin": msg.origin if msg else None,
         "idempotency_key": msg.idempotency_key if msg else None,
@@ -49,10 +59,14 @@ def record(fn: layout.FunctionType, partition: int, item: items.Item,
         "caller": f"{msg.caller.function}({msg.caller.key!r})" if msg and msg.caller else None,
         "transaction": msg.tx.id if msg and msg.tx else None,
         "journaled": journaled,
-        "error": {"kind": error.kind, "message": error.message, "type": error.type},
+        "error": {"kind": error.kind, "message": error.message[:_MAX_TEXT], "type": error.type[:_MAX_TEXT]},
         "raw": item.raw if isinstance(item, items.Undecodable) else None,
         "failed_at": time.time(),
     }
+
+
+# What JetStream answers when deleting a message that is gone: "sequence N not found", "no message found".
+_NO_SUCH_MESSAGE = (10043, 10057)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +120,8 @@ def replay_refusal(letter: DeadLetter, *, repeat_steps: bool = False) -> str | N
     rec = letter.record
     if not rec.get("handler") or rec.get("key") is None:
         return f"its message was undecodable ({letter.error.get('message')})"
+    if rec.get("args_dropped"):
+        return f"its arguments ({rec['args_dropped']} bytes) were too large to keep in the dead letter"
     if rec.get("transaction"):
         return (f"it was a participant of transaction {rec['transaction']}, which aborted; run again alone, its "
                 "effects would happen outside the transaction")
@@ -125,9 +141,21 @@ async def replay(client: statefn.Client, letter: DeadLetter, *, repeat_steps: bo
     if refusal is not None:
         raise statefn.StatefnError(f"dead letter {letter.seq} cannot be replayed: {refusal}")
     rec = letter.record
-    idem = f"dlq-replay:{letter.seq}"
-    await client.send(str(rec["function"]), str(rec["key"]), str(rec["handler"]), idempotency_key=idem,
-                      **(rec.get("args") or {}))
+    # A reserved key (callers cannot claim it), scoped like any to the key and handler it replays.
+    idem = f"{constants.RESERVED_IDEMPOTENCY_PREFIX}dlq-replay:{letter.seq}"
+    function, key = str(rec["function"]), str(rec["key"])
+    partitions = int((await client.describe(function))["partitions"])
+    message = envelope.Message(key=key, handler=str(rec["handler"]), args=rec.get("args") or {},
+                               idempotency_key=idem)
+    body, headers = envelope.encode_invoke(message)
+    headers[constants.HEADER_MSG_ID] = idem  # a replay sent twice is stored once
     js = client.nats.jetstream()
-    await js.delete_msg(constants.DLQ_STREAM, letter.seq)
+    await js.publish(layout.FunctionType.parse(function).ingress_subject(layout.partition_of(key, partitions)),
+                     body, headers=headers)
+    try:
+        await js.delete_msg(constants.DLQ_STREAM, letter.seq)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code not in _NO_SUCH_MESSAGE:
+            raise
+        # An earlier replay of the same letter deleted it (and its invocation runs once).
     return idem

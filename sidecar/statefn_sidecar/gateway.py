@@ -21,16 +21,19 @@ from aiohttp import web
 from opentelemetry import trace
 
 import statefn
-from statefn_core import codec, errors, layout, signals
+from statefn_core import codec, constants, errors, layout, signals
 from statefn_sidecar import metrics, tracing
 
 _META_TTL_S = 5.0
+# Arguments nested deeper than this are refused: handlers, msgpack and pydantic all recurse on them.
+MAX_JSON_DEPTH = 64
 _STATUS_BY_KIND: dict[str, int] = {
     errors.ErrorKind.INVALID_ARGUMENT: 400,
     errors.ErrorKind.UNDECODABLE: 400,
     errors.ErrorKind.UNKNOWN_HANDLER: 404,
     errors.ErrorKind.UNKNOWN_FUNCTION: 404,
     errors.ErrorKind.STATE_TOO_LARGE: 413,
+    errors.ErrorKind.IDEMPOTENCY_MISMATCH: 422,
     errors.ErrorKind.HANDLER: 500,
     errors.ErrorKind.RETRIES_EXHAUSTED: 500,
 }
@@ -49,6 +52,20 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than ``limit`` (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in node)
+    return False
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
@@ -143,6 +160,12 @@ async def _invoke(request: web.Request, traceparent: str | None) -> web.Response
         args = json.loads(raw) if raw.strip() else {}
     except ValueError as exc:
         return _error(400, errors.ErrorKind.INVALID_ARGUMENT, f"the body is not JSON: {exc}")
+    except RecursionError:  # nested past Python's own limit
+        return _error(400, errors.ErrorKind.INVALID_ARGUMENT,
+                      f"the body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects")
+    if _too_deep(args, MAX_JSON_DEPTH):
+        return _error(400, errors.ErrorKind.INVALID_ARGUMENT,
+                      f"the body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects")
     if not isinstance(args, dict):
         return _error(400, errors.ErrorKind.INVALID_ARGUMENT,
                       f"the body must be a JSON object of {handler}'s arguments, not {type(args).__name__}")
@@ -151,9 +174,13 @@ async def _invoke(request: web.Request, traceparent: str | None) -> web.Response
         return _error(400, errors.ErrorKind.INVALID_ARGUMENT, f"{function}.{handler}: {problem}")
     client = request.app[CLIENT_KEY]
     idem = request.headers.get("Idempotency-Key") or uuid.uuid4().hex
+    if idem.startswith(constants.RESERVED_IDEMPOTENCY_PREFIX):
+        return _error(400, errors.ErrorKind.INVALID_ARGUMENT,
+                      f"Idempotency-Key values starting with {constants.RESERVED_IDEMPOTENCY_PREFIX!r} are reserved "
+                      "for the platform")
     try:
         if request.query.get("async", "").lower() in ("1", "true", "yes"):
-            await client.send(function, key, handler, idempotency_key=idem, traceparent=traceparent, **args)
+            await client.send_raw(function, key, handler, args=args, idempotency_key=idem, traceparent=traceparent)
             return web.json_response({"invocation_id": idem}, status=202)
         reply = await client.invoke_raw(function, key, handler, args=args, idempotency_key=idem,
                                         traceparent=traceparent)

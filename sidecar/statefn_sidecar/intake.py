@@ -1,9 +1,10 @@
 """Turning pulled NATS messages into items, dropping what was applied already.
 
 Ingress copies are answered from the owner's recent idempotency records (or, within one batch,
-from the first copy's outcome); a channel's bundles are taken densely in order, duplicates
-dropped and an early bundle held back (NAK with a delay) until the missing one comes back;
-an undecodable message becomes a dead item, never an exception.
+from the first copy's outcome); a request under a used idempotency key (for the same key and
+handler) with other arguments is refused with ``idempotency_mismatch``; a channel's bundles are
+taken densely in order, duplicates dropped and an early bundle held back (NAK with a delay) until
+the missing one comes back; an undecodable message becomes a dead item, never an exception.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ Watermark = tuple[int, int, int]  # (bundle seq, next message index, bundle size
 
 class Intake:
     def __init__(self, pid: layout.PartitionId, nc: NatsClient, chan_in: dict[str, Watermark],
-                 recent: collections.OrderedDict[str, bytes], stats: collections.Counter[str],
+                 recent: collections.OrderedDict[str, envelope.Record], stats: collections.Counter[str],
                  gap_retry_delay: float, duplicates: Counter) -> None:
         self._pid = pid
         self._nc = nc
@@ -55,7 +56,7 @@ class Intake:
                 recorded = self._recent.get(f"seq:{seq}")
                 if recorded is not None:  # dead-lettered already; this is a redelivery
                     self._duplicate()
-                    await self._settle_copy(msg, headers.get(constants.HEADER_REPLY_TO), recorded)
+                    await self._settle(msg, headers.get(constants.HEADER_REPLY_TO), recorded.reply)
                     continue
                 out.append(items.Undecodable(id=f"seq:{seq}", source=items.Source(msg, 1), raw=msg.data[:4096],
                                              reason=f"{type(exc).__name__}: {exc}",
@@ -65,32 +66,49 @@ class Intake:
                 out += await self._bundle_items(msg, bundle, wm_batch)
                 continue
             if not message.idempotency_key:
-                message.idempotency_key = headers.get(constants.HEADER_MSG_ID) or f"seq:{seq}"
-            idem = message.idempotency_key
+                message.idempotency_key = (headers.get(constants.HEADER_MSG_ID)
+                                           or f"{constants.RESERVED_IDEMPOTENCY_PREFIX}seq:{seq}")
+            idem = envelope.idempotency_id(message.key, message.handler, message.idempotency_key)
             recent = self._recent.get(idem)
             if recent is not None:
-                self._duplicate()
-                await self._settle_copy(msg, message.reply_to if recent != envelope.PENDING_RECORD else None, recent)
+                await self._settle_copy(msg, message, recent)
                 continue
             first = first_by_idem.get(idem)
             if first is not None:
+                if envelope.fingerprint(first.message) != envelope.fingerprint(message):
+                    await self._refuse_mismatch(msg, message)
+                    continue
                 self._duplicate()
                 first.dups.append((msg, message.reply_to))
                 continue
-            item = items.Ingress(id=idem, message=message, source=items.Source(msg, 1))
+            # Its id is unique across functions and keys: transaction ids and the random seed derive from it.
+            item = items.Ingress(id=f"{self._pid.function}/{idem}", message=message, source=items.Source(msg, 1))
             first_by_idem[idem] = item
             out.append(item)
         return out
 
-    async def _settle_copy(self, msg: Msg, reply_to: str | None, record: bytes) -> None:
-        """A copy of what was applied already: answer it from the record and ack it, as far as NATS lets us.
+    async def _settle_copy(self, msg: Msg, message: envelope.Message, record: envelope.Record) -> None:
+        """A request under an idempotency key that has a record: a copy, answered from it; or, if its
+        arguments differ, another request under a used key, refused with ``idempotency_mismatch``.
 
-        Both are best effort: a copy whose ack is lost comes back and is found a copy again, and
-        its caller asks again. An error here must not end the loop, nor count against the message.
+        Answering and acking are best effort: a copy whose ack is lost comes back and is found a copy
+        again, and its caller asks again. An error here must not end the loop, nor count against it.
         """
+        if record.fingerprint != envelope.fingerprint(message):
+            await self._refuse_mismatch(msg, message)
+            return
+        self._duplicate()
+        await self._settle(msg, message.reply_to, record.reply)
+
+    async def _refuse_mismatch(self, msg: Msg, message: envelope.Message) -> None:
+        assert message.idempotency_key is not None
+        self._stats["idempotency_mismatches"] += 1
+        await self._settle(msg, message.reply_to, envelope.mismatch_reply(message.idempotency_key).encode())
+
+    async def _settle(self, msg: Msg, reply_to: str | None, reply: bytes | None) -> None:
         try:
-            if reply_to:
-                await self._nc.publish(reply_to, record)
+            if reply_to and reply is not None:
+                await self._nc.publish(reply_to, reply)
             await msg.ack()
         except nats.errors.Error as exc:
             _log.warning("%s: could not settle a duplicate (%s); it will be redelivered", self._pid, exc)
@@ -105,7 +123,7 @@ class Intake:
         size = len(bundle.messages)
         if bundle.seq < n or (bundle.seq == n and nxt >= total):
             self._duplicate()
-            await self._settle_copy(msg, None, b"")
+            await self._settle(msg, None, None)
             return []
         if bundle.seq == n:
             start = nxt

@@ -40,8 +40,11 @@ class Item:
         return None
 
     @property
-    def idempotency_key(self) -> str | None:
-        """What makes a redelivered copy of this item a no-op: recorded with its outcome in the commit."""
+    def idempotency_id(self) -> str | None:
+        """What makes a redelivered copy of this item a no-op: recorded with its outcome in the commit.
+
+        For an invocation, its idempotency key scoped to its key and handler (``envelope.idempotency_id``).
+        """
         return None
 
 
@@ -68,8 +71,8 @@ class Invocation(Item):
     resume: Resumption | None = None
 
     @property
-    def idempotency_key(self) -> str | None:
-        return self.message.idempotency_key
+    def idempotency_id(self) -> str | None:
+        return _scoped(self.message)
 
     @property
     def response(self) -> bytes | None:
@@ -91,6 +94,10 @@ class Invocation(Item):
             self.idem_pending = False
 
 
+def _scoped(msg: envelope.Message) -> str | None:
+    return envelope.idempotency_id(msg.key, msg.handler, msg.idempotency_key) if msg.idempotency_key else None
+
+
 @dataclasses.dataclass(slots=True, kw_only=True)
 class Ingress(Invocation):
     """From outside: carries an idempotency key (the client's, or its message id)."""
@@ -109,9 +116,9 @@ class Delivered(Invocation):
     bundle_size: int
 
     @property
-    def idempotency_key(self) -> str | None:
+    def idempotency_id(self) -> str | None:
         # Its channel's watermark makes a copy a no-op; a reply resuming an invocation carries that one's key.
-        return self.message.idempotency_key if self.resume is not None else None
+        return _scoped(self.message) if self.resume is not None else None
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -178,7 +185,7 @@ class Undecodable(Item):
     reply_to: str | None
 
     @property
-    def idempotency_key(self) -> str | None:
+    def idempotency_id(self) -> str | None:
         return self.id  # a redelivery after a lost ack is answered from the record, not dead-lettered twice
 
 

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
-from statefn_core import codec, layout
+from statefn_core import codec, envelope, layout
 from statefn_sidecar import (
     acks,
     assembly,
@@ -80,7 +80,7 @@ class PartitionWorker:
         self._chan_in: dict[str, tuple[int, int, int]] = {}
         self._chan_out: dict[str, int] = {}
         self._timers = timers.TimerHeap()
-        self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._recent: collections.OrderedDict[str, envelope.Record] = collections.OrderedDict()
         self._publishers: dict[str, outbox.ChannelPublisher] = {}
         self._published_upto: dict[str, int] = {}
         self._trimmed_upto: dict[str, int] = {}
@@ -239,7 +239,7 @@ class PartitionWorker:
         pending = batch
         try:
             while pending:
-                if any(i.idempotency_key for i in pending):
+                if any(i.idempotency_id for i in pending):
                     await self.ensure_idem_lease()
                 outcomes, later = await self._executor.run(pending, self.cache, self.partition, self.locks)
                 plans = self._planner().plan(outcomes, self._pending_trims())
@@ -276,18 +276,26 @@ class PartitionWorker:
             for _, later in plans[i:]:
                 for oc in later.outcomes:
                     item = oc.item
-                    idem = item.idempotency_key
+                    idem = item.idempotency_id
                     # An item whose own record says PENDING (it was queued or suspended) is not a copy.
                     pending = isinstance(item, items.Invocation) and item.idem_pending
-                    record = existing.get(self.keys.idempotency(idem)) if idem and not pending else None
-                    if record is None:
+                    stored = existing.get(self.keys.idempotency(idem)) if idem and not pending else None
+                    if stored is None:
                         observe.abandoned([oc], "rerun")
                         redo.append(item)
                         continue
-                    observe.abandoned([oc], "recorded_already")
-                    self._remember(idem, record)  # type: ignore[arg-type]
-                    self._executor.metrics.duplicates.inc()
-                    await self._acks.answer(item, record)
+                    assert idem is not None
+                    record = envelope.Record.decode(stored)
+                    self._remember(idem, record)
+                    if isinstance(item, items.Invocation) and record.fingerprint != envelope.fingerprint(item.message):
+                        # Another request under a used idempotency key: refused, not run.
+                        observe.abandoned([oc], "idempotency_mismatch")
+                        assert item.message.idempotency_key is not None
+                        await self._acks.answer(item, envelope.mismatch_reply(item.message.idempotency_key).encode())
+                    else:
+                        observe.abandoned([oc], "recorded_already")
+                        self._executor.metrics.duplicates.inc()
+                        await self._acks.answer(item, record.reply)
                     if item.timer_key is not None:
                         redo.append(items.DropTimer(id=item.id, timer=item.timer_key))
                     else:
@@ -322,7 +330,8 @@ class PartitionWorker:
 
     # ---- helpers ----
     def _planner(self) -> planner.Planner:
-        return planner.Planner(self.fn, self.keys, self._chan_out, self._idem_lease[0] if self._idem_lease else None)
+        return planner.Planner(self.fn, self.keys, self._chan_out, self._idem_lease[0] if self._idem_lease else None,
+                               self._nc.max_payload)
 
     async def ensure_idem_lease(self) -> None:
         """Idempotency records expire with a lease shared by all records of a 10-minute window."""
@@ -331,7 +340,7 @@ class PartitionWorker:
             lease = await self._etcd.lease(self._cfg.idempotency_ttl + _IDEM_LEASE_BUCKET_S)
             self._idem_lease = (lease.id, now)
 
-    def _remember(self, idem: str, record: bytes) -> None:
+    def _remember(self, idem: str, record: envelope.Record) -> None:
         self._recent[idem] = record
         self._recent.move_to_end(idem)
         while len(self._recent) > _RECENT_IDEM:

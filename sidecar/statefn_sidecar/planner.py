@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-from statefn_core import codec, envelope, errors, layout, wire
+from statefn_core import codec, constants, envelope, errors, layout, wire
 from statefn_sidecar import assembly, commit, deadletters, decisions, items, suspension, timers, twophase
 
 
@@ -31,11 +31,13 @@ class Planner:
     """Stateless over batches except for the channel counters it reads from the owner."""
 
     def __init__(self, fn: layout.FunctionType, keys: layout.PartitionKeys,
-                 chan_out: dict[str, int], idem_lease: int | None) -> None:
+                 chan_out: dict[str, int], idem_lease: int | None,
+                 max_payload: int = constants.DEFAULT_NATS_MAX_PAYLOAD) -> None:
         self.fn = fn
         self.keys = keys
         self._chan_out = dict(chan_out)  # working copy: counters advance across this plan's commits
         self._idem_lease = idem_lease
+        self._max_payload = max_payload
 
     def plan(self, outcomes: list[decisions.Outcome],
              trims: dict[str, int]) -> list[tuple[commit.Txn, assembly.Effects]]:
@@ -46,6 +48,17 @@ class Planner:
             current.eff.trimmed[target] = upto
         for oc in outcomes:
             share = self._share(oc)
+            if share.largest + assembly.MESSAGE_MARGIN > self._max_payload:
+                # Committed, it could never be published: its channel would be blocked behind it for good.
+                err = wire.ErrorInfo(
+                    kind=errors.ErrorKind.PAYLOAD_TOO_LARGE,
+                    message=f"this invocation sends a message or reply of {share.largest} bytes; NATS carries at "
+                            f"most {self._max_payload - assembly.MESSAGE_MARGIN} bytes in one (max_payload "
+                            f"{self._max_payload}, less {assembly.MESSAGE_MARGIN} for the envelope)",
+                )
+                oc.decision = decisions.failed(
+                    oc.decision, err, deadletters.record(self.fn, self.keys.partition, oc.item, err))
+                share = self._share(oc)
             if not commit.fits(*current.cost_with(share)):
                 alone = self._assembly().cost_with(share)
                 if not commit.fits(*alone):
@@ -95,8 +108,11 @@ class Planner:
                 dead_letter["partition"] = self.keys.partition
                 share.dead.append(codec.pack(dead_letter))
         reply = decision.answer()
-        if reply is not None and isinstance(oc.item, items.Invocation) and oc.item.message.caller is not None:
-            self._add_reply(share, oc.item, reply, decision)
+        if reply is not None and isinstance(oc.item, items.Invocation):
+            if oc.item.message.caller is not None:
+                self._add_reply(share, oc.item, reply, decision)
+            else:
+                share.carries(len(reply.encode()))  # published to the caller's reply address after the commit
         return share
 
     def _add_bookkeeping(self, share: assembly.Share, item: items.Item) -> None:
@@ -114,8 +130,8 @@ class Planner:
             eff.timers_removed.append(item.timer_key)
 
     def _add_idempotency(self, share: assembly.Share, item: items.Item, decision: decisions.Decision) -> None:
-        """The final reply under the caller's idempotency key, or PENDING while it waits (a copy: a duplicate)."""
-        idem = item.idempotency_key
+        """The final reply under the request's idempotency id, or PENDING while it waits (a copy: a duplicate)."""
+        idem = item.idempotency_id
         if not idem:
             return
         reply = decision.answer()
@@ -129,8 +145,9 @@ class Planner:
         ikey = self.keys.idempotency(idem)
         if not pending:
             share.txn.require_absent(ikey)
-        record = reply.encode() if reply is not None else envelope.PENDING_RECORD
-        share.txn.put(ikey, record, lease=self._idem_lease)
+        fingerprint = envelope.fingerprint(item.message) if isinstance(item, items.Invocation) else b""
+        record = envelope.Record(fingerprint, reply.encode() if reply is not None else None)
+        share.txn.put(ikey, record.encode(), lease=self._idem_lease)
         share.eff.idem_records[idem] = record
 
     def _add_changes(self, share: assembly.Share, changes: decisions.Changes) -> None:
@@ -145,7 +162,9 @@ class Planner:
         for s in changes.sends:
             share.send(s)
         for d in changes.delayed:
-            self._add_timer(share, d.due_ms, timer_payload_send(d.function, d.message))
+            payload = timer_payload_send(d.function, d.message)
+            share.carries(len(payload))  # sent when the timer fires
+            self._add_timer(share, d.due_ms, payload)
 
     def _add_reply(self, share: assembly.Share, item: items.Invocation, reply: envelope.Reply,
                    decision: decisions.Decision) -> None:
@@ -170,7 +189,8 @@ class Planner:
                 # A new invocation (votes still on their way to the old one find no call of the new one
                 # waiting), whose transactions keep the age of the one that died.
                 record = item.resume.record
-                inv_id = f"{record.invocation_id.split('/')[0]}/{msg.attempt + 1}"
+                # ('@' cannot occur in an id otherwise: its parts are escaped.)
+                inv_id = f"{record.invocation_id.split('@')[0]}@{msg.attempt + 1}"
                 if record.tx is not None:
                     again.tx_age = record.tx.ts
             payload = timer_payload_retry(inv_id, again, item.idem_pending)
@@ -181,7 +201,9 @@ class Planner:
         if not staged.timer:
             payload = twophase.timer_payload_inquire(staged.key, staged.tx.id)
             staged.timer = self._add_timer(share, timers.now_ms() + int(staged.tx.timeout * 1000), payload)
-        share.txn.put(self.keys.prepared(staged.key), staged.encode())
+        record = staged.encode()
+        share.carries(max((len(codec.pack(s.message.to_plain())) for s in staged.sends), default=0))  # on commit
+        share.txn.put(self.keys.prepared(staged.key), record)
         share.eff.prepared[staged.key] = staged
 
     def _drop_prepared(self, share: assembly.Share, staged: twophase.Prepared) -> None:
