@@ -456,7 +456,8 @@ async def test_a_first_run_suspends_with_its_call_the_sends_before_it_and_the_ru
     resp = await _runtime.execute(APP, batch(wire.Invocation(id="i1", handler="order", args={"item": "apple"}),
                                              wire.Invocation(id="i2", handler="peek", args={})))
     first, queued = resp.results[0]
-    assert first.call == wire.Outgoing("test/prices", "apple", "quote", {})
+    # No timeout given: the function's call_timeout (600 s by default).
+    assert first.call == wire.Outgoing("test/prices", "apple", "quote", {}, timeout=constants.DEFAULT_CALL_TIMEOUT_S)
     assert first.sends == [wire.Outgoing("test/audit", "apple", "log", {"step": "before"})]
     assert len(first.journal_added) == 1 and codec.unpack(first.journal_added[0])[:2] == ["~run", "~now"]
     assert (first.reply, first.error, first.state) == (None, None, {})

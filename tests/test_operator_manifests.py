@@ -42,6 +42,12 @@ def test_deployment_runs_function_and_native_sidecar() -> None:
     assert pod["serviceAccountName"] == "sfn-counter" and pod["automountServiceAccountToken"] is False
 
 
+def test_the_spec_handler_timeout_reaches_the_sidecar() -> None:
+    body = {**BODY, "spec": {**BODY["spec"], "handlerTimeoutSeconds": 2.5}}  # type: ignore[dict-item]
+    (sidecar,) = manifests.deployment(body, SETTINGS, 1)["spec"]["template"]["spec"]["initContainers"]
+    assert sidecar["command"][-2:] == ["--handler-timeout", "2.5"]
+
+
 def test_pod_template_is_restricted() -> None:
     pod = manifests.deployment(BODY, SETTINGS, 2)["spec"]["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}

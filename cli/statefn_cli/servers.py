@@ -33,6 +33,8 @@ def sidecar_cmd(
         "--function", help="host only this function type (repeatable); default: all the app defines")] = None,
     max_attempts: Annotated[int | None, typer.Option(envvar="STATEFN_MAX_ATTEMPTS",
                                                      help="override the functions' retry limit")] = None,
+    handler_timeout: Annotated[float | None, typer.Option(envvar="STATEFN_HANDLER_TIMEOUT",
+                                                          help="override the functions' handler timeout (s)")] = None,
     health_host: Annotated[str, typer.Option(envvar="STATEFN_HEALTH_HOST")] = "127.0.0.1",
     health_port: Annotated[int, typer.Option(envvar="STATEFN_HEALTH_PORT")] = 8081,
     lease_ttl: Annotated[int, typer.Option(envvar="STATEFN_LEASE_TTL")] = 10,
@@ -56,7 +58,8 @@ def sidecar_cmd(
         settings: dict[str, object] = {
             "nats_url": nats_url, "etcd_endpoint": etcd, "partitions": partitions, "lease_ttl": lease_ttl,
             "ack_wait": ack_wait, "batch_size": batch_size, "max_state_bytes": max_state_bytes,
-            "functions": tuple(functions or ()), "max_attempts": max_attempts}
+            "functions": tuple(functions or ()), "max_attempts": max_attempts,
+            "handler_timeout": handler_timeout}
         if member_id:
             settings["member_id"] = member_id
         await sidecar.Sidecar(config.SidecarConfig.model_validate(settings), runner).serve(health_port, health_host)

@@ -49,6 +49,10 @@ DEFAULT_PARTITIONS = 16
 MAX_PARTITIONS = 1024
 DEFAULT_MAX_STATE_BYTES = 256 * 1024
 DEFAULT_MAX_ATTEMPTS = 5
+# How long one handler run may take before it is abandoned (kind handler_timeout, retried like statefn.Retry).
+DEFAULT_HANDLER_TIMEOUT_S = 60.0
+# How long a durable call waits for its reply unless it says otherwise (then kind call_timeout).
+DEFAULT_CALL_TIMEOUT_S = 600.0
 DEFAULT_BACKOFF_INITIAL_S = 0.1
 DEFAULT_BACKOFF_MAX_S = 30.0
 DEFAULT_IDEMPOTENCY_TTL_S = 24 * 3600

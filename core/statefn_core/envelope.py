@@ -32,11 +32,14 @@ class Message:
     # An invocation run again after its transaction died: that transaction's age, which its next
     # transactions keep, so under wait-die it only gets older and cannot starve.
     tx_age: float | None = None
+    # A durable call: the (function, key) pairs waiting on it, outermost first; a call from it to any
+    # of them could never run (their keys stay locked until it answers), so it fails at once.
+    chain: list[list[str]] = dataclasses.field(default_factory=list)
 
     def to_plain(self) -> list[Any]:
         return [self.key, self.handler, self.args, self.origin, self.traceparent, self.reply_to,
                 self.idempotency_key, self.attempt, self.caller.to_plain() if self.caller else None,
-                self.tx.to_plain() if self.tx else None, self.tx_age]
+                self.tx.to_plain() if self.tx else None, self.tx_age, self.chain or None]
 
     @property
     def is_response(self) -> bool:
@@ -51,6 +54,8 @@ class Message:
             msg.tx = wire.TxInfo.from_plain(raw[9])
         if len(raw) > 10:
             msg.tx_age = raw[10]
+        if len(raw) > 11 and raw[11]:
+            msg.chain = [[str(function), str(key)] for function, key in raw[11]]
         return msg
 
     @property

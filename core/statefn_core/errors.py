@@ -53,6 +53,7 @@ class ErrorKind(enum.StrEnum):
     """
 
     HANDLER = "handler_error"                # the handler raised (not statefn.Retry)
+    HANDLER_TIMEOUT = "handler_timeout"      # the handler ran past its function's handler timeout: abandoned
     RETRIES_EXHAUSTED = "retries_exhausted"  # it raised statefn.Retry on every attempt
     UNKNOWN_HANDLER = "unknown_handler"
     UNKNOWN_FUNCTION = "unknown_function"
@@ -60,6 +61,7 @@ class ErrorKind(enum.StrEnum):
     STATE_TOO_LARGE = "state_too_large"      # a state value, or all its effects, over the limits
     UNDECODABLE = "undecodable"              # the message itself could not be read
     CALL_TIMEOUT = "call_timeout"            # a durable call's reply did not arrive within its timeout
+    CALL_CYCLE = "call_cycle"                # a durable call to a key that waits on the caller: it could never run
     TX_CONFLICT = "tx_conflict"              # wait-die: an older transaction holds the participant's key
     TX_TIMEOUT = "tx_timeout"                # a participant's vote did not arrive within the transaction's timeout
     PAYLOAD_TOO_LARGE = "payload_too_large"  # the request is larger than NATS (or the gateway) accepts

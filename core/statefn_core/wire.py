@@ -51,6 +51,8 @@ class Invocation:
     prepare: bool = False
     # Run again after its transaction died: the age its transactions keep (wait-die); else its first one's time.
     tx_age: float | None = None
+    # A durable call: the (function, key) pairs waiting on it (envelope.Message.chain).
+    chain: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(slots=True)
@@ -119,6 +121,7 @@ class Result:
 class BatchRequest:
     keys: list[KeyRequest]
     max_state_bytes: int
+    handler_timeout: float | None = None  # the sidecar's (the spec's); None: each function's own
 
 
 @dataclasses.dataclass(slots=True)
@@ -130,6 +133,7 @@ def encode_request(req: BatchRequest) -> bytes:
     return codec.pack(
         {
             "max_state_bytes": req.max_state_bytes,
+            "handler_timeout": req.handler_timeout,
             "keys": [
                 [k.function, k.key, k.state, [dataclasses.astuple(i) for i in k.invocations]]
                 for k in req.keys
@@ -142,6 +146,7 @@ def decode_request(data: bytes) -> BatchRequest:
     raw = codec.unpack(data)
     return BatchRequest(
         max_state_bytes=raw["max_state_bytes"],
+        handler_timeout=raw.get("handler_timeout"),
         keys=[
             KeyRequest(function=f, key=k, state=s, invocations=[Invocation(*i) for i in invs])
             for f, k, s, invs in raw["keys"]

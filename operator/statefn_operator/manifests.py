@@ -133,7 +133,9 @@ def deployment(body: dict[str, Any], settings: settings_mod.Settings, replicas: 
                     "--health-host", "$(POD_IP)", "--health-port", str(HEALTH_PORT),
                     "--partitions", str(spec.get("partitions", constants.DEFAULT_PARTITIONS)),
                     "--max-attempts", str(spec.get("maxAttempts", constants.DEFAULT_MAX_ATTEMPTS)),
-                    "--max-state-bytes", str(spec.get("maxStateBytes", constants.DEFAULT_MAX_STATE_BYTES))],
+                    "--max-state-bytes", str(spec.get("maxStateBytes", constants.DEFAULT_MAX_STATE_BYTES)),
+                    *(["--handler-timeout", str(spec["handlerTimeoutSeconds"])]
+                      if "handlerTimeoutSeconds" in spec else [])],
         "env": [
             pod_ip,
             {"name": "STATEFN_NATS", "value": settings.nats_url},

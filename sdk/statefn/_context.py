@@ -22,8 +22,8 @@ _MISSING: Any = object()
 class Context:
     """Passed as the first argument to every handler."""
 
-    __slots__ = ("_assigned", "_attempt", "_decided", "_deleted", "_function", "_in_tx", "_invocation_id", "_journal",
-                 "_key", "_ops",
+    __slots__ = ("_assigned", "_attempt", "_call_timeout", "_chain", "_decided", "_deleted", "_function", "_in_tx",
+                 "_invocation_id", "_journal", "_key", "_ops",
                  "_participant", "_pending_call", "_random", "_recorded", "_sends", "_specs", "_stored", "_tx_count",
                  "_tx_ts", "_values", "_worked")
 
@@ -39,6 +39,8 @@ class Context:
         journal: list[bytes] | None = None,
         participant: bool = False,
         tx_age: float | None = None,
+        chain: list[list[str]] | None = None,
+        call_timeout: float = constants.DEFAULT_CALL_TIMEOUT_S,
     ) -> None:
         self._function = function
         self._key = key
@@ -49,6 +51,8 @@ class Context:
         self._deleted: set[str] = set()   # reset with ``del ctx[spec]``
         self._sends: list[wire.Outgoing] = []
         self._invocation_id = invocation_id
+        self._chain = chain or []  # the (function, key) pairs waiting on this invocation's own reply
+        self._call_timeout = call_timeout
         self._attempt = attempt
         self._journal = journal or []
         self._ops = 0  # journaled operations (calls and runs) so far, in order
@@ -144,6 +148,18 @@ class Context:
         """
         return await self._call(function, key, handler, args, "", timeout=timeout)
 
+    def _cycle(self, function: str, key: str) -> errors.CallFailed | None:
+        """A call to a key that waits (through its calls) on this invocation could never run: it fails at once."""
+        for i, (waiting_function, waiting_key) in enumerate(self._chain):
+            if (waiting_function, waiting_key) == (function, key):
+                path = [f"{f}({k!r})" for f, k in self._chain[i:]] + [f"{self._function}({self._key!r})",
+                                                                     f"{function}({key!r})"]
+                return errors.CallFailed(
+                    errors.ErrorKind.CALL_CYCLE,
+                    f"a call cycle: {' -> '.join(path)}; {function}({key!r}) waits for this call's caller, "
+                    "so its key stays locked and the call could never run", target=f"{function}({key!r})")
+        return None
+
     async def sleep(self, seconds: float) -> None:
         """Wait durably: the invocation suspends, its key stays locked, and a timer in etcd resumes it.
 
@@ -213,6 +229,12 @@ class Context:
             raise errors.InvalidCall(
                 f"{function}({key!r}) cannot call its own key: the key stays locked until this invocation "
                 "ends, so the call could never run; use ctx.send for a message to self")
+        if purpose != SLEEP:
+            cycle = self._cycle(function, key)
+            if cycle is not None:  # the same in every replay (the chain is the invocation's): nothing journaled
+                raise cycle
+            if timeout is None:
+                timeout = self._call_timeout
         entry = self._next_entry()
         if entry is not None:
             raw = codec.unpack(entry)

@@ -63,7 +63,10 @@ class StatefulFunction:
 
     ``max_attempts`` bounds how often an invocation that raises :class:`statefn.Retry` is tried
     before it is dead-lettered; retries back off exponentially from ``backoff_initial`` seconds
-    up to ``backoff_max``.
+    up to ``backoff_max``. A handler run longer than ``handler_timeout`` seconds is abandoned: the
+    attempt fails with kind ``handler_timeout`` and is retried the same way, and its key is free
+    meanwhile (a synchronous handler's thread cannot be stopped; it runs on, its results ignored).
+    A durable call without its own ``timeout=`` waits at most ``call_timeout`` seconds.
     """
 
     def __init__(
@@ -73,11 +76,19 @@ class StatefulFunction:
         max_attempts: int = constants.DEFAULT_MAX_ATTEMPTS,
         backoff_initial: float = constants.DEFAULT_BACKOFF_INITIAL_S,
         backoff_max: float = constants.DEFAULT_BACKOFF_MAX_S,
+        handler_timeout: float = constants.DEFAULT_HANDLER_TIMEOUT_S,
+        call_timeout: float = constants.DEFAULT_CALL_TIMEOUT_S,
     ) -> None:
         self.type = layout.FunctionType.parse(type)
         if max_attempts < 1:
             raise errors.DefinitionError(f"{type}: max_attempts must be >= 1")
         self.max_attempts = max_attempts
+        if not handler_timeout > 0:
+            raise errors.DefinitionError(f"{type}: handler_timeout must be > 0 seconds")
+        self.handler_timeout = float(handler_timeout)
+        if not call_timeout > 0:
+            raise errors.DefinitionError(f"{type}: call_timeout must be > 0 seconds")
+        self.call_timeout = float(call_timeout)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.states: dict[str, _state.StateSpec[Any]] = {}
@@ -127,6 +138,7 @@ class StatefulFunction:
             "max_attempts": self.max_attempts,
             "backoff_initial": self.backoff_initial,
             "backoff_max": self.backoff_max,
+            "handler_timeout": self.handler_timeout,
             "states": sorted(self.states),
             "handlers": {n: {"parameters": h.json_schema()} for n, h in sorted(self.handlers.items())},
         }

@@ -41,6 +41,7 @@ async def _invoke_one(
     stored: dict[str, bytes],
     inv: wire.Invocation,
     max_state_bytes: int,
+    handler_timeout: float | None = None,
 ) -> wire.Result:
     spec = fn.handlers.get(inv.handler)
     if spec is None:
@@ -55,15 +56,28 @@ async def _invoke_one(
             errors.ErrorKind.INVALID_ARGUMENT, f"{fn.type}.{inv.handler}: {_validation_message(exc)}"))
     ctx = _context.Context(function=str(fn.type), key=key, specs=fn.states, stored=stored,
                            invocation_id=inv.id, attempt=inv.attempt, journal=inv.journal, participant=inv.prepare,
-                           tx_age=inv.tx_age)
+                           tx_age=inv.tx_age, chain=inv.chain, call_timeout=fn.call_timeout)
     kwargs = {name: getattr(args, name) for name in type(args).model_fields}
+    limit = handler_timeout or fn.handler_timeout
+    deadline = asyncio.timeout(limit)
     try:
         with _tracecontext.activated(inv.traceparent):
-            out = spec.fn(ctx, **kwargs)
-            if spec.is_async:
-                out = await out
+            async with deadline:
+                if spec.is_async:
+                    out = await spec.fn(ctx, **kwargs)
+                else:  # off the event loop: a blocking handler must not stall every other key
+                    out = await asyncio.to_thread(spec.fn, ctx, **kwargs)
         reply = codec.pack(codec.to_plain(out))
         changes = ctx._changes(max_state_bytes)
+    except TimeoutError as exc:
+        if not deadline.expired():
+            _log.warning("%s(%r).%s failed (attempt %d)", fn.type, key, inv.handler, inv.attempt, exc_info=exc)
+            return _failed(ctx, inv, _error(errors.ErrorKind.HANDLER, exc))
+        _log.warning("%s(%r).%s ran past its timeout of %gs (attempt %d); abandoned", fn.type, key, inv.handler,
+                     limit, inv.attempt)
+        return _failed(ctx, inv, _error(
+            errors.ErrorKind.HANDLER_TIMEOUT,
+            f"{fn.type}.{inv.handler} ran past its timeout of {limit:g}s and was abandoned", retry=True))
     except errors.Suspended:
         return wire.Result(id=inv.id, call=ctx._pending_call, sends=ctx._sends[inv.sends_done:],
                             journal_added=ctx._recorded, transactions=ctx._decided)
@@ -94,7 +108,8 @@ def _failed(ctx: _context.Context, inv: wire.Invocation, error: wire.ErrorInfo) 
     return wire.Result(id=inv.id, error=error, sends=decisions, transactions=ctx._decided)
 
 
-async def _run_key(app: _function.App, req: wire.KeyRequest, max_state_bytes: int) -> list[wire.Result]:
+async def _run_key(app: _function.App, req: wire.KeyRequest, max_state_bytes: int,
+                   handler_timeout: float | None) -> list[wire.Result]:
     fn = app.functions.get(req.function)
     if fn is None:
         msg = f"this app does not serve {req.function}; it serves: {', '.join(sorted(app.functions))}"
@@ -107,7 +122,7 @@ async def _run_key(app: _function.App, req: wire.KeyRequest, max_state_bytes: in
             # The key is locked by the invocation that suspended (or prepared): the rest wait for it, in order.
             results.append(wire.Result(id=inv.id, deferred=True))
             continue
-        result = await _invoke_one(fn, req.key, stored, inv, max_state_bytes)
+        result = await _invoke_one(fn, req.key, stored, inv, max_state_bytes, handler_timeout)
         locked = result.call is not None or (inv.prepare and result.error is None)
         if result.error is None and not inv.prepare:  # a prepare's changes are staged until the decision
             for name, value in result.state.items():
@@ -122,6 +137,6 @@ async def _run_key(app: _function.App, req: wire.KeyRequest, max_state_bytes: in
 async def execute(app: _function.App, request: wire.BatchRequest) -> wire.BatchResponse:
     """Run one batch; never raises for handler errors (they are results)."""
     results: list[Any] = await asyncio.gather(
-        *(_run_key(app, k, request.max_state_bytes) for k in request.keys)
+        *(_run_key(app, k, request.max_state_bytes, request.handler_timeout) for k in request.keys)
     )
     return wire.BatchResponse(results=results)

@@ -20,6 +20,8 @@ class SidecarConfig(pydantic.BaseModel):
     functions: tuple[str, ...] = ()
     # None: each function's own policy from its code (StatefulFunction(max_attempts=...)).
     max_attempts: int | None = pydantic.Field(default=None, ge=1)
+    # None: each function's own (StatefulFunction(handler_timeout=...)); the spec's handlerTimeoutSeconds.
+    handler_timeout: float | None = pydantic.Field(default=None, gt=0)
     # None: the count the function was created with (or the default for a new function).
     partitions: int | None = pydantic.Field(default=None, ge=1, le=constants.MAX_PARTITIONS)
     lease_ttl: int = pydantic.Field(default=constants.DEFAULT_LEASE_TTL_S, ge=1)

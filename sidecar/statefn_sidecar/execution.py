@@ -7,6 +7,7 @@ caller gets the error and the message goes to the dead-letter subject.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -28,6 +29,9 @@ from statefn_sidecar import (
 from statefn_sidecar import invoker as invoker_mod
 
 _log = logging.getLogger("statefn.execution")
+# What a batch may take beyond its handlers' timeouts (transport, decoding) before the function server is
+# taken for hung.
+_INVOKER_GRACE_S = 30.0
 
 
 class Router(Protocol):
@@ -39,10 +43,12 @@ class Policy:
     max_attempts: int
     backoff_initial: float
     backoff_max: float
+    handler_timeout: float = constants.DEFAULT_HANDLER_TIMEOUT_S
 
     @classmethod
     def from_description(cls, desc: dict[str, Any]) -> Policy:
-        return cls(int(desc["max_attempts"]), float(desc["backoff_initial"]), float(desc["backoff_max"]))
+        return cls(int(desc["max_attempts"]), float(desc["backoff_initial"]), float(desc["backoff_max"]),
+                   float(desc.get("handler_timeout", constants.DEFAULT_HANDLER_TIMEOUT_S)))
 
     def backoff(self, attempt: int) -> float:
         return float(min(self.backoff_max, self.backoff_initial * (2 ** (attempt - 1))))
@@ -109,6 +115,7 @@ class Executor:
                     for key, ocs in by_key.items()
                 ],
                 max_state_bytes=self._max_state_bytes,
+                handler_timeout=self.policy.handler_timeout,
             )
             response = await self._call(request)
             for (key, ocs), results in zip(by_key.items(), response.results, strict=True):
@@ -143,11 +150,11 @@ class Executor:
         if item.resume is None:
             return wire.Invocation(id=item.id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
                                     origin=msg.origin, traceparent=traceparent, prepare=msg.is_prepare,
-                                    tx_age=msg.tx_age)
+                                    tx_age=msg.tx_age, chain=msg.chain)
         progress = self._progress(item)
         return wire.Invocation(id=progress.invocation_id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
                                 origin=msg.origin, traceparent=traceparent, journal=progress.journal,
-                                sends_done=progress.sends_done, tx_age=msg.tx_age)
+                                sends_done=progress.sends_done, tx_age=msg.tx_age, chain=msg.chain)
 
     @staticmethod
     def _progress(item: items.Invocation) -> suspension.Suspension:
@@ -158,9 +165,32 @@ class Executor:
         return suspension.Suspension(record.invocation_id, item.message, journal, record.sends_done, tx=record.tx)
 
     async def _call(self, request: wire.BatchRequest) -> wire.BatchResponse:
-        """The batch's results, waiting for the function server if it is down (nothing is acked meanwhile)."""
-        return await backoff.until_done(lambda: self._invoker.execute(request), transient=invoker_mod.unavailable,
-                                        first=0.1, cap=5.0, log=_log, what=f"{self.fn}: running a batch")
+        """The batch's results, waiting for the function server if it is down (nothing is acked meanwhile).
+
+        A batch gets as long as its longest key's handlers may take, one after another, plus a grace:
+        past it the function server is taken for hung (the request is dropped, and ``statefn serve``
+        cancels its handlers) and the batch is sent again. A server that answers with no results
+        (an error status, a malformed answer) fails the batch's invocations instead of stalling it.
+        """
+        per_key = max(len(k.invocations) for k in request.keys)
+        budget = self.policy.handler_timeout * per_key + _INVOKER_GRACE_S
+
+        async def attempt() -> wire.BatchResponse:
+            try:
+                async with asyncio.timeout(budget):
+                    return await self._invoker.execute(request)
+            except TimeoutError:
+                raise invoker_mod.InvokerUnavailable(f"no answer to a batch within {budget:g}s") from None
+
+        try:
+            return await backoff.until_done(attempt, transient=invoker_mod.unavailable, first=0.1, cap=5.0, log=_log,
+                                            what=f"{self.fn}: running a batch")
+        except invoker_mod.InvokerRefused as exc:
+            _log.error("%s: %s; the batch's invocations fail", self.fn, exc)
+            error = wire.ErrorInfo(kind=errors.ErrorKind.HANDLER, type="FunctionServerError", message=str(exc),
+                                   retry=True)
+            return wire.BatchResponse(results=[[wire.Result(id=i.id, error=error) for i in k.invocations]
+                                               for k in request.keys])
 
     async def target(self, function: str, key: str) -> layout.PartitionId:
         ftype = layout.FunctionType.parse(function)
@@ -196,10 +226,10 @@ class Executor:
             # way the next attempt makes its decisions again.
             oc.tx_decisions = []
             return decisions.Retrying(at_ms, journal=self._progress(item) if item.resume is not None else None)
-        if err.retry:
-            err = wire.ErrorInfo(
-                kind=errors.ErrorKind.RETRIES_EXHAUSTED, type=err.type,
-                message=f"gave up after {item.message.attempt} attempts: {err.message}")
+        if err.retry:  # a timeout stays one (the caller may treat it apart); statefn.Retry's are exhausted retries
+            kind = err.kind if err.kind == errors.ErrorKind.HANDLER_TIMEOUT else errors.ErrorKind.RETRIES_EXHAUSTED
+            err = wire.ErrorInfo(kind=kind, type=err.type,
+                                 message=f"gave up after {item.message.attempt} attempts: {err.message}")
         return decisions.Failed(err, deadletters.record(self.fn, -1, item, err),
                                 await self._decisions_made(oc, key, result))
 
@@ -250,5 +280,6 @@ class Executor:
         # The span says what the call is for: saga.step, saga.compensate, tx.prepare.
         message = self._outgoing(oc, key, result.call, result.call.purpose or "call")
         message.caller = envelope.CallerAddress(str(self.fn), partition, key, record.waiting)
+        message.chain = [*item.message.chain, [str(self.fn), key]]  # who waits on the callee, for cycles
         changes.sends.append(assembly.Send(await self.target(result.call.function, result.call.key), message))
         return decisions.Suspended(record, changes)

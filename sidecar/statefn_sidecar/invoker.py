@@ -17,6 +17,14 @@ class InvokerUnavailable(Exception):
     """The function code could not be reached; the batch is retried, nothing is acked."""
 
 
+class InvokerRefused(Exception):
+    """The function server answered, but not with results (an error status, a malformed answer).
+
+    Waiting would not change that: the batch's invocations fail (and are retried by their policy,
+    then dead-lettered) instead of the batch being retried forever.
+    """
+
+
 def unavailable(exc: BaseException) -> bool:
     """What waiting for the function server gets past: it is not up (yet, or any more)."""
     return isinstance(exc, InvokerUnavailable)
@@ -51,9 +59,10 @@ class RemoteInvoker:
 
     CONTENT_TYPE = "application/x-msgpack"
 
-    def __init__(self, url: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, *, connect_timeout: float = 5.0) -> None:
         self.url = url.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # How long a batch may take is the executor's to bound (it knows the handler timeout).
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
@@ -75,11 +84,20 @@ class RemoteInvoker:
         try:
             async with self._http().post(f"{self.url}/invoke", data=body,
                                          headers={"Content-Type": self.CONTENT_TYPE}) as resp:
-                if resp.status != 200:
+                if resp.status in (502, 503, 504):  # starting, or a proxy in front of it that cannot reach it
                     raise InvokerUnavailable(f"function server answered {resp.status}: {await resp.text()}")
-                return wire.decode_response(await resp.read())
+                if resp.status != 200:
+                    raise InvokerRefused(f"the function server answered {resp.status}: {(await resp.text())[:2000]}")
+                body = await resp.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise InvokerUnavailable(f"function server at {self.url} unreachable: {exc}") from exc
+        try:
+            response = wire.decode_response(body)
+        except Exception as exc:  # any malformed answer, whatever the decoder trips on
+            raise InvokerRefused(f"the function server's answer is malformed: {type(exc).__name__}: {exc}") from exc
+        if [len(r) for r in response.results] != [len(k.invocations) for k in request.keys]:
+            raise InvokerRefused("the function server's answer does not match the batch (results per key differ)")
+        return response
 
     async def close(self) -> None:
         if self._session is not None:

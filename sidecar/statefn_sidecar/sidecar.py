@@ -65,6 +65,8 @@ class Sidecar:
         for name, desc in description.items():
             if self.cfg.max_attempts is not None:
                 desc = dict(desc, max_attempts=self.cfg.max_attempts)
+            if self.cfg.handler_timeout is not None:
+                desc = dict(desc, handler_timeout=self.cfg.handler_timeout)
             fn = layout.FunctionType.parse(name)
             count = await topology.provision(js, self._etcd, fn, desc, self.cfg.partitions,
                                              ack_wait=self.cfg.ack_wait, batch_size=self.cfg.batch_size)
