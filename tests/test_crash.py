@@ -347,7 +347,7 @@ async def test_timers_survive_the_owner(servers, namespace) -> None:
         async with client(servers) as c:
             await wait_for_partitions(first, list(range(8)))
             for i in range(20):
-                await c.invoke(fn, f"sender{i}", "increment_later", target=f"late{i % 5}", delay=4.0,
+                await c.invoke(fn, f"sender{i}", "increment_later", target=f"late{i % 5}", after=4.0,
                                idempotency_key=f"later-{i}")
             first.kill()  # the timers are only in etcd now
             with procs.group(1, namespace, servers, APP) as (heir,):

@@ -49,8 +49,8 @@ def make_app(ns: str) -> tuple[statefn.App, dict[str, int]]:
         return ctx[balance]
 
     @account.handler
-    async def later(ctx: Context, amount: int, delay: float) -> None:
-        ctx.send(f"{ns}/account", ctx.key, "deposit", delay=delay, amount=amount)
+    async def later(ctx: Context, amount: int, after: float) -> None:
+        ctx.send(f"{ns}/account", ctx.key, "deposit", delay=after, amount=amount)
 
     @account.handler
     async def set_address(ctx: Context, value: Address, who: Profile) -> Profile:
@@ -92,9 +92,9 @@ def make_app(ns: str) -> tuple[statefn.App, dict[str, int]]:
         return b"r" * size
 
     @account.handler
-    async def send_big(ctx: Context, to: str, size: int, delay: float = 0.0) -> None:
+    async def send_big(ctx: Context, to: str, size: int, after: float = 0.0) -> None:
         ctx[balance] += 1
-        ctx.send(f"{ns}/account", to, "note", delay=delay, text="t" * size)
+        ctx.send(f"{ns}/account", to, "note", delay=after, text="t" * size)
 
     @account.handler
     async def note(ctx: Context, text: str) -> int:
@@ -139,7 +139,7 @@ async def test_send_is_delivered_once_to_another_key(env) -> None:
 
 async def test_delayed_send(env) -> None:
     c, fn, _, _ = env
-    await c.invoke(fn, "d", "later", amount=4, delay=0.5)
+    await c.invoke(fn, "d", "later", amount=4, after=0.5)
     assert await c.get_state(fn, "d") == {}
     for _ in range(50):
         if await c.get_state(fn, "d") == {"balance": 4, "history": [4]}:
@@ -304,7 +304,7 @@ async def test_a_message_over_max_payload_fails_its_invocation_not_its_partition
         if what == "reply":
             await c.invoke(fn, "big", "echo_big", size=size)
         else:
-            await c.invoke(fn, "big", "send_big", to="small", size=size, delay=0.2 if what == "delayed send" else 0.0)
+            await c.invoke(fn, "big", "send_big", to="small", size=size, after=0.2 if what == "delayed send" else 0.0)
     assert err.value.kind == statefn.ErrorKind.PAYLOAD_TOO_LARGE and "NATS carries at most" in err.value.message
     assert (await c.get_state(fn, "big")).get("balance") is None
     letter = await _dead_letter(nats_server, fn, "big")

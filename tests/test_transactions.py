@@ -63,10 +63,10 @@ class Bank:
             return ctx[balance]
 
         @account.handler
-        async def transfer(ctx: Context, to: str, amount: int, ref: str = "", timeout: float = 10.0) -> list[int]:
+        async def transfer(ctx: Context, to: str, amount: int, ref: str = "", tx_timeout: float = 10.0) -> list[int]:
             """The transfer of docs/transactions.md: the coordinator's own key takes part."""
             self.runs[f"transfer {ctx.key}"] += 1
-            async with ctx.transaction(timeout=timeout) as tx:
+            async with ctx.transaction(timeout=tx_timeout) as tx:
                 self.ages[ctx.key].append(tx.age)
                 left = await tx.call(self.account, ctx.key, "withdraw", amount=amount, ref=ref)
                 now = await tx.call(self.account, to, "deposit", amount=amount, ref=ref)

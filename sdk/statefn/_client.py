@@ -148,7 +148,7 @@ class Client:
 
     # ---- the API ----
     async def send(
-        self, function: str, key: str, handler: str, *, idempotency_key: str | None = None,
+        self, function: str, key: str, handler: str, /, *, idempotency_key: str | None = None,
         traceparent: str | None = None, **args: Any,
     ) -> str:
         """Enqueue a one-way invocation; returns its idempotency key once JetStream stored it."""
@@ -156,7 +156,7 @@ class Client:
                                    traceparent=traceparent)
 
     async def send_raw(
-        self, function: str, key: str, handler: str, *, args: dict[str, Any],
+        self, function: str, key: str, handler: str, /, *, args: dict[str, Any],
         idempotency_key: str | None = None, traceparent: str | None = None,
     ) -> str:
         """Like send, with the arguments apart from the options (a handler may take an argument named ``key``)."""
@@ -168,7 +168,7 @@ class Client:
         return idem
 
     async def invoke(
-        self, function: str, key: str, handler: str, *, idempotency_key: str | None = None,
+        self, function: str, key: str, handler: str, /, *, idempotency_key: str | None = None,
         timeout: float | None = None, traceparent: str | None = None, **args: Any,
     ) -> Any:
         """Invoke and wait for the reply; raises InvocationFailed with the handler's error."""
@@ -180,7 +180,7 @@ class Client:
         return None if reply.value is None else codec.unpack(reply.value)
 
     async def invoke_raw(
-        self, function: str, key: str, handler: str, *, args: dict[str, Any],
+        self, function: str, key: str, handler: str, /, *, args: dict[str, Any],
         idempotency_key: str | None = None, timeout: float | None = None, traceparent: str | None = None,
     ) -> envelope.Reply:
         """Like invoke, but returns the reply envelope, with the arguments apart from the options (the gateway's)."""

@@ -125,6 +125,7 @@ class Context:
         function: str,
         key: str,
         handler: str,
+        /,
         *,
         delay: float | None = None,
         **args: Any,
@@ -136,7 +137,8 @@ class Context:
         plain = {k: codec.to_plain(v) for k, v in args.items()}
         self._sends.append(wire.Outgoing(function=function, key=key, handler=handler, args=plain, delay=delay))
 
-    async def call(self, function: str, key: str, handler: str, *, timeout: float | None = None, **args: Any) -> Any:
+    async def call(self, function: str, key: str, handler: str, /, *, timeout: float | None = None,
+                   **args: Any) -> Any:
         """Invoke another function's handler and wait for its reply, durably.
 
         The call is committed with this invocation's progress and delivered exactly once; this

@@ -34,6 +34,12 @@ class HandlerSpec:
         return self.args_model.model_json_schema()
 
 
+# The keyword options of the calling APIs (ctx.call/send, saga and transaction calls, Client.invoke/send):
+# a handler parameter of one of these names could not be passed through them. (Their function, key and
+# handler are positional-only, so parameters named so are fine.)
+RESERVED_PARAMETERS = frozenset({"timeout", "delay", "compensate", "idempotency_key", "traceparent"})
+
+
 def _args_model(function: str, name: str, fn: HandlerFn) -> tuple[type[pydantic.BaseModel], Any]:
     sig = inspect.signature(fn, eval_str=True)
     params = list(sig.parameters.values())
@@ -46,6 +52,10 @@ def _args_model(function: str, name: str, fn: HandlerFn) -> tuple[type[pydantic.
     for p in params[1:]:
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             raise errors.DefinitionError(f"handler {function}.{name}: *args/**kwargs are not supported")
+        if p.name in RESERVED_PARAMETERS:
+            raise errors.DefinitionError(
+                f"handler {function}.{name}: a parameter may not be named {p.name!r}, an option of ctx.call, "
+                f"ctx.send and Client.invoke (reserved: {', '.join(sorted(RESERVED_PARAMETERS))}); rename it")
         annotation = Any if p.annotation is inspect.Parameter.empty else p.annotation
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (annotation, default)

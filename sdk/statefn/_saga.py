@@ -46,7 +46,7 @@ class Saga:
         self._backoff = compensation_backoff
         self._done: list[_Compensation] = []
 
-    async def call(self, function: str, key: str, handler: str, *,
+    async def call(self, function: str, key: str, handler: str, /, *,
                    compensate: tuple[str, dict[str, Any]] | None = None, timeout: float | None = None,
                    **args: Any) -> Any:
         """One step: ``ctx.call`` whose success registers ``compensate`` = (handler, arguments) to undo it.

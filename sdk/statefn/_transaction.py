@@ -50,7 +50,7 @@ class Transaction:
         assert self._info is not None, "use the transaction as `async with ctx.transaction() as tx`"
         return self._info.ts
 
-    async def call(self, function: str, key: str, handler: str, **args: Any) -> Any:
+    async def call(self, function: str, key: str, handler: str, /, **args: Any) -> Any:
         """Run ``handler`` on (function, key) as a participant; its reply is its yes vote.
 
         Raises :class:`CallFailed` when the handler failed (it voted no and holds nothing), and

@@ -44,9 +44,9 @@ async def slow_increment(ctx: Context, seconds: float) -> int:
 
 
 @counter.handler
-async def increment_later(ctx: Context, target: str, delay: float) -> None:
+async def increment_later(ctx: Context, target: str, after: float) -> None:
     """A delayed send: a timer in the sender's partition until it fires."""
-    ctx.send(ctx.function, target, "increment", delay=delay, by=1)
+    ctx.send(ctx.function, target, "increment", delay=after, by=1)
 
 
 @counter.handler

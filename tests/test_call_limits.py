@@ -1,8 +1,11 @@
-"""A call that comes back to a key waiting on it fails at once, and every call has a timeout.
+"""What a durable call cannot do to its caller: wait on a cycle, wait forever, or mistake arguments for options.
+
+A call that comes back to a key waiting on it fails at once, and every call has a timeout.
 
 Before, A(k) calling B(k) calling A(k) waited forever: A's key stays locked until A answers, so
 B's call queued in A's inbox behind the invocation waiting for B (and, without a timeout, nothing
-ever ended it).
+ever ended it). Arguments named like a call's parameters or options were a TypeError or were
+silently taken as the option.
 """
 
 from __future__ import annotations
@@ -84,3 +87,31 @@ def test_a_cycle_is_found_in_the_chain_before_anything_is_journaled() -> None:
 def test_a_call_timeout_must_be_positive() -> None:
     with pytest.raises(statefn.DefinitionError, match="call_timeout must be > 0"):
         StatefulFunction("t/x", call_timeout=-1)
+
+
+def test_handler_parameters_named_like_call_options_are_refused() -> None:
+    fn = StatefulFunction("t/opts")
+    for option in ("timeout", "delay", "compensate", "idempotency_key", "traceparent"):
+        with pytest.raises(statefn.DefinitionError, match=f"may not be named '{option}', an option of ctx.call"):
+            exec(f"async def h(ctx, {option}: int) -> None: ...\nfn.handler(h)", {"fn": fn})
+
+
+async def test_arguments_named_function_key_or_handler_reach_the_handler(nats_server, etcd_server,
+                                                                           namespace) -> None:
+    """function, key and handler are positional-only in the calling APIs: arguments of those names are the
+    handler's (before: a TypeError, 'got multiple values for argument')."""
+    fn = StatefulFunction(f"{namespace}/names")
+
+    @fn.handler
+    async def echo(ctx: Context, function: str, key: str, handler: str) -> list[str]:
+        return [function, key, handler]
+
+    @fn.handler
+    async def relay(ctx: Context) -> list[str]:
+        ctx.send(f"{namespace}/names", "other", "echo", function="f", key="k", handler="h")
+        return list(await ctx.call(f"{namespace}/names", "other", "echo", function="f2", key="k2", handler="h2"))
+
+    async with helpers.running_sidecar(statefn.App(fn), nats_server, etcd_server), \
+            helpers.client(nats_server, etcd_server, timeout=20) as c:
+        assert await c.invoke(f"{namespace}/names", "x", "echo", function="a", key="b", handler="c") == ["a", "b", "c"]
+        assert await c.invoke(f"{namespace}/names", "x", "relay") == ["f2", "k2", "h2"]
