@@ -69,11 +69,23 @@ def test_invoke_state_and_sigterm(sidecar_proc, nats_server, etcd_server) -> Non
     seq = asyncio.run(dead_letter_of(nats_server, "bank/account", "bank/payment('cli-pay')"))
     out = statefn("dlq", "replay", str(seq), *conn)
     assert out.returncode == 1 and "not replayed" in out.stdout and "answered a durable call" in out.stdout
+    # Purge all but the newest letter of the function.
+    out = statefn("dlq", "purge", "--function", "bank/account", "--keep", "1", *conn)
+    assert out.returncode == 0 and out.stdout.strip() == "purged 1 dead letter(s) of bank/account", out.stderr
+    assert [d.seq for d in asyncio.run(letters_of(nats_server, "bank/account"))] == [seq]
     # SIGTERM: the sidecar hands its partitions back and exits cleanly.
     sidecar_proc.send_signal(signal.SIGTERM)
     assert sidecar_proc.wait(30) == 0
     log = sidecar_proc.stdout.read()
     assert "released partition" in log and " ERROR " not in log
+
+
+async def letters_of(nats_server: devservers.NatsServer, function: str) -> list[deadletters.DeadLetter]:
+    nc = await nats.connect(nats_server.url)
+    try:
+        return await deadletters.list_dead_letters(nc.jetstream(), function=function)
+    finally:
+        await nc.close()
 
 
 async def dead_letter_of(nats_server: devservers.NatsServer, function: str, caller: str) -> int:
@@ -93,6 +105,10 @@ def test_usage_errors_are_one_line() -> None:
     assert result.exit_code == 1 and "--arg takes name=value, got 'novalue'" in result.output
     result = runner.invoke(main.app, ["dlq", "replay"])
     assert result.exit_code == 1 and "give dead letter sequence numbers, or --all" in result.output
+    result = runner.invoke(main.app, ["dlq", "purge", "--keep", "3", "--all"])
+    assert result.exit_code == 1 and "say which to delete: --older-than DURATION, --keep N or --all" in result.output
+    result = runner.invoke(main.app, ["dlq", "purge", "--older-than", "soon"])
+    assert result.exit_code == 1 and "not a duration: 'soon'" in result.output
     result = runner.invoke(main.app, ["serve", "examples.nosuch:app"])
     assert result.exit_code == 1
     assert "module 'examples.nosuch' not found" in result.output

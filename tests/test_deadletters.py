@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import nats
 import pytest
@@ -10,7 +11,7 @@ import pytest
 import statefn
 from statefn import Context, StatefulFunction
 from statefn_core import codec, constants, envelope, layout
-from statefn_sidecar import config, deadletters, faults, invoker, sidecar
+from statefn_sidecar import config, deadletters, faults, invoker, sidecar, topology
 from tests import helpers
 
 
@@ -70,6 +71,29 @@ async def test_dead_letter_then_replay_once(nats_server, etcd_server, namespace)
         assert await deadletters.list_dead_letters(c.nats.jetstream(), function=fn) == []
         with pytest.raises(statefn.StatefnError, match="no dead letter with sequence 999999"):
             await deadletters.get_dead_letter(c.nats.jetstream(), 999999)
+
+
+async def test_purge_by_age_count_and_function(nats_server, etcd_server, namespace) -> None:
+    fn, other = f"{namespace}/orders", f"{namespace}/other"
+    async with helpers.client(nats_server, etcd_server) as c:
+        js = c.nats.jetstream()
+        await topology.ensure_dlq_stream(js)
+        now = time.time()
+        for function, ages in ((fn, (300, 200, 100, 0)), (other, (300,))):
+            for age in ages:
+                await js.publish(layout.FunctionType.parse(function).dlq_subject,
+                                 codec.pack({"function": function, "key": "k", "failed_at": now - age}))
+        assert await deadletters.purge(js, function=fn, older_than=150) == 2
+        assert [round(now - d.record["failed_at"]) for d in await deadletters.list_dead_letters(js, function=fn)] \
+            == [100, 0]
+        assert await deadletters.purge(js, function=fn, keep=1) == 1
+        assert len(await deadletters.list_dead_letters(js, function=fn)) == 1
+        assert await deadletters.purge(js, function=fn) == 1
+        assert await deadletters.list_dead_letters(js, function=fn) == []
+        assert len(await deadletters.list_dead_letters(js, function=other)) == 1  # another function's stay
+        info = await js.stream_info(constants.DLQ_STREAM)
+        assert info.config.max_msgs_per_subject == constants.DEFAULT_DLQ_MAX_PER_FUNCTION
+        assert info.config.max_age == constants.DEFAULT_DLQ_MAX_AGE_S
 
 
 @pytest.mark.parametrize("new_owner", [False, True], ids=["same-owner", "new-owner"])
@@ -163,7 +187,7 @@ async def test_a_replay_that_would_not_be_exactly_once_is_refused(nats_server, e
         with pytest.raises(statefn.InvocationFailed):
             await c.invoke(f"{namespace}/order", "o2", "place_all_or_nothing", items=["nuts", "bolts"])
         letters = {(d.function.rsplit("/", 1)[1], d.record["key"], bool(d.record["transaction"])): d
-                   for d in await _letters(c, None, 4)}
+                   for d in await _letters(c, f"{namespace}/order", 2) + await _letters(c, f"{namespace}/stock", 2)}
         callee, participant = letters["stock", "bolts", False], letters["stock", "bolts", True]
         caller, coordinator = letters["order", "o1", False], letters["order", "o2", False]
         assert callee.record["caller"] == f"{namespace}/order('o1')"

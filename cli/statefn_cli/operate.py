@@ -165,3 +165,40 @@ def dlq_replay_cmd(
 
     if common.run(main()):
         raise typer.Exit(1)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds from '90', '90s', '15m', '12h' or '7d'."""
+    unit = text[-1:].lower()
+    try:
+        return float(text[:-1]) * _UNITS[unit] if unit in _UNITS else float(text)
+    except ValueError:
+        raise common.fail(f"not a duration: {text!r} (give seconds, or a number with s, m, h or d)") from None
+
+
+@dlq_app.command("purge")
+def dlq_purge_cmd(
+    function: Annotated[str | None, typer.Option("--function", help="only this namespace/name")] = None,
+    older_than: Annotated[str | None, typer.Option(
+        "--older-than", help="those that failed longer ago: 7d, 12h, 30m")] = None,
+    keep: Annotated[int | None, typer.Option("--keep", help="all but the newest N")] = None,
+    purge_all: Annotated[bool, typer.Option("--all", help="every one (of --function, if given)")] = False,
+    nats_url: common.NatsOpt = common.DEFAULT_NATS,
+    etcd: common.EtcdOpt = common.DEFAULT_ETCD,
+) -> None:
+    """Delete dead letters for good. The stream also drops them by itself past 30 days, or past 100,000 per function."""
+    if sum((older_than is not None, keep is not None, purge_all)) != 1:
+        raise common.fail("say which to delete: --older-than DURATION, --keep N or --all")
+    age = _duration(older_than) if older_than is not None else None
+    with common.needs("sidecar"):
+        from statefn_sidecar import deadletters
+
+    async def main() -> None:
+        async with common.client(nats_url, etcd) as client:
+            gone = await deadletters.purge(client.nats.jetstream(), function=function, older_than=age, keep=keep)
+        common.console.print(f"purged {gone} dead letter(s){f' of {function}' if function else ''}")
+
+    common.run(main())

@@ -12,6 +12,10 @@ INGRESS_TOKEN = "in"
 CHANNEL_TOKEN = "ch"
 DLQ_TOKEN = "dlq"
 DLQ_STREAM = "STATEFN_DLQ"
+# The dead-letter stream's retention: per function (its subject) at most this many letters, the oldest
+# dropped first, and none older than this; a full DLQ never fills the disk under the platform.
+DEFAULT_DLQ_MAX_PER_FUNCTION = 100_000
+DEFAULT_DLQ_MAX_AGE_S = 30 * 24 * 3600
 
 HEADER_MSG_ID = "Nats-Msg-Id"
 HEADER_KIND = "Statefn-Kind"

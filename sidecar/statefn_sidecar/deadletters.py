@@ -107,6 +107,50 @@ async def list_dead_letters(js: JetStreamContext, *, function: str | None = None
     return out
 
 
+async def purge(js: JetStreamContext, *, function: str | None = None, older_than: float | None = None,
+                keep: int | None = None) -> int:
+    """Delete dead letters, of one function or all, and return how many went.
+
+    ``older_than`` (seconds): those that failed longer ago; ``keep``: all but the newest ``keep``;
+    neither: all of them. Replay what you need first: a purged letter is gone.
+    """
+    subject = _subject(function)
+    if older_than is not None and keep is not None:
+        raise statefn.StatefnError("purge by age or by count, not both")
+    before = await _count(js, subject)
+    if older_than is not None:
+        cutoff = time.time() - older_than
+        upto: int | None = None  # the first letter young enough to stay
+        seq = 1
+        while True:
+            try:
+                msg = await js.get_msg(constants.DLQ_STREAM, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            assert msg.seq is not None
+            if float(codec.unpack(msg.data or b"").get("failed_at", 0)) >= cutoff:
+                upto = msg.seq
+                break
+            seq = msg.seq + 1
+        if upto is None:
+            await js.purge_stream(constants.DLQ_STREAM, subject=subject)
+        elif upto > 1:
+            await js.purge_stream(constants.DLQ_STREAM, subject=subject, seq=upto)
+    elif keep is not None:
+        if keep < 1:
+            await js.purge_stream(constants.DLQ_STREAM, subject=subject)
+        else:
+            await js.purge_stream(constants.DLQ_STREAM, subject=subject, keep=keep)
+    else:
+        await js.purge_stream(constants.DLQ_STREAM, subject=subject)
+    return max(0, before - await _count(js, subject))
+
+
+async def _count(js: JetStreamContext, subject: str) -> int:
+    info = await js.stream_info(constants.DLQ_STREAM, subjects_filter=subject)
+    return sum((info.state.subjects or {}).values())
+
+
 async def get_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter:
     try:
         msg = await js.get_msg(constants.DLQ_STREAM, seq=seq)

@@ -7,6 +7,7 @@ every key lives in, so changing it later would move keys away from their state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -71,9 +72,15 @@ async def ensure_stream(js: JetStreamContext, fn: layout.FunctionType, *, replic
 
 
 async def ensure_dlq_stream(js: JetStreamContext, *, replicas: int = 1) -> None:
-    """Dead letters are kept until replayed or deleted (limits retention, no expiry)."""
+    """Dead letters are kept until replayed, purged (``statefn dlq purge``) or past the retention limits.
+
+    The limits bound each function's letters (its own subject) and their age, so one function
+    failing everything cannot fill the disk under the rest; a stream made before the limits
+    existed gets them.
+    """
+    per_function, max_age = constants.DEFAULT_DLQ_MAX_PER_FUNCTION, float(constants.DEFAULT_DLQ_MAX_AGE_S)
     try:
-        await js.stream_info(constants.DLQ_STREAM)
+        info = await js.stream_info(constants.DLQ_STREAM)
     except nats.js.errors.NotFoundError:
         await js.add_stream(api.StreamConfig(
             name=constants.DLQ_STREAM,
@@ -83,7 +90,13 @@ async def ensure_dlq_stream(js: JetStreamContext, *, replicas: int = 1) -> None:
             allow_direct=True,
             duplicate_window=DUPLICATE_WINDOW_S,
             num_replicas=replicas,
+            max_msgs_per_subject=per_function,
+            max_age=max_age,
         ))
+        return
+    config = info.config
+    if config.max_msgs_per_subject in (None, -1, 0) or not config.max_age:
+        await js.update_stream(dataclasses.replace(config, max_msgs_per_subject=per_function, max_age=max_age))
 
 
 async def ensure_consumers(js: JetStreamContext, fn: layout.FunctionType, partitions: int,
