@@ -24,6 +24,7 @@ from statefn_sidecar import intake, items
 
 GAP_DELAY = 0.25
 REPLY = envelope.Reply(ok=True, value=b"42").encode()
+PID = layout.PartitionId(layout.FunctionType.parse("ns/acct"), 0)
 
 
 class _Sequence:
@@ -40,8 +41,9 @@ class FakeMsg:
     """What intake uses of a pulled JetStream message; records acks and naks."""
 
     def __init__(self, data: bytes, headers: dict[str, str] | None, stream_seq: int,
-                 fail_with: Exception | None = None) -> None:
+                 fail_with: Exception | None = None, subject: str = "") -> None:
         self.data = data
+        self.subject = subject
         self.headers = headers
         self.metadata = _Metadata(stream_seq)
         self.reply = f"$JS.ACK.fake.{stream_seq}"
@@ -80,9 +82,8 @@ class Rig:
         self.stats: collections.Counter[str] = collections.Counter()
         self.registry = CollectorRegistry()
         counter = Counter("statefn_duplicates", "duplicates", registry=self.registry)
-        pid = layout.PartitionId(layout.FunctionType.parse("ns/acct"), 0)
-        self.intake = intake.Intake(pid, cast(NatsClient, self.nc), self.chan_in, self.recent, self.stats,
-                                    GAP_DELAY, counter)
+        self.intake = intake.Intake(PID, cast(NatsClient, self.nc), self.chan_in, self.recent, self.stats,
+                                    GAP_DELAY, counter, partition_count=1)
         self._seqs = itertools.count(100)
 
     @property
@@ -102,14 +103,15 @@ class Rig:
                                                                                      reply)
 
     def raw(self, data: bytes, headers: dict[str, str] | None, stream_seq: int | None = None,
-            fail_with: Exception | None = None) -> FakeMsg:
-        return FakeMsg(data, headers, next(self._seqs) if stream_seq is None else stream_seq, fail_with)
+            fail_with: Exception | None = None, subject: str = "") -> FakeMsg:
+        return FakeMsg(data, headers, next(self._seqs) if stream_seq is None else stream_seq, fail_with, subject)
 
     def bundle(self, sender: str, seq: int, size: int, fail_with: Exception | None = None) -> FakeMsg:
         messages = [envelope.Message(key=f"{sender}-{seq}-k{i}", handler="deposit", args={"i": i},
                                      origin=sender) for i in range(size)]
         data = envelope.encode_bundle(envelope.Bundle(sender=sender, seq=seq, messages=messages))
-        return self.raw(data, {constants.HEADER_KIND: constants.KIND_BUNDLE}, fail_with=fail_with)
+        subject = PID.function.channel_subject(0, layout.PartitionId.from_token(sender))
+        return self.raw(data, {constants.HEADER_KIND: constants.KIND_BUNDLE}, fail_with=fail_with, subject=subject)
 
     def invoke(self, idem: str | None = None, reply_to: str | None = None, msg_id: str | None = None,
                stream_seq: int | None = None, key: str = "k", n: int = 1) -> FakeMsg:

@@ -25,6 +25,25 @@ def pack(value: Any) -> bytes:
         raise errors.CodecError(f"cannot encode {type(value).__name__} with msgpack: {exc}") from exc
 
 
+# Arguments nested deeper than this are refused where they come in (the gateway, a message's decoding):
+# handlers, msgpack, pydantic and the request fingerprint all recurse on them.
+MAX_DEPTH = 64
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether lists and maps nest deeper than ``limit`` (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list | tuple):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in node)
+    return False
+
+
 def unpack(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)

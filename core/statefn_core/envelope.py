@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from typing import Any
 
 from statefn_core import codec, constants, errors, layout, wire
@@ -47,6 +48,17 @@ class Message:
 
     @classmethod
     def from_plain(cls, raw: list[Any]) -> Message:
+        """Raises TypeError or ValueError on a malformed message (a forged bundle, say).
+
+        Older, shorter forms decode with the missing fields at their defaults.
+        """
+        if not isinstance(raw, list) or len(raw) < 3:
+            raise TypeError("a message must be a list of at least its key, handler and arguments")
+        defaults = cls(key="", handler="", args={})
+        _check_message(raw[0], raw[1], raw[2], raw[6] if len(raw) > 6 else None,
+                       raw[7] if len(raw) > 7 else defaults.attempt)
+        if not all(v is None or isinstance(v, str) for v in raw[3:6]):
+            raise TypeError("a message's origin, traceparent and reply address must be strings")
         msg = cls(*raw[:8])
         if len(raw) > 8 and raw[8]:
             msg.caller = CallerAddress(*raw[8])
@@ -174,26 +186,49 @@ def encode_invoke(msg: Message) -> tuple[bytes, dict[str, str]]:
     return codec.pack({"k": msg.key, "h": msg.handler, "a": msg.args, "i": msg.idempotency_key}), headers
 
 
+def _check_message(key: Any, handler: Any, args: Any, idempotency_key: Any, attempt: Any) -> None:
+    """What every message must be before anything acts on it; raises TypeError or ValueError."""
+    if not isinstance(key, str) or not isinstance(handler, str):
+        raise TypeError("a message's key and handler must be strings")
+    if not isinstance(args, dict):
+        raise TypeError("invocation arguments must be a map of parameter name to value")
+    if codec.too_deep(args):
+        raise ValueError(f"invocation arguments nest deeper than {codec.MAX_DEPTH} levels")
+    if idempotency_key is not None and not isinstance(idempotency_key, str):
+        raise TypeError("an invocation's idempotency key must be a string")
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt <= _MAX_ATTEMPT:
+        raise ValueError(f"an invocation's attempt must be a number from 1 to {_MAX_ATTEMPT}, not {attempt!r}")
+
+
+_MAX_ATTEMPT = 1_000_000
+# A reply address is a NATS subject: dot-separated tokens without whitespace or wildcards.
+_SUBJECT = re.compile(r"^[^.\s*>]+(\.[^.\s*>]+)*$")
+
+
 def decode_invoke(body: bytes, headers: dict[str, str] | None) -> Message:
-    """Raises CodecError (undecodable) or KeyError/TypeError (malformed) on bad input."""
+    """Raises CodecError (undecodable) or KeyError/TypeError/ValueError (malformed) on bad input."""
     headers = headers or {}
     raw = codec.unpack(body)
     if not isinstance(raw, dict) or not isinstance(raw.get("k"), str) or not isinstance(raw.get("h"), str):
         raise TypeError("invocation body must be a map with string 'k' (key) and 'h' (handler)")
     args = raw.get("a") or {}
-    if not isinstance(args, dict):
-        raise TypeError("invocation arguments must be a map of parameter name to value")
-    if raw.get("i") is not None and not isinstance(raw["i"], str):
-        raise TypeError("an invocation's idempotency key ('i') must be a string")
+    try:
+        attempt = int(headers.get(constants.HEADER_ATTEMPT, "1"))
+    except ValueError as exc:
+        raise ValueError(f"the attempt header is not a number: {exc}") from None
+    _check_message(raw.get("k"), raw.get("h"), args, raw.get("i"), attempt)
+    reply_to = headers.get(constants.HEADER_REPLY_TO)
+    if reply_to is not None and not _SUBJECT.match(reply_to):
+        raise ValueError(f"the reply address is not a NATS subject: {reply_to!r}")
     return Message(
         key=raw["k"],
         handler=raw["h"],
         args=args,
         origin=headers.get(constants.HEADER_ORIGIN, constants.ORIGIN_CLIENT),
         traceparent=headers.get(constants.HEADER_TRACEPARENT),
-        reply_to=headers.get(constants.HEADER_REPLY_TO),
+        reply_to=reply_to,
         idempotency_key=raw.get("i"),
-        attempt=int(headers.get(constants.HEADER_ATTEMPT, "1")),
+        attempt=attempt,
     )
 
 
@@ -215,8 +250,13 @@ def encode_bundle(bundle: Bundle) -> bytes:
 
 
 def decode_bundle(body: bytes) -> Bundle:
+    """Raises CodecError, KeyError, TypeError or ValueError on a malformed bundle."""
     raw = codec.unpack(body)
-    return Bundle(sender=raw["c"], seq=raw["n"], messages=[Message.from_plain(m) for m in raw["m"]])
+    sender, seq, messages = raw["c"], raw["n"], raw["m"]
+    if not isinstance(sender, str) or not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 \
+            or not isinstance(messages, list):
+        raise TypeError("a bundle is a map of a string sender 'c', a sequence number 'n' and a list 'm'")
+    return Bundle(sender=sender, seq=seq, messages=[Message.from_plain(m) for m in messages])
 
 
 @dataclasses.dataclass(slots=True)

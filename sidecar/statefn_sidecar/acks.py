@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from statefn_sidecar import faults, items
+
+_log = logging.getLogger("statefn.acks")
 
 
 def pulled_sources(batch: list[items.Item]) -> list[items.Source]:
@@ -41,12 +44,14 @@ class Acks:
             reply_to = item.message.reply_to
         else:
             reply_to = item.reply_to if isinstance(item, items.Undecodable) else None
-        if reply_to:
-            await self._nc.publish(reply_to, reply)
+        targets = [reply_to] if reply_to else []
         if isinstance(item, items.Ingress):
-            for _, dup_reply_to in item.dups:
-                if dup_reply_to:
-                    await self._nc.publish(dup_reply_to, reply)
+            targets += [dup_reply_to for _, dup_reply_to in item.dups if dup_reply_to]
+        for target in targets:
+            try:
+                await self._nc.publish(target, reply)
+            except nats.errors.Error as exc:  # the reply is in the record too: a waiting client finds it there
+                _log.warning("could not publish a reply to %r (%s)", target, exc)
 
     async def done(self, item: items.Item) -> None:
         """The item is settled: ack its message once all of that message's items are, and its copies now."""

@@ -89,6 +89,8 @@ class Executor:
             outcomes.append(oc)
             if not isinstance(item, items.Invocation):  # routed OWN: handled below, after the handlers
                 continue
+            if item.message.caller is not None and item.resume is None:
+                await self._check_caller(item.message)
             if route is keylocks.Route.RUN:
                 by_key.setdefault(item.message.key, []).append(oc)
                 if item.resume is not None and item.resume.record.timer:
@@ -191,6 +193,22 @@ class Executor:
                                    retry=True)
             return wire.BatchResponse(results=[[wire.Result(id=i.id, error=error) for i in k.invocations]
                                                for k in request.keys])
+
+    async def _check_caller(self, msg: envelope.Message) -> None:
+        """A reply goes to its caller's partition on a channel: one that names no partition of a function
+        that exists could never be published (its outbox would retry it forever), so it is not sent."""
+        caller = msg.caller
+        assert caller is not None
+        try:
+            count = (self._partition_count if caller.function == str(self.fn)
+                     else await self._router.partitions(caller.function))
+            ok = isinstance(caller.partition, int) and 0 <= caller.partition < count
+        except (errors.UnknownFunction, errors.InvalidFunctionType):
+            ok = False
+        if not ok:
+            _log.warning("%s(%r).%s names a caller that does not exist (%s#%s); it runs, its reply is not sent",
+                         self.fn, msg.key, msg.handler, caller.function, caller.partition)
+            msg.caller = None
 
     async def target(self, function: str, key: str) -> layout.PartitionId:
         ftype = layout.FunctionType.parse(function)

@@ -25,8 +25,7 @@ from statefn_core import codec, constants, errors, layout, signals
 from statefn_sidecar import metrics, tracing
 
 _META_TTL_S = 5.0
-# Arguments nested deeper than this are refused: handlers, msgpack and pydantic all recurse on them.
-MAX_JSON_DEPTH = 64
+MAX_JSON_DEPTH = codec.MAX_DEPTH
 _STATUS_BY_KIND: dict[str, int] = {
     errors.ErrorKind.INVALID_ARGUMENT: 400,
     errors.ErrorKind.UNDECODABLE: 400,
@@ -54,18 +53,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _too_deep(value: Any, limit: int) -> bool:
-    """Whether arrays and objects nest deeper than ``limit`` (checked without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            node = list(node.values())
-        if isinstance(node, list):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in node)
-    return False
+def _not_json(constant: str) -> Any:
+    """NaN and Infinity: Python's reader takes them, JSON has no such values (nor has a handler's schema)."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
@@ -114,6 +104,35 @@ def _schema_errors(schema: dict[str, Any], args: dict[str, Any]) -> str | None:
 
 
 _INVOKE_ROUTE = "/v1/functions/{namespace}/{name}/{key}/{handler}"
+# The values of ?async= the gateway understands (case-insensitive); any other is refused.
+_ASYNC_VALUES = {"0": False, "false": False, "no": False, "1": True, "true": True, "yes": True}
+
+
+def _caller_traceparent(request: web.Request) -> str | None:
+    """The caller's ``traceparent`` if it is a valid W3C one; anything else is ignored, as the spec says.
+
+    What is not one never travels on: header bytes that are not UTF-8 reach us as surrogate escapes, which
+    no NATS header can carry (the publish raised, and the request was a 500).
+    """
+    value = request.headers.get("traceparent")
+    if not value:
+        return None
+    parent = tracing.extract(value)
+    if parent is None or not trace.get_current_span(parent).get_span_context().is_valid:
+        return None
+    return value.strip()
+
+
+def _idempotency_key_problem(idem: str) -> str | None:
+    """Why an ``Idempotency-Key`` cannot be used, or None."""
+    if idem.startswith(constants.RESERVED_IDEMPOTENCY_PREFIX):
+        return (f"Idempotency-Key values starting with {constants.RESERVED_IDEMPOTENCY_PREFIX!r} are reserved "
+                "for the platform")
+    try:
+        idem.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept by aiohttp as surrogate escapes
+        return "the Idempotency-Key header is not valid UTF-8"
+    return None
 
 
 async def invoke(request: web.Request) -> web.Response:
@@ -121,10 +140,10 @@ async def invoke(request: web.Request) -> web.Response:
     started = time.monotonic()
     tracer = tracing.TRACER
     if tracer is None:
-        response = await _invoke(request, request.headers.get("traceparent"))
+        response = await _invoke(request, _caller_traceparent(request))
     else:
         with tracer.start_as_current_span(
-                f"POST {_INVOKE_ROUTE}", context=tracing.extract(request.headers.get("traceparent")),
+                f"POST {_INVOKE_ROUTE}", context=tracing.extract(_caller_traceparent(request)),
                 kind=trace.SpanKind.SERVER, record_exception=False,
                 attributes={"http.request.method": "POST", "http.route": _INVOKE_ROUTE, "url.path": request.path,
                             tracing.KEY: request.match_info["key"],
@@ -157,13 +176,13 @@ async def _invoke(request: web.Request, traceparent: str | None) -> web.Response
                       f"{function} has no handler {handler!r}; known handlers: {', '.join(sorted(handlers))}")
     raw = await request.read()
     try:
-        args = json.loads(raw) if raw.strip() else {}
+        args = json.loads(raw, parse_constant=_not_json) if raw.strip() else {}
     except ValueError as exc:
         return _error(400, errors.ErrorKind.INVALID_ARGUMENT, f"the body is not JSON: {exc}")
     except RecursionError:  # nested past Python's own limit
         return _error(400, errors.ErrorKind.INVALID_ARGUMENT,
                       f"the body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects")
-    if _too_deep(args, MAX_JSON_DEPTH):
+    if codec.too_deep(args, MAX_JSON_DEPTH):
         return _error(400, errors.ErrorKind.INVALID_ARGUMENT,
                       f"the body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects")
     if not isinstance(args, dict):
@@ -172,14 +191,23 @@ async def _invoke(request: web.Request, traceparent: str | None) -> web.Response
     problem = _schema_errors(handlers[handler]["parameters"], args) if handler in handlers else None
     if problem:
         return _error(400, errors.ErrorKind.INVALID_ARGUMENT, f"{function}.{handler}: {problem}")
+    try:
+        # JSON carries what msgpack cannot (integers past 64 bits, lone UTF-16 surrogates in strings): refused
+        # here, or the client's publish raised and the request was a 500.
+        codec.pack(args)
+    except errors.CodecError as exc:
+        return _error(400, errors.ErrorKind.INVALID_ARGUMENT, f"{function}.{handler}: {exc}")
+    asynchronous = _ASYNC_VALUES.get(request.query["async"].lower()) if "async" in request.query else False
+    if asynchronous is None:  # a typo ("?async=ture") must not quietly make a caller wait for the reply
+        return _error(400, errors.ErrorKind.INVALID_ARGUMENT,
+                      f"the async query parameter must be true or false, not {request.query['async']!r}")
     client = request.app[CLIENT_KEY]
     idem = request.headers.get("Idempotency-Key") or uuid.uuid4().hex
-    if idem.startswith(constants.RESERVED_IDEMPOTENCY_PREFIX):
-        return _error(400, errors.ErrorKind.INVALID_ARGUMENT,
-                      f"Idempotency-Key values starting with {constants.RESERVED_IDEMPOTENCY_PREFIX!r} are reserved "
-                      "for the platform")
+    idem_problem = _idempotency_key_problem(idem)
+    if idem_problem:
+        return _error(400, errors.ErrorKind.INVALID_ARGUMENT, idem_problem)
     try:
-        if request.query.get("async", "").lower() in ("1", "true", "yes"):
+        if asynchronous:
             await client.send_raw(function, key, handler, args=args, idempotency_key=idem, traceparent=traceparent)
             return web.json_response({"invocation_id": idem}, status=202)
         reply = await client.invoke_raw(function, key, handler, args=args, idempotency_key=idem,
@@ -214,8 +242,9 @@ async def list_functions(request: web.Request) -> web.Response:
 async def openapi(request: web.Request) -> web.Response:
     paths: dict[str, Any] = {}
     error = {"description": "error", "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"error": {"type": "object", "properties": {
-            "kind": {"type": "string"}, "message": {"type": "string"}}}}}}}}
+        "type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["kind", "message"], "properties": {
+                "kind": {"type": "string"}, "message": {"type": "string"}}}}}}}}
     for meta in await _functions(request):
         ns, name = str(meta["type"]).split("/")
         for handler, spec in sorted(meta.get("handlers", {}).items()):
@@ -230,8 +259,11 @@ async def openapi(request: web.Request) -> web.Response:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": spec["parameters"]}}},
                 "responses": {"200": {"description": "the handler's reply", "content": {"application/json": {
                     "schema": {"type": "object", "properties": {"result": {}}}}}},
-                    "202": {"description": "enqueued (async=true)"}, "400": error, "404": error,
-                    "413": error, "500": error, "504": error},
+                    "202": {"description": "enqueued (async=true)", "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["invocation_id"],
+                        "properties": {"invocation_id": {"type": "string"}}}}}},
+                    # 422: the Idempotency-Key was used for a request with other arguments
+                    "400": error, "404": error, "413": error, "422": error, "500": error, "504": error},
             }}
         paths[f"/v1/functions/{ns}/{name}/{{key}}/state"] = {"get": {
             "operationId": f"{ns}_{name}_state".replace("-", "_"),
@@ -268,6 +300,15 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         limit = request.app._client_max_size
         return _error(413, errors.ErrorKind.PAYLOAD_TOO_LARGE,
                       f"the request body is larger than the gateway accepts ({limit} bytes)")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # No such route (404), a route's wrong method (405, its Allow header kept), ...: JSON like every refusal.
+        kind = exc.reason.lower().replace(" ", "_").replace("-", "_")
+        refusal = _error(exc.status, kind, f"{request.method} {request.path}: {exc.reason}")
+        if "Allow" in exc.headers:
+            refusal.headers["Allow"] = exc.headers["Allow"]
+        return refusal
 
 
 def build_app(client: statefn.Client) -> web.Application:

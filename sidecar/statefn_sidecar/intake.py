@@ -27,8 +27,9 @@ Watermark = tuple[int, int, int]  # (bundle seq, next message index, bundle size
 class Intake:
     def __init__(self, pid: layout.PartitionId, nc: NatsClient, chan_in: dict[str, Watermark],
                  recent: collections.OrderedDict[str, envelope.Record], stats: collections.Counter[str],
-                 gap_retry_delay: float, duplicates: Counter) -> None:
+                 gap_retry_delay: float, duplicates: Counter, *, partition_count: int) -> None:
         self._pid = pid
+        self._partition_count = partition_count
         self._nc = nc
         self._chan_in = chan_in   # the owner's committed watermarks (shared, updated after commits)
         self._recent = recent     # the owner's recent idempotency records (shared)
@@ -50,8 +51,10 @@ class Intake:
             try:
                 if kind == constants.KIND_BUNDLE:
                     bundle = envelope.decode_bundle(msg.data)
+                    self._check_channel(msg.subject, bundle)
                 else:
                     message = envelope.decode_invoke(msg.data, headers)
+                    self._check_owner(message.key)
             except Exception as exc:
                 recorded = self._recent.get(f"seq:{seq}")
                 if recorded is not None:  # dead-lettered already; this is a redelivery
@@ -86,6 +89,22 @@ class Intake:
             first_by_idem[idem] = item
             out.append(item)
         return out
+
+    def _check_owner(self, key: str) -> None:
+        """A message for a key of another partition would run here against state this owner does not keep
+        (and the key's owner would overwrite what it wrote): refused."""
+        owner = layout.partition_of(key, self._partition_count)
+        if owner != self._pid.partition:
+            raise ValueError(f"key {key!r} belongs to partition {owner}, not {self._pid.partition}")
+
+    def _check_channel(self, subject: str, bundle: envelope.Bundle) -> None:
+        """A bundle names its sender, and must come on that sender's channel to this partition, with
+        messages for this partition's keys only; anything else is forged or misrouted."""
+        expected = self._pid.function.channel_subject(self._pid.partition, layout.PartitionId.from_token(bundle.sender))
+        if subject != expected:
+            raise ValueError(f"a bundle from {bundle.sender} arrived on {subject}, not on its channel {expected}")
+        for message in bundle.messages:
+            self._check_owner(message.key)
 
     async def _settle_copy(self, msg: Msg, message: envelope.Message, record: envelope.Record) -> None:
         """A request under an idempotency key that has a record: a copy, answered from it; or, if its

@@ -91,8 +91,12 @@ class Participants:
         record = locks.suspended.get(msg.key)
         if record is not None and record.tx is not None and record.tx.id == msg.tx.id:
             return decisions.Answered("inquiry_pending")  # still undecided: the participant asks again later
-        abort = await self._abort(item, msg.args["function"], msg.args["key"], msg.tx)
-        return decisions.Answered("inquiry_abort", decisions.Changes(sends=[abort]))
+        function, key = msg.args.get("function"), msg.args.get("key")
+        if not isinstance(function, str) or not isinstance(key, str):
+            _log.warning("an inquiry for %s without the participant to answer (%r); dropped", msg.tx.id, msg.args)
+            return decisions.Answered("malformed")
+        abort = await self._abort(item, function, key, msg.tx)
+        return decisions.Answered("inquiry_abort", decisions.Changes(sends=[abort] if abort else []))
 
     async def release_orphan(self, item: items.Invocation) -> decisions.Dropped:
         """A yes vote its coordinator no longer waits for (it timed out, or ended): release that participant."""
@@ -107,10 +111,10 @@ class Participants:
         except (errors.CodecError, TypeError, ValueError) as exc:
             _log.warning("a malformed vote for %r (%s); nothing to release", msg.key, exc)
             return decisions.Dropped()
-        if not voted_yes or tx is None:
+        if not voted_yes or tx is None or not isinstance(function, str) or not isinstance(key, str):
             return decisions.Dropped()
         abort = await self._abort(item, function, key, tx)
-        return decisions.Dropped(decisions.Changes(sends=[abort]), "orphan_abort")
+        return decisions.Dropped(decisions.Changes(sends=[abort] if abort else []), "orphan_abort")
 
     async def inquire(self, timer: items.InquiryTimer, locks: keylocks.KeyLocks) -> decisions.Decision:
         """A prepared key's timer: still no decision, so ask the coordinator and wait another timeout."""
@@ -129,8 +133,13 @@ class Participants:
                        fn, timer.key, tx.id, exc)
         return decisions.Reinquired(dataclasses.replace(staged, timer=b""), changes)  # re-armed by this commit
 
-    async def _abort(self, item: items.Invocation, function: str, key: str, tx: wire.TxInfo) -> assembly.Send:
+    async def _abort(self, item: items.Invocation, function: str, key: str, tx: wire.TxInfo) -> assembly.Send | None:
+        """The abort for a participant, or None when it names no function that exists (a forged message)."""
         msg = item.message
         abort = envelope.tx_control_message(constants.ABORT_HANDLER, tx, key, origin=f"{self._targets.fn}:{msg.key}",
                                              traceparent=msg.traceparent)
-        return assembly.Send(await self._targets.target(function, key), abort)
+        try:
+            return assembly.Send(await self._targets.target(function, key), abort)
+        except (errors.UnknownFunction, errors.InvalidFunctionType) as exc:
+            _log.warning("no abort for %s(%r) of %s: %s", function, key, tx.id, exc)
+            return None

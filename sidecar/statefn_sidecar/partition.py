@@ -89,7 +89,7 @@ class PartitionWorker:
         self.stats: collections.Counter[str] = collections.Counter()
         self._acks = acks.Acks(nc, faults, self.stats, cfg.ack_wait)
         self._intake = intake.Intake(self.pid, nc, self._chan_in, self._recent, self.stats, cfg.gap_retry_delay,
-                                     executor.metrics.duplicates)
+                                     executor.metrics.duplicates, partition_count=partition_count)
         self.cache = statecache.StateCache(etcd, self.keys, cfg.max_cached_keys // partition_count)
         self.locks = keylocks.KeyLocks(self.keys)
 
