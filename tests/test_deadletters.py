@@ -246,3 +246,34 @@ async def test_an_internal_handler_sent_from_outside_is_an_unknown_handler(nats_
         assert await c.invoke(fn, "o1", "add", amount=2) == 2
         (letter,) = await _letters(c, fn, 1)
         assert letter.record["handler"] == handler
+
+
+async def test_a_functions_own_retention_is_enforced_by_the_operator(nats_server, etcd_server, namespace) -> None:
+    """spec.deadLetters: the operator's tick purges this function's letters past its own age and count, at most
+    once a minute, and leaves other functions' alone."""
+    from statefn_operator import dataplane, functions
+
+    fn, other = layout.FunctionType(namespace, "orders"), layout.FunctionType(namespace, "other")
+    plane = await dataplane.DataPlane.connect(nats_server.url, etcd_server.endpoint)
+    try:
+        await topology.ensure_dlq_stream(plane.js)
+        now = time.time()
+        for function, ages in ((fn, (7200, 5000, 30, 20, 10)), (other, (7200,))):
+            for age in ages:
+                await plane.js.publish(function.dlq_subject, codec.pack({"function": str(function), "key": "k",
+                                                                         "failed_at": now - age}))
+        rt = type("Rt", (), {"dataplane": plane})()
+        memo: dict[str, object] = {}
+        spec = {"deadLetters": {"maxAgeSeconds": 3600, "maxMessages": 2}}
+        await functions._trim_dead_letters(fn, spec, memo, rt, 1000.0)  # type: ignore[arg-type]
+        left = [round(now - d.record["failed_at"]) for d in await deadletters.list_dead_letters(plane.js,
+                                                                                                 function=str(fn))]
+        assert left == [20, 10]  # the two past an hour by age, then all but the newest two
+        assert len(await deadletters.list_dead_letters(plane.js, function=str(other))) == 1
+        await plane.js.publish(fn.dlq_subject, codec.pack({"function": str(fn), "key": "k", "failed_at": now}))
+        await functions._trim_dead_letters(fn, spec, memo, rt, 1030.0)  # type: ignore[arg-type]
+        assert len(await deadletters.list_dead_letters(plane.js, function=str(fn))) == 3  # not yet a minute on
+        await functions._trim_dead_letters(fn, spec, memo, rt, 1061.0)  # type: ignore[arg-type]
+        assert len(await deadletters.list_dead_letters(plane.js, function=str(fn))) == 2
+    finally:
+        await plane.close()

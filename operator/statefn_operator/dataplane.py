@@ -17,7 +17,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
 
 from statefn_core import connect, constants, layout
-from statefn_sidecar import topology
+from statefn_sidecar import deadletters, topology
 
 _log = logging.getLogger("statefn.operator.dataplane")
 
@@ -48,6 +48,19 @@ class DataPlane:
 
     async def remove(self, fn: layout.FunctionType, *, delete_data: bool) -> None:
         await topology.remove(self.js, self.etcd, fn, delete_data=delete_data)
+
+    async def trim_dead_letters(self, fn: layout.FunctionType, *, max_age: float | None,
+                                max_messages: int | None) -> int:
+        """Enforce a function's own dead-letter retention (its spec's ``deadLetters``); returns how many went.
+
+        The stream's limits are the same for every function; a function may keep its letters shorter.
+        """
+        gone = 0
+        if max_age is not None:
+            gone += await deadletters.purge(self.js, function=str(fn), older_than=max_age)
+        if max_messages is not None:
+            gone += await deadletters.purge(self.js, function=str(fn), keep=max_messages)
+        return gone
 
     async def lag(self, fn: layout.FunctionType) -> int | None:
         """None when the stream does not exist (yet, or any more)."""

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
 import kopf
 
-from statefn_core import connect, constants, errors
+from statefn_core import connect, constants, errors, layout
 from statefn_operator import autoscaling, conditions, manifests, metrics, runtime
 from statefn_sidecar import topology
 
 PLURAL = "statefulfunctions"
+DEAD_LETTER_TRIM_INTERVAL_S = 60.0
+_log = logging.getLogger("statefn.operator.functions")
 RESOURCE = (constants.API_GROUP, constants.API_VERSION, PLURAL)
 PROVISIONED = "Provisioned"
 READY = "Ready"
@@ -123,6 +126,19 @@ async def autoscale(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any
             metrics.forget_function(str(manifests.function_type(dict(body))), _resource(meta))
 
 
+async def _trim_dead_letters(fn: layout.FunctionType, spec: dict[str, Any], memo: Any, rt: runtime.Runtime,
+                             now: float) -> None:
+    """The spec's ``deadLetters`` retention, enforced at most once a minute (a purge by age reads the old ones)."""
+    policy = spec.get("deadLetters") or {}
+    if not policy or now - float(memo.get("dead_letters_trimmed", 0.0)) < DEAD_LETTER_TRIM_INTERVAL_S:
+        return
+    memo["dead_letters_trimmed"] = now
+    gone = await rt.dataplane.trim_dead_letters(fn, max_age=policy.get("maxAgeSeconds"),
+                                                max_messages=policy.get("maxMessages"))
+    if gone:
+        _log.info("%s: %d dead letter(s) past the spec's retention purged", fn, gone)
+
+
 def _resource(meta: kopf.Meta) -> str:
     return f"{meta['namespace']}/{meta['name']}"
 
@@ -152,6 +168,7 @@ async def _tick(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any) ->
         reason = constants.REASON_SCALED_TO_ZERO if decision.replicas == 0 else constants.REASON_SCALED
         kopf.info(body, reason=reason, message=decision.reason)
         fields.update(lastScaleTime=conditions.now(), lastScaleReason=decision.reason)
+    await _trim_dead_letters(fn, dict(spec), memo, rt, now)
     ready_pods = int(dep.status.ready_replicas or 0) if dep.status else 0
     fields.update(replicas=int(dep.status.replicas or 0) if dep.status else 0, readyReplicas=ready_pods)
     metrics.observe_function(str(fn), _resource(meta), lag=lag, desired=decision.replicas, ready=ready_pods)
