@@ -177,7 +177,8 @@ def make_shop(ns: str, broken: set[str]) -> statefn.App:
 async def test_a_replay_that_would_not_be_exactly_once_is_refused(nats_server, etcd_server, namespace) -> None:
     """A callee's error answered its caller, a participant's aborted its transaction: neither may run again alone.
 
-    An invocation that failed after finished calls would repeat them: only with ``repeat_steps``.
+    An invocation that failed after finished calls resumes from its journal (its successful calls are not
+    made again); one that ran a transaction would repeat its steps: only with ``repeat_steps``.
     """
     broken = {"bolts"}
     async with helpers.running_sidecar(make_shop(namespace, broken), nats_server, etcd_server), \
@@ -193,19 +194,21 @@ async def test_a_replay_that_would_not_be_exactly_once_is_refused(nats_server, e
         assert callee.record["caller"] == f"{namespace}/order('o1')"
         assert (caller.record["journaled"], caller.record["caller"], caller.record["transaction"]) == (2, None, None)
         broken.clear()
+        assert caller.record["journal_ref"] and not coordinator.record.get("journal_ref")
+        assert deadletters.replay_refusal(caller) is None
         for letter, reason in ((callee, "answered a durable call from"), (participant, "participant of transaction"),
-                               (caller, r"finished 2 durable step\(s\)"), (coordinator, "durable step")):
+                               (coordinator, "durable step")):
             with pytest.raises(statefn.StatefnError, match=reason):
                 await deadletters.replay(c, letter)
         for letter in (participant, callee):  # never, whatever the operator says
             with pytest.raises(statefn.StatefnError):
                 await deadletters.replay(c, letter, repeat_steps=True)
-        await deadletters.replay(c, caller, repeat_steps=True)  # the operator accepts that nuts is taken again
+        await deadletters.replay(c, caller)  # resumes from its journal: nuts is not taken again, bolts is taken
 
         async def placed() -> bool:
             return (await c.get_state(f"{namespace}/stock", "bolts")).get("left") == 4
         await helpers.eventually(placed)
-        assert await c.get_state(f"{namespace}/stock", "nuts") == {"left": 3}
+        assert await c.get_state(f"{namespace}/stock", "nuts") == {"left": 4}
         remaining = {d.seq for d in await deadletters.list_dead_letters(c.nats.jetstream())}
         assert caller.seq not in remaining and {callee.seq, participant.seq, coordinator.seq} <= remaining
 
@@ -277,3 +280,70 @@ async def test_a_functions_own_retention_is_enforced_by_the_operator(nats_server
         assert len(await deadletters.list_dead_letters(plane.js, function=str(fn))) == 2
     finally:
         await plane.close()
+
+
+def make_trip(ns: str, broken: dict[str, bool]) -> tuple[statefn.App, dict[str, int]]:
+    runs = {"hotel": 0, "flight": 0}
+    trip = StatefulFunction(f"{ns}/trip", max_attempts=1)
+    hotel = StatefulFunction(f"{ns}/hotel", max_attempts=1)
+    flight = StatefulFunction(f"{ns}/flight", max_attempts=1)
+    booked = hotel.state("booked", int, default=0)
+
+    @trip.handler
+    async def book(ctx: Context, nights: int) -> str:
+        room = await ctx.call(f"{ns}/hotel", "h1", "reserve", nights=nights)
+        seat = await ctx.call(f"{ns}/flight", "f1", "seat")
+        return f"room {room}, seat {seat}"
+
+    @hotel.handler
+    async def reserve(ctx: Context, nights: int) -> int:
+        runs["hotel"] += 1
+        ctx[booked] += nights
+        return ctx[booked]
+
+    @flight.handler
+    async def seat(ctx: Context) -> str:
+        runs["flight"] += 1
+        if broken["yes"]:
+            raise RuntimeError("no seats")
+        return "12A"
+
+    return statefn.App(trip, hotel, flight), runs
+
+
+async def test_a_replay_resumes_from_the_failed_runs_journal(nats_server, etcd_server, namespace) -> None:
+    """The trip reserved a hotel, then its flight failed: a replay from the start would reserve the hotel again.
+    It resumes from the journal the dead-lettering commit kept: the hotel call is answered from it."""
+    broken = {"yes": True}
+    app, runs = make_trip(namespace, broken)
+    async with helpers.running_sidecar(app, nats_server, etcd_server), \
+            helpers.client(nats_server, etcd_server, timeout=20) as c:
+        with pytest.raises(statefn.InvocationFailed):
+            await c.invoke(f"{namespace}/trip", "t1", "book", nights=3)
+        (letter,) = [d for d in await _letters(c, f"{namespace}/trip", 1)]
+        assert letter.record["journaled"] == 2 and letter.record["journal_ref"]  # the hotel's reply, the flight's error
+        assert deadletters.replay_refusal(letter) is None  # resumable: no --repeat-steps needed
+        broken["yes"] = False
+        idem = await deadletters.replay(c, letter)
+
+        async def done() -> bool:
+            return runs["flight"] == 2
+        await helpers.eventually(done)
+        await asyncio.sleep(0.5)
+        assert runs == {"hotel": 1, "flight": 2}  # the hotel reserved once, the flight tried twice
+        assert await c.get_state(f"{namespace}/hotel", "h1") == {"booked": 3}
+        # The journal is gone with the replay that used it; a second replay of the letter is answered from the
+        # first's record (same idempotency key), and runs nothing.
+        assert idem == f"~dlq-replay:{letter.seq}"
+        async with helpers.etcd(etcd_server) as raw:
+            assert await raw.get(letter.record["journal_ref"].encode()) is None
+
+
+def test_a_replay_that_could_not_resume_is_not_run_from_the_start_unasked() -> None:
+    """Its journal expired: the replay failed (a new letter, without a journal). Replayed again, it would run from
+    the start and repeat the steps the first run finished: only with repeat_steps."""
+    letter = deadletters.DeadLetter(seq=7, record={
+        "function": "ns/trip", "key": "t1", "handler": "book", "journaled": 0, "resumed_from": "/statefn/x",
+        "error": {"kind": "invalid_argument", "message": "the journal this replay resumes from is gone"}})
+    assert "could not resume from its journal" in str(deadletters.replay_refusal(letter))
+    assert deadletters.replay_refusal(letter, repeat_steps=True) is None

@@ -125,8 +125,9 @@ def dlq_replay_cmd(
     replay_all: Annotated[bool, typer.Option("--all")] = False,
     function: Annotated[str | None, typer.Option("--function", help="with --all: only this namespace/name")] = None,
     repeat_steps: Annotated[bool, typer.Option(
-        "--repeat-steps", help="also replay invocations that finished calls or ctx.run steps before failing "
-                               "(a replay runs from the start: those steps run again)")] = False,
+        "--repeat-steps", help="run from the start even invocations that finished calls or ctx.run steps "
+                               "(those steps run again); without it, such an invocation resumes from its "
+                               "journal, or is refused when it ran a transaction or its journal expired")] = False,
     nats_url: common.NatsOpt = common.DEFAULT_NATS,
     etcd: common.EtcdOpt = common.DEFAULT_ETCD,
 ) -> None:

@@ -36,11 +36,14 @@ class Message:
     # A durable call: the (function, key) pairs waiting on it, outermost first; a call from it to any
     # of them could never run (their keys stay locked until it answers), so it fails at once.
     chain: list[list[str]] = dataclasses.field(default_factory=list)
+    # A dead-letter replay that resumes: the etcd key of the failed run's journal (written by the fenced
+    # commit that dead-lettered it; the message carries only where it is, never the journal itself).
+    journal_ref: str | None = None
 
     def to_plain(self) -> list[Any]:
         return [self.key, self.handler, self.args, self.origin, self.traceparent, self.reply_to,
                 self.idempotency_key, self.attempt, self.caller.to_plain() if self.caller else None,
-                self.tx.to_plain() if self.tx else None, self.tx_age, self.chain or None]
+                self.tx.to_plain() if self.tx else None, self.tx_age, self.chain or None, self.journal_ref]
 
     @property
     def is_response(self) -> bool:
@@ -68,6 +71,10 @@ class Message:
             msg.tx_age = raw[10]
         if len(raw) > 11 and raw[11]:
             msg.chain = [[str(function), str(key)] for function, key in raw[11]]
+        if len(raw) > 12 and raw[12] is not None:
+            if not isinstance(raw[12], str):
+                raise TypeError("a message's journal reference must be a string")
+            msg.journal_ref = raw[12]
         return msg
 
     @property
@@ -183,7 +190,10 @@ def encode_invoke(msg: Message) -> tuple[bytes, dict[str, str]]:
         headers[constants.HEADER_TRACEPARENT] = msg.traceparent
     if msg.reply_to:
         headers[constants.HEADER_REPLY_TO] = msg.reply_to
-    return codec.pack({"k": msg.key, "h": msg.handler, "a": msg.args, "i": msg.idempotency_key}), headers
+    body = {"k": msg.key, "h": msg.handler, "a": msg.args, "i": msg.idempotency_key}
+    if msg.journal_ref:
+        body["j"] = msg.journal_ref
+    return codec.pack(body), headers
 
 
 def _check_message(key: Any, handler: Any, args: Any, idempotency_key: Any, attempt: Any) -> None:
@@ -217,6 +227,9 @@ def decode_invoke(body: bytes, headers: dict[str, str] | None) -> Message:
     except ValueError as exc:
         raise ValueError(f"the attempt header is not a number: {exc}") from None
     _check_message(raw.get("k"), raw.get("h"), args, raw.get("i"), attempt)
+    journal_ref = raw.get("j")
+    if journal_ref is not None and not isinstance(journal_ref, str):
+        raise TypeError("a journal reference ('j') must be a string")
     reply_to = headers.get(constants.HEADER_REPLY_TO)
     if reply_to is not None and not _SUBJECT.match(reply_to):
         raise ValueError(f"the reply address is not a NATS subject: {reply_to!r}")
@@ -229,6 +242,7 @@ def decode_invoke(body: bytes, headers: dict[str, str] | None) -> Message:
         reply_to=reply_to,
         idempotency_key=raw.get("i"),
         attempt=attempt,
+        journal_ref=journal_ref,
     )
 
 

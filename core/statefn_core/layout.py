@@ -207,6 +207,14 @@ class PartitionKeys:
     def suspended(self, key: str) -> bytes:
         return f"{self.prefix}suspended/{escape_key(key)}".encode()
 
+    # The journal of a dead-lettered invocation that had finished durable steps: a replay resumes from it.
+    @property
+    def dead_journal_prefix(self) -> bytes:
+        return f"{self.prefix}deadjournal/".encode()
+
+    def dead_journal(self, journal_id: str) -> bytes:
+        return f"{self.prefix}deadjournal/{journal_id}".encode()
+
     # Each locked key's inbox: messages that arrived while it was locked, in arrival order.
     @property
     def inbox_prefix(self) -> bytes:

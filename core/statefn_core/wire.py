@@ -115,6 +115,10 @@ class Result:
     journal_added: list[bytes] = dataclasses.field(default_factory=list)
     # Transactions this run decided, as [id, "committed" | "aborted"] (their decisions are in ``sends``).
     transactions: list[list[str]] = dataclasses.field(default_factory=list)
+    # Failed: whether the run began any transaction (replayed ones included). Such a run is never resumed
+    # from its journal: a resumed run would decide its transactions anew, under new ids, against
+    # participants its failure already aborted.
+    began_tx: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -165,12 +169,14 @@ def _result_to_plain(r: Result) -> list[Any]:
         r.deferred,
         r.journal_added,
         r.transactions,
+        r.began_tx,
     ]
 
 
 def _result_from_plain(raw: list[Any]) -> Result:
-    rid, reply, err, state, sends, call, deferred, journal_added, transactions = raw
+    rid, reply, err, state, sends, call, deferred, journal_added, transactions = raw[:9]
     return Result(
+        began_tx=bool(raw[9]) if len(raw) > 9 else True,  # unknown: as if it had (never resumed)
         id=rid,
         reply=reply,
         error=ErrorInfo(*err) if err else None,

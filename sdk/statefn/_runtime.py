@@ -105,7 +105,8 @@ def _failed(ctx: _context.Context, inv: wire.Invocation, error: wire.ErrorInfo) 
     (a retried attempt makes the same decision again, from the same journal).
     """
     decisions = [s for s in ctx._sends[inv.sends_done:] if s.tx is not None and s.purpose != _transaction.PREPARE]
-    return wire.Result(id=inv.id, error=error, sends=decisions, transactions=ctx._decided)
+    return wire.Result(id=inv.id, error=error, sends=decisions, transactions=ctx._decided,
+                       began_tx=ctx._tx_count > 0)
 
 
 async def _run_key(app: _function.App, req: wire.KeyRequest, max_state_bytes: int,

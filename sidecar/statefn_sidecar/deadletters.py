@@ -43,8 +43,8 @@ def record(fn: layout.FunctionType, partition: int, item: items.Item,
     args_size = len(codec.pack(args)) if args else 0
     if args_size > _MAX_ARGS_BYTES:  # the letter must stay publishable; a replay then is refused
         args = None
-    resume = item.resume if isinstance(item, items.Invocation) else None
-    journaled = len(resume.record.journal) + (resume.response is not None) if resume is not None else 0
+    progress = item.progress() if isinstance(item, items.Invocation) else None
+    journaled = len(progress.journal) if progress is not None else 0
     return {
         "function": str(fn),
         "partition": partition,
@@ -59,6 +59,8 @@ def record(fn: layout.FunctionType, partition: int, item: items.Item,
         "caller": f"{msg.caller.function}({msg.caller.key!r})" if msg and msg.caller else None,
         "transaction": msg.tx.id if msg and msg.tx else None,
         "journaled": journaled,
+        # A replay that was to resume from a journal: replayed again, only from the start (--repeat-steps).
+        "resumed_from": msg.journal_ref if msg else None,
         "error": {"kind": error.kind, "message": error.message[:_MAX_TEXT], "type": error.type[:_MAX_TEXT]},
         "raw": item.raw if isinstance(item, items.Undecodable) else None,
         "failed_at": time.time(),
@@ -172,7 +174,10 @@ def replay_refusal(letter: DeadLetter, *, repeat_steps: bool = False) -> str | N
     if rec.get("caller"):
         return (f"it answered a durable call from {rec['caller']} with its error, and that caller went on without "
                 "it; run again, its effects would happen after the caller was told they did not")
-    if rec.get("journaled") and not repeat_steps:
+    if rec.get("resumed_from") and not rec.get("journal_ref") and not repeat_steps:
+        return ("it was a replay that could not resume from its journal (expired); run from the start, its "
+                "finished steps would run again (allow it with repeat_steps / --repeat-steps)")
+    if rec.get("journaled") and not repeat_steps and not rec.get("journal_ref"):
         return (f"it had finished {rec['journaled']} durable step(s) (call replies, ctx.run results) before it "
                 "failed, and a replay runs it from the start: those steps would run again (allow it with "
                 "repeat_steps / --repeat-steps)")
@@ -189,8 +194,10 @@ async def replay(client: statefn.Client, letter: DeadLetter, *, repeat_steps: bo
     idem = f"{constants.RESERVED_IDEMPOTENCY_PREFIX}dlq-replay:{letter.seq}"
     function, key = str(rec["function"]), str(rec["key"])
     partitions = int((await client.describe(function))["partitions"])
+    # With its journal (kept by the commit that dead-lettered it), it resumes: finished steps are not repeated.
+    resume = rec.get("journal_ref") if rec.get("journaled") and not repeat_steps else None
     message = envelope.Message(key=key, handler=str(rec["handler"]), args=rec.get("args") or {},
-                               idempotency_key=idem)
+                               idempotency_key=idem, journal_ref=resume)
     body, headers = envelope.encode_invoke(message)
     headers[constants.HEADER_MSG_ID] = idem  # a replay sent twice is stored once
     js = client.nats.jetstream()

@@ -129,6 +129,8 @@ class Failed(Decision):
     dead_letter: dict[str, Any]
     effects: Changes = dataclasses.field(default_factory=Changes)
     released: twophase.Prepared | None = None
+    # A replay may resume from its journal (a handler's failure outside any transaction); else from the start.
+    resumable: bool = False
 
     def answer(self) -> envelope.Reply:
         return envelope.Reply(ok=False, error=self.error)

@@ -92,6 +92,12 @@ class Executor:
             if item.message.caller is not None and item.resume is None:
                 await self._check_caller(item.message)
             if route is keylocks.Route.RUN:
+                if item.message.journal_ref and item.resume is None and item.journal is None:
+                    err = wire.ErrorInfo(kind=errors.ErrorKind.INVALID_ARGUMENT, message=(
+                        "the journal this replay resumes from is gone (expired, or replayed already); "
+                        "replay it from the start with --repeat-steps"))
+                    oc.decision = decisions.Failed(err, deadletters.record(self.fn, -1, item, err))
+                    continue
                 by_key.setdefault(item.message.key, []).append(oc)
                 if item.resume is not None and item.resume.record.timer:
                     cancelled.add(item.resume.record.timer)
@@ -149,22 +155,14 @@ class Executor:
         msg = item.message
         # The handler runs in its invoke span's context (if traced), so the spans it starts nest under it.
         traceparent = msg.traceparent if oc.span is None else observe.traceparent_of(oc)
-        if item.resume is None:
+        progress = item.progress()
+        if progress is None:
             return wire.Invocation(id=item.id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
                                     origin=msg.origin, traceparent=traceparent, prepare=msg.is_prepare,
                                     tx_age=msg.tx_age, chain=msg.chain)
-        progress = self._progress(item)
         return wire.Invocation(id=progress.invocation_id, handler=msg.handler, args=msg.args, attempt=msg.attempt,
                                 origin=msg.origin, traceparent=traceparent, journal=progress.journal,
                                 sends_done=progress.sends_done, tx_age=msg.tx_age, chain=msg.chain)
-
-    @staticmethod
-    def _progress(item: items.Invocation) -> suspension.Suspension:
-        """Where a suspended invocation stands once the reply in hand is journaled (not waiting for anything)."""
-        assert item.resume is not None
-        record, response = item.resume.record, item.resume.response
-        journal = [*record.journal, response] if response is not None else list(record.journal)
-        return suspension.Suspension(record.invocation_id, item.message, journal, record.sends_done, tx=record.tx)
 
     async def _call(self, request: wire.BatchRequest) -> wire.BatchResponse:
         """The batch's results, waiting for the function server if it is down (nothing is acked meanwhile).
@@ -243,13 +241,13 @@ class Executor:
             # From its journal (the reply in hand journaled for the next attempt), or from the start; either
             # way the next attempt makes its decisions again.
             oc.tx_decisions = []
-            return decisions.Retrying(at_ms, journal=self._progress(item) if item.resume is not None else None)
+            return decisions.Retrying(at_ms, journal=item.progress())
         if err.retry:  # a timeout stays one (the caller may treat it apart); statefn.Retry's are exhausted retries
             kind = err.kind if err.kind == errors.ErrorKind.HANDLER_TIMEOUT else errors.ErrorKind.RETRIES_EXHAUSTED
             err = wire.ErrorInfo(kind=kind, type=err.type,
                                  message=f"gave up after {item.message.attempt} attempts: {err.message}")
         return decisions.Failed(err, deadletters.record(self.fn, -1, item, err),
-                                await self._decisions_made(oc, key, result))
+                                await self._decisions_made(oc, key, result), resumable=not result.began_tx)
 
     async def _decisions_made(self, oc: decisions.Outcome, key: str, result: wire.Result) -> decisions.Changes:
         """A failed run's effects are dropped, but not the decisions of transactions it ended.
@@ -286,7 +284,7 @@ class Executor:
         """The handler waits at a call: send the call (its reply addressed to this key) and record where it is."""
         item = oc.invocation
         assert result.call is not None
-        record = self._progress(item) if item.resume is not None else suspension.Suspension(item.id, item.message)
+        record = item.progress() or suspension.Suspension(item.id, item.message)
         record.sends_done += len(result.sends)
         record.journal.extend(result.journal_added)  # ctx.run/ctx.now results, in order before the call
         record.waiting = record.call_id(len(record.journal))

@@ -30,6 +30,7 @@ class Intake:
                  gap_retry_delay: float, duplicates: Counter, *, partition_count: int) -> None:
         self._pid = pid
         self._partition_count = partition_count
+        self._journals = layout.PartitionKeys(pid.function, pid.partition).dead_journal_prefix
         self._nc = nc
         self._chan_in = chan_in   # the owner's committed watermarks (shared, updated after commits)
         self._recent = recent     # the owner's recent idempotency records (shared)
@@ -55,6 +56,8 @@ class Intake:
                 else:
                     message = envelope.decode_invoke(msg.data, headers)
                     self._check_owner(message.key)
+                    if message.journal_ref and not message.journal_ref.encode().startswith(self._journals):
+                        raise ValueError(f"a journal reference outside this partition's: {message.journal_ref!r}")
             except Exception as exc:
                 recorded = self._recent.get(f"seq:{seq}")
                 if recorded is not None:  # dead-lettered already; this is a redelivery

@@ -69,6 +69,8 @@ class Invocation(Item):
     # Its idempotency record exists and says PENDING (it was queued or suspended): overwrite it.
     idem_pending: bool = False
     resume: Resumption | None = None
+    # A dead-letter replay's journal (``message.journal_ref``), loaded before its round: it resumes from it.
+    journal: suspension.Suspension | None = None
 
     @property
     def idempotency_id(self) -> str | None:
@@ -85,6 +87,20 @@ class Invocation(Item):
         self.resume = Resumption(record, response, self.message)
         self.idem_pending = suspension.idem_pending(record.message)
         self.message = message
+
+    def progress(self) -> suspension.Suspension | None:
+        """Where it stands once the reply in hand is journaled (waiting for nothing); None: it starts afresh.
+
+        A resumed invocation: its record's journal and the reply that resumed it. A dead-letter replay:
+        the failed run's journal, under this run's id.
+        """
+        if self.resume is not None:
+            record, response = self.resume.record, self.resume.response
+            journal = [*record.journal, response] if response is not None else list(record.journal)
+            return suspension.Suspension(record.invocation_id, self.message, journal, record.sends_done, tx=record.tx)
+        if self.journal is not None:
+            return suspension.Suspension(self.id, self.message, list(self.journal.journal), self.journal.sends_done)
+        return None
 
     def unroute(self) -> None:
         """Undo ``resume_with``: the item is what arrived again (its round was not committed)."""

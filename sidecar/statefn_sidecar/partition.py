@@ -37,6 +37,7 @@ from statefn_sidecar import (
     planner,
     pulling,
     statecache,
+    suspension,
     timers,
 )
 
@@ -241,6 +242,7 @@ class PartitionWorker:
             while pending:
                 if any(i.idempotency_id for i in pending):
                     await self.ensure_idem_lease()
+                await self._load_journals(pending)
                 outcomes, later = await self._executor.run(pending, self.cache, self.partition, self.locks)
                 plans = self._planner().plan(outcomes, self._pending_trims())
                 # What did not commit runs again, in batch order, then what waited for this round's commit;
@@ -252,6 +254,22 @@ class PartitionWorker:
             await self._acks.hand_back(batch)  # to the new owner, at once rather than after ack_wait
             raise
         self.locks.release_taken()
+
+    async def _load_journals(self, pending: list[items.Item]) -> None:
+        """A dead-letter replay resumes from the journal its failed run left (read here, once; only our own
+        fenced commits write it). One that is gone, or is another invocation's, is not resumed."""
+        for item in pending:
+            if not isinstance(item, items.Invocation) or item.resume is not None or item.journal is not None:
+                continue
+            ref = item.message.journal_ref
+            if not ref:
+                continue
+            got = await self._etcd.get(ref.encode())
+            if got is None:
+                continue
+            record = suspension.Suspension.decode(got.value)
+            if (record.message.key, record.message.handler) == (item.message.key, item.message.handler):
+                item.journal = record
 
     async def _commit_plans(self, plans: list[tuple[commit.Txn, assembly.Effects]]) -> list[items.Item]:
         """Commit in order; on an idempotency conflict return the items to run again."""

@@ -15,6 +15,15 @@ from statefn_core import codec, constants, envelope, errors, layout, wire
 from statefn_sidecar import assembly, commit, deadletters, decisions, items, suspension, timers, twophase
 
 
+def _failed_reply(entry: bytes) -> bool:
+    """A journal entry that is a call's error reply (``[False, value, error]``; a ``ctx.run`` result is not)."""
+    try:
+        raw = codec.unpack(entry)
+    except errors.CodecError:
+        return False
+    return isinstance(raw, list) and len(raw) == 3 and raw[0] is False
+
+
 def timer_payload_retry(invocation_id: str, message: envelope.Message, idem_pending: bool) -> bytes:
     return codec.pack(["retry", invocation_id, message.to_plain(), idem_pending])
 
@@ -106,8 +115,23 @@ class Planner:
                 if released is not None:
                     self._drop_prepared(share, released)
                 dead_letter["partition"] = self.keys.partition
+                # A replay may resume from here (only one that replay would run: no caller, no transaction).
+                msg = oc.item.message if isinstance(oc.item, items.Invocation) else None
+                progress = oc.item.progress() if isinstance(oc.item, items.Invocation) else None
+                if decision.resumable and msg is not None and msg.caller is None and msg.tx is None \
+                        and progress is not None:
+                    # The call whose error ended the run is made again: its error is not kept.
+                    while progress.journal and _failed_reply(progress.journal[-1]):
+                        progress.journal.pop()
+                    if progress.journal:
+                        ref = self.keys.dead_journal(uuid.uuid4().hex)
+                        share.txn.put(ref, progress.encode(), lease=self._idem_lease)
+                        dead_letter["journal_ref"] = ref.decode()
                 share.dead.append(codec.pack(dead_letter))
         reply = decision.answer()
+        if isinstance(decision, (decisions.Replied, decisions.Failed)) and isinstance(oc.item, items.Invocation) \
+                and oc.item.message.journal_ref:  # a replay that ended: the journal it resumed from is done with
+            share.txn.delete(oc.item.message.journal_ref.encode())
         if reply is not None and isinstance(oc.item, items.Invocation):
             if oc.item.message.caller is not None:
                 self._add_reply(share, oc.item, reply, decision)
