@@ -13,12 +13,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 import statefn
 from statefn import Context, StatefulFunction, _runtime
-from statefn_core import codec, wire
+from statefn_core import codec, layout, wire
 from statefn_sidecar import devservers
 from tests import helpers, test_remote
 
@@ -160,3 +161,49 @@ async def test_a_function_server_that_refuses_batches_fails_them(nats_server, et
     assert err.value.kind == "retries_exhausted" and err.value.error_type == "FunctionServerError"
     expected = "answered 400: " if answer == "400" else "answer is malformed"
     assert expected in err.value.message
+
+
+async def test_a_blocking_synchronous_handler_leaves_the_other_partitions_running(nats_server, etcd_server,
+                                                                                 namespace) -> None:
+    """Embedded, handlers share the sidecar's event loop: a synchronous handler that blocks ran on it and stopped
+    every partition (and the lease keep-alive). It runs in a thread now: another partition's key is served
+    meanwhile, while the blocked one's batch waits for its handler."""
+    fn = f"{namespace}/worker"
+    slow = "k0"
+    fast = next(f"k{i}" for i in range(1, 100) if layout.partition_of(f"k{i}", 2) != layout.partition_of(slow, 2))
+    app = make_app(namespace, handler_timeout=10.0)
+    async with helpers.running_sidecar(app, nats_server, etcd_server, partitions=2), \
+            helpers.client(nats_server, etcd_server, timeout=20) as c:
+        blocked = asyncio.create_task(c.invoke(fn, slow, "block", seconds=3.0))
+        await asyncio.sleep(0.5)  # it is running (blocking) now
+        assert await c.invoke(fn, fast, "work") == 1
+        assert not blocked.done()  # answered while the synchronous handler still blocked
+        assert await blocked is None
+
+
+async def test_the_function_server_cancels_a_batch_its_sidecar_gave_up_on() -> None:
+    """Remote: past a batch's budget the sidecar drops the request and sends the batch again; the function
+    server cancels the dropped one's handlers instead of leaving them running (they piled up before)."""
+    fn = StatefulFunction("t/remote", handler_timeout=60.0)
+    cancelled = asyncio.Event()
+
+    @fn.handler
+    async def linger(ctx: Context) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    port = devservers.free_port()
+    request = wire.encode_request(wire.BatchRequest(
+        keys=[wire.KeyRequest(function="t/remote", key="k", state={},
+                              invocations=[wire.Invocation(id="i", handler="linger", args={})])],
+        max_state_bytes=1024))
+    async with test_remote.function_server(statefn.App(fn), port), aiohttp.ClientSession() as http:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await http.post(f"http://127.0.0.1:{port}/invoke", data=request,
+                                headers={"Content-Type": "application/x-msgpack"})
+        async with asyncio.timeout(5):
+            await cancelled.wait()

@@ -22,7 +22,7 @@ from tests import helpers, test_calls, test_semantics, test_transactions
 
 @contextlib.asynccontextmanager
 async def function_server(app: statefn.App, port: int) -> AsyncIterator[web.AppRunner]:
-    runner = web.AppRunner(_serve.build_app(app), access_log=None)
+    runner = _serve.make_runner(app)  # as ``statefn serve`` runs it
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:

@@ -66,10 +66,15 @@ def build_app(app: _function.App) -> web.Application:
     return web_app
 
 
+def make_runner(app: _function.App) -> web.AppRunner:
+    """The function server: a batch the sidecar gave up waiting for (its connection closed) is cancelled,
+    its handlers with it, not left running."""
+    return web.AppRunner(build_app(app), access_log=None, handler_cancellation=True)
+
+
 async def serve(app: _function.App, host: str = "127.0.0.1", port: int = 9000) -> None:
     """Serve until SIGTERM/SIGINT or cancellation."""
-    # A batch the sidecar gave up waiting for (its connection closed) is cancelled, not left running.
-    runner = web.AppRunner(build_app(app), access_log=None, handler_cancellation=True)
+    runner = make_runner(app)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     _log.info("serving %s on http://%s:%d", ", ".join(app.functions), host, port)
