@@ -120,7 +120,9 @@ def fits(ops: int, size: int, compares: int) -> bool:
 
 
 @dataclasses.dataclass
-class Outcome:
+class Landed:
+    """Whether a commit landed (a fenced one raises instead); refused, which idempotency records stood in its way."""
+
     ok: bool
     # When not ok and not fenced: the idempotency keys that already exist, with their records.
     existing: dict[bytes, bytes] = dataclasses.field(default_factory=dict)
@@ -149,7 +151,7 @@ class Committer:
         self.commits = 0
         self.resolved_unknown = 0
 
-    async def commit(self, txn: Txn) -> Outcome:
+    async def commit(self, txn: Txn) -> Landed:
         self._counter += 1
         marker = f"{self._member}/{self.epoch}/{self._counter}".encode()
         t = self._etcd.transactions
@@ -187,7 +189,7 @@ class Committer:
         if ok:
             self._marker = marker
             self.commits += 1
-            return Outcome(ok=True)
+            return Landed(ok=True)
         owner, current, *idem = responses
         if not owner or owner[0][1].create_revision != self.epoch:
             raise Fenced(f"{self._keys.prefix}: owner changed (epoch {self.epoch} is stale)")
@@ -197,10 +199,10 @@ class Committer:
             _log.info("%s: commit of unknown outcome had landed (attempt %d)", self._keys.prefix, attempts)
             self._marker = marker
             self.commits += 1
-            return Outcome(ok=True)
+            return Landed(ok=True)
         if current_value != self._marker:
             raise Fenced(f"{self._keys.prefix}: commit marker moved under us ({current_value!r})")
         existing = {k: r[0][0] for k, r in zip(txn.absent, idem, strict=True) if r}
         if not existing:
             raise RuntimeError(f"{self._keys.prefix}: commit refused for no visible reason")
-        return Outcome(ok=False, existing=existing)
+        return Landed(ok=False, existing=existing)
