@@ -1,4 +1,4 @@
-"""The whole platform as a user gets it: helm install, kubectl apply, invoke, autoscale, lose pods.
+"""The whole platform as a user gets it: helm install, kubectl apply, invoke, autoscale, lose pods, timers at zero.
 
 The chart is installed into a real control plane (API server, controller-manager, scheduler) whose
 node is the test agent: the operator, the gateway and every function pod run as processes of this
@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import aetcd
 import aiohttp
 import pytest
 
 import statefn
 from e2e import harness, helmcli, objects, operator_proc
 from e2e.objects import condition, wait_for
-from statefn_core import constants
+from statefn_core import constants, layout
 from statefn_sidecar import tracing
 from tests import otlp_receiver
 
@@ -272,3 +273,95 @@ async def test_force_deleted_pods_lose_and_double_nothing(platform: harness.Cont
         states = await asyncio.gather(*(client.get_state("demo/counter", key) for key in keys))
         assert [s.get("count", 0) for s in states] == [per_key] * len(keys)
     assert victims[0] not in [p["metadata"]["name"] for p in objects.get(cluster, NS, "pods", "-l", selector)["items"]]
+
+
+TIMERS_FUNCTION, TIMERS_PARTITIONS = "demo/timers", 2
+TIMERS_SCALING = {"minReplicas": 0, "maxReplicas": 1, "scaleDownStabilizationSeconds": 5, "scaleToZeroAfterSeconds": 5}
+# label -> (key, handler, args, seconds until due)
+TIMERS: dict[str, tuple[str, str, dict[str, Any], float]] = {
+    "sleep": ("a", "nap", {"seconds": 30}, 30),
+    "delayed": ("b", "later", {"seconds": 40}, 40),
+    "retry": ("c", "flaky", {"seconds": 55}, 55),
+    "inquiry": ("coord", "abandon", {"participant": "p", "tx_timeout": 70}, 70),
+}
+LATE_S = 3.0
+
+
+async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Like objects.wait_for, without blocking the loop (the sampler below runs meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await asyncio.to_thread(check)
+        if result:
+            return result
+        await asyncio.sleep(0.3)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def test_timers_wake_a_function_at_zero_and_fire_on_time(platform: harness.ControlPlane,
+                                                               plane: operator_proc.DataPlane) -> None:
+    """Scale to zero strands no timer: woken ahead of each from the pending-work index, each fires on time.
+
+    A durable sleep (30 s), a delayed send (40 s), a retry backoff (55 s) and a participant left prepared by a
+    coordinator that failed without deciding, which inquires after its timeout (70 s). Between them the function
+    goes to zero (``scaleToZeroAfterSeconds: 5``); at the end it is back at zero with nothing pending.
+    """
+    cluster = platform
+    cluster.kubectl("apply", "-f", "-", stdin=objects.function(
+        "timers", NS, function=TIMERS_FUNCTION, app="e2e.apps:app", partitions=TIMERS_PARTITIONS,
+        scaling=TIMERS_SCALING))
+    await until(lambda: condition(get(cluster, "sfn", "timers"), "Provisioned").get("status") == "True",
+                60, "timers Provisioned")
+    assert replicas(cluster, "timers") == (0, 0)
+    fn = layout.FunctionType.parse(TIMERS_FUNCTION)
+    prepared_key = layout.PartitionKeys(fn, layout.partition_of("p", TIMERS_PARTITIONS)).prepared("p")
+    seen: dict[str, float] = {}  # label -> when the test first saw it done
+    host, port = plane.etcd.endpoint.split(":")
+    async with statefn.Client(nats=plane.nats.url, etcd=plane.etcd.endpoint) as client, \
+            aetcd.Client(host=host, port=int(port)) as etcd:
+        started = time.time()
+        for key, handler, args, _ in TIMERS.values():
+            await client.send(TIMERS_FUNCTION, key, handler, **args)
+        due = {label: started + seconds for label, (*_, seconds) in TIMERS.items()}
+
+        async def sample() -> None:
+            was_prepared = False
+            while len(seen) < len(TIMERS):
+                for label, (key, *_) in TIMERS.items():
+                    fired = (await client.get_state(TIMERS_FUNCTION, key)).get("fired", {})
+                    if label in fired and label not in seen:
+                        seen[label] = fired[label]
+                prepared = await etcd.get(prepared_key) is not None
+                if was_prepared and not prepared and "inquiry" not in seen:
+                    seen["inquiry"] = time.time()  # asked its coordinator, was told to abort, is released
+                was_prepared = was_prepared or prepared
+                await asyncio.sleep(0.2)
+        sampler = asyncio.create_task(sample())
+        try:
+            # The messages wake it; with nothing to do before its first timer is due, it goes back to zero.
+            await until(lambda: replicas(cluster, "timers")[1] == 1, 25, "woken by the messages")
+            await until(lambda: replicas(cluster, "timers")[0] == 0, 25, "scaled to zero before the first timer")
+            assert not seen, seen
+            status = get(cluster, "sfn", "timers")["status"]
+            assert status["nextWakeUp"] and status["wakeUpSeconds"] > 0, status
+            listed = cluster.kubectl("get", "sfn", "timers", "-n", NS).stdout
+            print(listed)
+            columns = listed.splitlines()[1].split()
+            assert columns[4] == status["nextWakeUp"], columns  # NAME READY REPLICAS LAG NEXT-WAKE-UP AGE
+            print(f"at zero with the next timer due {status['nextWakeUp']} (wake-up {status['wakeUpSeconds']}s)")
+            await asyncio.wait_for(sampler, timeout=max(due.values()) - time.time() + 30)
+        finally:
+            sampler.cancel()
+        lateness = {label: round(seen[label] - due[label], 2) for label in TIMERS}
+        # From when the messages went out: an upper bound (it includes the first wake's delay before they ran).
+        print(f"lateness (s) of timers at a function scaled to zero: {lateness}")
+        assert all(-1.0 <= late <= LATE_S for late in lateness.values()), lateness
+        assert "prepared" not in (await client.get_state(TIMERS_FUNCTION, "p")).get("fired", {})  # it was aborted
+
+    woken = [m for _, r, m in objects.events(cluster, NS, "timers") if r == "WokenForTimer"]
+    print("woken for timers:", *woken, sep="\n  ")
+    assert len(woken) >= 2 and all("waking 0 -> 1" in m for m in woken), woken
+    await until(lambda: replicas(cluster, "timers")[0] == 0, 30, "back to zero")
+    status = await until(lambda: (s := get(cluster, "sfn", "timers")["status"]) and "nextWakeUp" not in s and s,
+                         15, "no timer left")
+    assert status["inboxBacklog"] == 0

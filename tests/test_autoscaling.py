@@ -70,3 +70,65 @@ def test_condition_transition_time_changes_only_with_status() -> None:
     assert flipped[0]["lastTransitionTime"] != "2026-01-01T00:00:00Z" and flipped[0]["status"] == "True"
     both = conditions.merge(flipped, [conditions.Condition("Provisioned", None, "Waiting")], 2)
     assert [(c["type"], c["status"]) for c in both] == [("Provisioned", "Unknown"), ("Ready", "True")]
+
+
+def timed(steps: list[tuple[float, int, float | None, int]], start: int, policy: autoscaling.Policy = TO_ZERO,
+          lead: float = 10) -> list[autoscaling.Decision]:
+    """Feed (time, lag, next timer's due time, inbox) samples, applying each decision."""
+    history = autoscaling.History(steps[0][0], start)
+    current, out = start, []
+    for now, lag, due_at, inbox in steps:
+        pending = autoscaling.Pending(inbox=inbox, due_in=None if due_at is None else due_at - now, wake_lead=lead)
+        decision = autoscaling.decide(policy, lag, current, history, now, pending)
+        current = decision.replicas
+        out.append(decision)
+    return out
+
+
+def test_a_function_at_zero_is_woken_ahead_of_its_timer_and_goes_back_after() -> None:
+    # A timer due at t=100, waking takes up to 10 s: woken at t=90, not before; idle 30 s after it fired.
+    steps = [(0, 0, 100, 0), (50, 0, 100, 0), (89, 0, 100, 0), (90, 0, 100, 0), (95, 0, 100, 0),
+             (100, 0, 100, 0), (101, 0, None, 0), (120, 0, None, 0), (131, 0, None, 0)]
+    decisions = timed(steps, 0)
+    assert [d.replicas for d in decisions] == [0, 0, 0, 1, 1, 1, 1, 1, 0]
+    woke = decisions[3]
+    assert woke.woken_for_timer and woke.reason == "a timer is due in 10s (waking takes up to 10s): waking 0 -> 1"
+    assert not any(d.woken_for_timer for i, d in enumerate(decisions) if i != 3)
+    assert "a timer is due in 5s" in decisions[4].reason
+
+
+def test_an_overdue_timer_wakes_at_once() -> None:
+    decision = timed([(0, 0, -30, 0)], 0)[0]
+    assert decision.replicas == 1 and "overdue by 30s" in decision.reason
+
+
+def test_not_scaled_to_zero_while_a_timer_is_due_sooner_than_a_wake_up() -> None:
+    # Idle for long, but the next timer is 8 s away and waking takes 10 s: stays at 1 until it fires.
+    decisions = timed([(0, 0, None, 0), (40, 0, 48, 0), (47, 0, 48, 0)], 1)
+    assert [d.replicas for d in decisions] == [1, 1, 1]
+    # A timer further away than a wake-up does not hold it: to zero, and the reason says when it comes back.
+    far = timed([(0, 0, None, 0), (40, 0, 100, 0)], 1)
+    assert [d.replicas for d in far] == [1, 0]
+    assert "its next timer, due in 60s, wakes it 10s ahead" in far[1].reason
+
+
+def test_inbox_backlog_counts_as_lag() -> None:
+    decisions = timed([(0, 0, None, 250)], 1, POLICY)
+    assert decisions[0].replicas == 3 and "lag 0 + 250 in inboxes" in decisions[0].reason
+    from_zero = timed([(0, 0, None, 1)], 0)[0]
+    assert from_zero.replicas == 1 and not from_zero.woken_for_timer  # a message waits: not for a timer
+    # And it keeps a function from going to zero, like lag does.
+    assert [d.replicas for d in timed([(0, 0, None, 3), (31, 0, None, 3), (40, 0, None, 0)], 1)] == [1, 1, 1]
+
+
+def test_the_wake_clock_measures_from_scale_up_to_the_first_ready_pod() -> None:
+    clock = autoscaling.WakeClock(30)
+    assert clock.estimate == 30  # nothing measured yet
+    assert clock.observe(5, ready=1) is None  # ready pods without a wake in progress: nothing to measure
+    clock.scaled_from_zero(10)
+    assert clock.observe(11, ready=0) is None
+    assert clock.observe(14, ready=1) == 4
+    assert clock.estimate == 4 and clock.observe(15, ready=1) is None
+    clock.scaled_from_zero(20)
+    clock.observe(27, ready=2)
+    assert clock.estimate == 7  # the slowest of the recent wakes

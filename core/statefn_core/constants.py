@@ -82,6 +82,10 @@ ANNOTATION_PREFIX = "statefn.dev"  # kopf's progress and last-handled-configurat
 FIELD_MANAGER = "statefn-operator"
 MANAGED_BY = "statefn-operator"
 DEFAULT_AUTOSCALE_INTERVAL_S = 5.0
+# Waking a function from zero for a timer: how long a wake-up is assumed to take until one is measured
+# (an image pull on a fresh node takes this long), and the slack added to the measured one.
+DEFAULT_WAKE_UP_S = 30.0
+WAKE_MARGIN_S = 2.0
 # The operator's GET /metrics port in the chart (`statefn operator --metrics-port`; off unless given,
 # so two operators on one host never collide). 8080 is its /healthz, which kopf serves alone.
 OPERATOR_METRICS_PORT = 9090
@@ -90,6 +94,7 @@ REASON_PROVISIONED = "Provisioned"
 REASON_PROVISION_FAILED = "ProvisionFailed"
 REASON_SCALED = "Scaled"
 REASON_SCALED_TO_ZERO = "ScaledToZero"
+REASON_WOKEN_FOR_TIMER = "WokenForTimer"
 REASON_AVAILABLE = "Available"
 REASON_PROGRESSING = "Progressing"
 REASON_MISSING_FUNCTION = "MissingFunction"

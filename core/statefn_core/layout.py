@@ -107,6 +107,11 @@ class FunctionType:
     def state_key(self, key: str, name: str) -> str:
         return f"{self.state_prefix(key)}{name}"
 
+    @property
+    def pending_prefix(self) -> str:
+        """One entry per partition: its earliest due timer and its inbox size (``PartitionKeys.pending``)."""
+        return f"{self.etcd_prefix}/pending/"
+
     def partition_prefix(self, partition: int) -> str:
         """Everything a partition's owner writes besides user state lives under here."""
         return f"{self.etcd_prefix}/p/{partition}/"
@@ -163,6 +168,11 @@ class PartitionKeys:
     def commit_marker(self) -> bytes:
         """Rewritten by every commit: reading it back tells whether a commit of unknown outcome landed."""
         return f"{self.prefix}commit".encode()
+
+    @property
+    def pending(self) -> bytes:
+        """This partition's entry in the function's pending-work index, which the autoscaler reads in one range."""
+        return f"{self.fn.pending_prefix}{self.partition}".encode()
 
     # Incoming channels: sender partition token -> [bundle seq, next message index, bundle size].
     @property

@@ -16,7 +16,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
 
-from statefn_core import connect, constants, layout
+from statefn_core import connect, constants, layout, pendingwork
 from statefn_sidecar import deadletters, topology
 
 _log = logging.getLogger("statefn.operator.dataplane")
@@ -68,3 +68,7 @@ class DataPlane:
             return await topology.lag(self.js, fn)
         except nats.js.errors.NotFoundError:
             return None
+
+    async def pending_work(self, fn: layout.FunctionType) -> pendingwork.PendingWork:
+        """Timers and inbox backlog the function's partitions keep in etcd (one range request)."""
+        return await topology.pending_work(self.etcd, fn)

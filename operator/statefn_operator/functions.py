@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from typing import Any
@@ -154,25 +155,62 @@ async def _tick(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, memo: Any) ->
     dep = await rt.kube.deployment(namespace, name)
     if lag is None or dep is None:
         return
+    work = await rt.dataplane.pending_work(fn)
     current = int(dep.spec.replicas or 0)
+    ready_pods = int(dep.status.ready_replicas or 0) if dep.status else 0
     now = time.monotonic()
     history = memo.get("history")
     if not isinstance(history, autoscaling.History):
         history = memo["history"] = autoscaling.History(now, current)
-    decision = autoscaling.decide(autoscaling.Policy.from_spec(dict(spec)), lag, current, history, now)
+    clock = _wake_clock(memo, body)
+    fields: dict[str, Any] = {}
+    woke = clock.observe(now, ready_pods)
+    if woke is not None:
+        fields["wakeUpSeconds"] = round(woke, 1)
+    pending = autoscaling.Pending(
+        inbox=work.inbox, due_in=work.due_in(int(time.time() * 1000)),
+        wake_lead=clock.estimate + rt.settings.autoscale_interval + constants.WAKE_MARGIN_S)
+    decision = autoscaling.decide(autoscaling.Policy.from_spec(dict(spec)), lag, current, history, now, pending)
     writer = runtime.status_writer(memo, PLURAL, body)
-    fields: dict[str, Any] = {"lag": lag, "desiredReplicas": decision.replicas}
+    fields.update(lag=lag, desiredReplicas=decision.replicas, inboxBacklog=work.inbox,
+                  nextWakeUp=_timestamp(work.next_due_ms))
     if decision.replicas != current:
         await rt.kube.scale(namespace, name, decision.replicas)
         metrics.scaled(str(fn), current, decision.replicas)
-        reason = constants.REASON_SCALED_TO_ZERO if decision.replicas == 0 else constants.REASON_SCALED
-        kopf.info(body, reason=reason, message=decision.reason)
+        if current == 0:
+            clock.scaled_from_zero(now)
+        kopf.info(body, reason=_scale_reason(decision), message=decision.reason)
         fields.update(lastScaleTime=conditions.now(), lastScaleReason=decision.reason)
     await _trim_dead_letters(fn, dict(spec), memo, rt, now)
-    ready_pods = int(dep.status.ready_replicas or 0) if dep.status else 0
     fields.update(replicas=int(dep.status.replicas or 0) if dep.status else 0, readyReplicas=ready_pods)
-    metrics.observe_function(str(fn), _resource(meta), lag=lag, desired=decision.replicas, ready=ready_pods)
+    metrics.observe_function(str(fn), _resource(meta), lag=lag, desired=decision.replicas, ready=ready_pods,
+                             inbox=work.inbox, next_due_ms=work.next_due_ms)
     await writer.update(int(memo["applied_generation"]), [_readiness(decision.replicas, ready_pods)], **fields)
+
+
+def _wake_clock(memo: Any, body: kopf.Body) -> autoscaling.WakeClock:
+    """Per function, seeded from the status an earlier operator (or leader) wrote."""
+    clock = memo.get("wake_clock")
+    if not isinstance(clock, autoscaling.WakeClock):
+        recorded = (body.get("status") or {}).get("wakeUpSeconds")
+        initial = constants.DEFAULT_WAKE_UP_S
+        if isinstance(recorded, (int, float)) and recorded > 0:
+            initial = float(recorded)
+        clock = memo["wake_clock"] = autoscaling.WakeClock(initial)
+    return clock
+
+
+def _scale_reason(decision: autoscaling.Decision) -> str:
+    if decision.woken_for_timer:
+        return constants.REASON_WOKEN_FOR_TIMER
+    return constants.REASON_SCALED_TO_ZERO if decision.replicas == 0 else constants.REASON_SCALED
+
+
+def _timestamp(epoch_ms: int | None) -> str | None:
+    if epoch_ms is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(epoch_ms / 1000, datetime.UTC).replace(microsecond=0)
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def _readiness(desired: int, ready_pods: int) -> conditions.Condition:

@@ -37,6 +37,12 @@ _RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 1
 FUNCTION_LAG = prometheus_client.Gauge(
     "statefn_function_lag", "Messages of a function not yet acknowledged (its stream's consumers' pending count).",
     ["function", "resource"])
+INBOX_BACKLOG = prometheus_client.Gauge(
+    "statefn_function_inbox_backlog", "Messages queued in the inboxes of a function's locked keys (counted as lag).",
+    ["function", "resource"])
+NEXT_TIMER = prometheus_client.Gauge(
+    "statefn_function_next_timer_timestamp_seconds",
+    "When a function's earliest timer is due (Unix time; absent while it has none).", ["function", "resource"])
 DESIRED_REPLICAS = prometheus_client.Gauge(
     "statefn_function_desired_replicas", "Replicas the autoscaler decided for a function.",
     ["function", "resource"])
@@ -83,8 +89,15 @@ def direction(current: int, target: int) -> str | None:
     return "up" if target > current else "down"
 
 
-def observe_function(function: str, resource: str, *, lag: int, desired: int, ready: int) -> None:
+def observe_function(function: str, resource: str, *, lag: int, desired: int, ready: int, inbox: int = 0,
+                     next_due_ms: int | None = None) -> None:
     FUNCTION_LAG.labels(function, resource).set(lag)
+    INBOX_BACKLOG.labels(function, resource).set(inbox)
+    if next_due_ms is None:
+        with contextlib.suppress(KeyError):
+            NEXT_TIMER.remove(function, resource)
+    else:
+        NEXT_TIMER.labels(function, resource).set(next_due_ms / 1000)
     DESIRED_REPLICAS.labels(function, resource).set(desired)
     READY_REPLICAS.labels(function, resource).set(ready)
 
@@ -97,7 +110,7 @@ def scaled(function: str, current: int, target: int) -> None:
 
 def forget_function(function: str, resource: str) -> None:
     """Drop every series of a function (idempotent: the daemon and the delete handler both call it)."""
-    for gauge in (FUNCTION_LAG, DESIRED_REPLICAS, READY_REPLICAS):
+    for gauge in (FUNCTION_LAG, INBOX_BACKLOG, NEXT_TIMER, DESIRED_REPLICAS, READY_REPLICAS):
         with contextlib.suppress(KeyError):
             gauge.remove(function, resource)
     for way in DIRECTIONS:

@@ -23,8 +23,8 @@ _log = logging.getLogger("statefn.commit")
 
 # What it costs to add an op to a request, beyond its key and value (protobuf framing; generous).
 OP_OVERHEAD = 32
-# Leave room under etcd's limits for the fence, the marker and framing.
-MAX_OPS = constants.ETCD_MAX_TXN_OPS - 2
+# Leave room under etcd's limits for the fence, the marker, the pending-work entry and framing.
+MAX_OPS = constants.ETCD_MAX_TXN_OPS - 3
 MAX_BYTES = constants.ETCD_MAX_REQUEST_BYTES - 64 * 1024
 
 

@@ -175,6 +175,10 @@ class KeyLocks:
                                        idem_pending=suspension.idem_pending(head.message)))
         return out
 
+    def inbox_size(self) -> int:
+        """Messages queued in all inboxes (what the pending-work index reports as backlog)."""
+        return sum(len(queue) for queue in self._inbox.values())
+
     def has_ready(self) -> bool:
         return any(q and k not in self.suspended and k not in self.prepared and k not in self._taken
                    for k, q in self._inbox.items())

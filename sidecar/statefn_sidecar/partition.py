@@ -34,6 +34,7 @@ from statefn_sidecar import (
     keylocks,
     observe,
     outbox,
+    pendingindex,
     planner,
     pulling,
     statecache,
@@ -93,6 +94,7 @@ class PartitionWorker:
                                      executor.metrics.duplicates, partition_count=partition_count)
         self.cache = statecache.StateCache(etcd, self.keys, cfg.max_cached_keys // partition_count)
         self.locks = keylocks.KeyLocks(self.keys)
+        self._pending = pendingindex.PendingIndex(self.keys.pending)
 
     def __repr__(self) -> str:
         return f"PartitionWorker({self.pid}, epoch={self.epoch})"
@@ -103,13 +105,13 @@ class PartitionWorker:
         self.epoch = epoch
         t = self._etcd.transactions
         k = self.keys
-        _, (chan_in, chan_out, pending, stored_timers, suspended, queued, prepared, marker) = \
+        _, (chan_in, chan_out, pending, stored_timers, suspended, queued, prepared, marker, index) = \
             await self._etcd.transaction(
                 compare=[],
                 success=[t.get(p, layout.prefix_end(p)) for p in
                          (k.chan_in_prefix, k.chan_out_prefix, k.outbox_prefix, k.timers_prefix,
                           k.suspended_prefix, k.inbox_prefix, k.prepared_prefix)]
-                + [t.get(k.commit_marker)],
+                + [t.get(k.commit_marker), t.get(k.pending)],
                 failure=[],
             )
         self.locks.load([v for v, _ in suspended], [(kv.key, v) for v, kv in queued], [v for v, _ in prepared])
@@ -123,6 +125,7 @@ class PartitionWorker:
             self._trimmed_upto[target] = min(self._trimmed_upto.get(target, int(seq)), int(seq) - 1)
         for v, kv in stored_timers:
             self._timers.add(int(kv.key[len(k.timers_prefix):].decode().split("/", 1)[0]), kv.key, v)
+        self._pending.loaded(index[0][0] if index else None)
         self._committer = commit.Committer(
             self._etcd, self.keys, epoch=epoch, marker=marker[0][0] if marker else None,
             member_id=self._cfg.member_id, faults=self._faults,
@@ -164,8 +167,7 @@ class PartitionWorker:
                 await pub.drain(timeout=5.0)
             try:
                 async with asyncio.timeout(_STOP_GRACE_S):
-                    if self._pending_trims():
-                        await self._commit_plans(self._planner().plan([], self._pending_trims()))
+                    await self._commit_bookkeeping()
                     await self._etcd.transaction(
                         compare=[self._etcd.transactions.create(self.keys.owner) == self.epoch],
                         success=[self._etcd.transactions.delete(self.keys.owner)], failure=[])
@@ -219,8 +221,8 @@ class PartitionWorker:
                          + self.locks.ready(self._cfg.batch_size))
                 if batch:
                     await self._process(batch)
-                elif self._pending_trims():
-                    await self._commit_plans(self._planner().plan([], self._pending_trims()))
+                else:
+                    await self._commit_bookkeeping()
         except commit.Fenced as exc:
             _log.warning("%s: partition lost: %s", self.pid, exc)
             self.stats["fenced"] += 1
@@ -276,12 +278,14 @@ class PartitionWorker:
         assert self._committer is not None
         for i, (txn, eff) in enumerate(plans):
             started_ns = time.time_ns()
+            entry = self._pending.stage(txn, pendingindex.after(self._timers, self.locks.inbox_size(), eff))
             try:
                 result = await self._committer.commit(txn)
             except commit.Fenced:
                 observe.abandoned((oc for _, later in plans[i:] for oc in later.outcomes), "fenced")
                 raise
             if result.ok:
+                self._pending.landed(entry)
                 self.stats["commits"] += 1
                 observe.committed(self._executor.metrics, eff.outcomes, txn.size, txn.op_count, started_ns)
                 await self._apply(eff)
@@ -345,6 +349,12 @@ class PartitionWorker:
             if reply is not None:
                 await self._acks.answer(oc.item, reply.encode())
             await self._acks.done(oc.item)
+
+    async def _commit_bookkeeping(self) -> None:
+        """With no batch in hand: trim what the outbox published, and correct a stale pending-work entry."""
+        trims = self._pending_trims()
+        if trims or self._pending.stale(pendingindex.current(self._timers, self.locks.inbox_size())):
+            await self._commit_plans(self._planner().plan([], trims) or [(commit.Txn(), assembly.Effects())])
 
     # ---- helpers ----
     def _planner(self) -> planner.Planner:

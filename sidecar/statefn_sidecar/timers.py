@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Collection, Iterable
 
 from statefn_core import codec, envelope
 from statefn_sidecar import items
@@ -40,6 +41,27 @@ class TimerHeap:
         while self._heap and self._heap[0][1] not in self._payloads:
             heapq.heappop(self._heap)
         return self._heap[0][0] if self._heap else None
+
+    def earliest(self, *, without: Collection[bytes] = (), plus: Iterable[int] = ()) -> int | None:
+        """The earliest due time once a commit deletes the timers ``without`` and adds ones due at ``plus``.
+
+        A best-first walk down the heap: it visits only entries due before the answer (the ones the
+        commit deletes, and deleted ones not yet popped), not the whole heap.
+        """
+        best = min(plus, default=None)
+        heap = self._heap
+        frontier = [(heap[0][0], 0)] if heap else []
+        while frontier:
+            due, i = heapq.heappop(frontier)
+            if best is not None and due >= best:
+                break
+            key = heap[i][1]
+            if key in self._payloads and key not in without:
+                return due
+            for child in (2 * i + 1, 2 * i + 2):
+                if child < len(heap):
+                    heapq.heappush(frontier, (heap[child][0], child))
+        return best
 
     def pop_due(self, limit: int) -> list[items.Item]:
         """Due timers as items; each stays in etcd until the commit that applies it deletes it."""

@@ -17,7 +17,7 @@ import nats.js.errors
 from nats.js import api
 from nats.js.client import JetStreamContext
 
-from statefn_core import constants, errors, layout
+from statefn_core import constants, errors, layout, pendingwork
 
 _log = logging.getLogger("statefn.topology")
 DUPLICATE_WINDOW_S = 120.0
@@ -172,6 +172,22 @@ async def lag(js: JetStreamContext, fn: layout.FunctionType) -> int:
         if len(page) < 256:
             return total
         offset += len(page)
+
+
+async def pending_work(etcd: aetcd.Client, fn: layout.FunctionType) -> pendingwork.PendingWork:
+    """Timers and inbox backlog over all partitions, from the owners' index entries: one range request.
+
+    An entry that does not decode counts as a timer due now: the function is woken, and its owner
+    rewrites the entry on its first commit.
+    """
+    entries: list[pendingwork.Entry] = []
+    for kv in await etcd.get_prefix(fn.pending_prefix.encode()):
+        try:
+            entries.append(pendingwork.Entry.decode(kv.value))
+        except errors.CodecError:
+            _log.warning("%s: an undecodable pending-work entry; treated as due now", fn)
+            entries.append(pendingwork.Entry(0, 0))
+    return pendingwork.PendingWork.of(entries)
 
 
 async def register(etcd: aetcd.Client, fn: layout.FunctionType, description: dict[str, Any],
