@@ -1,5 +1,9 @@
 """Exactly-once through kill -9, zombies (SIGSTOP past the lease) and rebalancing.
 
+Meanwhile the pending-work index, sampled in the background, must never say a partition's next
+timer is later than it is (the autoscaler would wake a function at zero too late), and once the
+work is done it must say exactly what is left.
+
 Each test runs its own nats-server and etcd (it restarts them) and real sidecar processes.
 """
 
@@ -103,17 +107,21 @@ async def test_exactly_once_under_crashes(servers, namespace) -> None:
                         restarted.add("etcd")
                         faults["etcd_restart"] += 1
 
-            chaos_task = asyncio.create_task(chaos())
-            t0 = time.monotonic()
-            await run_load([lambda k=k, i=i: invoke_until_answered(c, fn, k, i) for k, i in plan], concurrency=64)
-            elapsed = time.monotonic() - t0
-            done.set()
-            await chaos_task
+            async with helpers.watching_pending_index(etcd_s, [fn], 8) as watch:
+                chaos_task = asyncio.create_task(chaos())
+                t0 = time.monotonic()
+                await run_load([lambda k=k, i=i: invoke_until_answered(c, fn, k, i) for k, i in plan], concurrency=64)
+                elapsed = time.monotonic() - t0
+                done.set()
+                await chaos_task
             got = await counts(c, fn, keys)
+            inexact = await helpers.settled_pending_index(etcd_s, [fn])
     _log.warning("20,000 increments in %.1fs under %s", elapsed, dict(faults))
     assert faults["sidecar_kill9"] >= 3 and faults["nats_restart"] == 1 and faults["etcd_restart"] == 1
     wrong = {k: (got[k], expected[k]) for k in keys if got[k] != expected[k]}
     assert wrong == {}, f"{len(wrong)} counters differ (got, expected): {dict(list(wrong.items())[:10])}"
+    helpers.assert_pending_index_safe(watch)
+    assert inexact == [], f"pending-work index not settled: {inexact}"
 
 
 @pytest.mark.parametrize("handler", ["run", "saga", "send_tx"])
@@ -171,15 +179,17 @@ async def test_durable_calls_conserve_money_under_crashes(servers, namespace, ha
                     except (statefn.InvocationTimeout, nats.errors.Error, OSError, TimeoutError):
                         await asyncio.sleep(0.2)
 
-            chaos_task = asyncio.create_task(chaos())
-            t0 = time.monotonic()
-            try:  # ~30 s here; a transfer stuck for good (a lost reply) must fail, not hang
-                await asyncio.wait_for(run_load([lambda p=p: one(*p) for p in plan], concurrency=32), 180)
-            except TimeoutError:
-                pytest.fail("transfers stopped completing: a call or its reply was lost")
-            elapsed = time.monotonic() - t0
-            done.set()
-            await chaos_task
+            functions = [f"{namespace}/transfer", f"{namespace}/account"]
+            async with helpers.watching_pending_index(servers[1], functions, 8) as watch:
+                chaos_task = asyncio.create_task(chaos())
+                t0 = time.monotonic()
+                try:  # ~30 s here; a transfer stuck for good (a lost reply) must fail, not hang
+                    await asyncio.wait_for(run_load([lambda p=p: one(*p) for p in plan], concurrency=32), 180)
+                except TimeoutError:
+                    pytest.fail("transfers stopped completing: a call or its reply was lost")
+                elapsed = time.monotonic() - t0
+                done.set()
+                await chaos_task
             # A transaction's reply comes with its decision; the participants apply it just after.
             locked = await helpers.locks_left(servers[1], f"{namespace}/account", 8)
             for _ in range(100):
@@ -195,6 +205,7 @@ async def test_durable_calls_conserve_money_under_crashes(servers, namespace, ha
                 refs.update((await c.get_state(f"{namespace}/transfer", f"t{i}")).get("done", []))
             for a in accounts:
                 refs.update((await c.get_state(f"{namespace}/account", a)).get("sent", []))
+            inexact = await helpers.settled_pending_index(servers[1], functions)
     _log.warning("%d transfers (%s, 2 durable calls each) in %.1fs with %d kill -9", transfers, handler, elapsed,
                  kills)
     assert kills >= 2
@@ -204,6 +215,8 @@ async def test_durable_calls_conserve_money_under_crashes(servers, namespace, ha
     recorded = {ref for _, ref, *_ in plan} if handler == "run" else {f"{r}:{o}" for r, o in outcomes.items()}
     assert set(refs) == recorded and max(refs.values()) == 1
     assert locked == []  # no key left prepared, suspended or with messages waiting in its inbox
+    helpers.assert_pending_index_safe(watch, timers=True)
+    assert inexact == [], f"pending-work index not settled: {inexact}"
 
 
 async def test_zombie_is_fenced(servers, namespace) -> None:
@@ -344,7 +357,7 @@ async def test_timers_survive_the_owner(servers, namespace) -> None:
     first = procs.SidecarProcess(APP, namespace, *servers).start()
     try:
         first.wait_ready()
-        async with client(servers) as c:
+        async with client(servers) as c, helpers.watching_pending_index(servers[1], [fn], 8) as watch:
             await wait_for_partitions(first, list(range(8)))
             for i in range(20):
                 await c.invoke(fn, f"sender{i}", "increment_later", target=f"late{i % 5}", after=4.0,
@@ -361,5 +374,7 @@ async def test_timers_survive_the_owner(servers, namespace) -> None:
                     got = await counts(c, fn, targets)
                 await asyncio.sleep(1.0)
                 assert await counts(c, fn, targets) == dict.fromkeys(targets, 4)
+                assert await helpers.settled_pending_index(servers[1], [fn]) == []
+        helpers.assert_pending_index_safe(watch, timers=True)
     finally:
         first.cleanup()

@@ -7,7 +7,9 @@ sidecars is killed with SIGKILL every few seconds and started again. Then every 
 state is compared with every reply: its balance, and its history, in which each withdrawal,
 deposit and refund appears once per operation that the replies say happened. A total alone
 cannot see a move applied twice; the history names it. Afterwards no key may stay prepared,
-suspended or queued, and no timer scheduled. ``STATEFN_CRASH_SEED`` picks the run's plan and fault schedule.
+suspended or queued, and no timer scheduled. Throughout, the pending-work index the autoscaler
+wakes functions by must never say a timer is later than it is, and afterwards say exactly nothing.
+``STATEFN_CRASH_SEED`` picks the run's plan and fault schedule.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _log = logging.getLogger("test.crash_gateway")
 SEED = int(os.environ.get("STATEFN_CRASH_SEED", "1"))
 ACCOUNTS = [f"a{i}" for i in range(30)]
 CLOSED = ["closed0", "closed1"]
+FUNCTIONS = ["account", "payment"]
 KILL_EVERY_S = 3.0
 IN_FLIGHT = 48
 # Short leases and a vote timeout as long as the stall a kill causes: votes then arrive about when
@@ -146,20 +149,23 @@ async def test_every_reply_matches_every_key_under_kills(servers, namespace, kin
                             answers[op.ref] = await post_until_answered(
                                 session, f"http://127.0.0.1:{port}", namespace, op, resends)
 
-                    chaos_task = asyncio.create_task(chaos())
-                    t0 = time.monotonic()
-                    try:
-                        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(IN_FLIGHT))), DEADLINE_S)
-                    except TimeoutError:
-                        pytest.fail(f"operations stopped completing: {len(answers)} of {len(ops)} answered")
-                    elapsed = time.monotonic() - t0
-                    done.set()
-                    await chaos_task
+                    functions = [f"{namespace}/{fn}" for fn in FUNCTIONS]
+                    async with helpers.watching_pending_index(etcd_s, functions, 8) as watch:
+                        chaos_task = asyncio.create_task(chaos())
+                        t0 = time.monotonic()
+                        try:
+                            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(IN_FLIGHT))), DEADLINE_S)
+                        except TimeoutError:
+                            pytest.fail(f"operations stopped completing: {len(answers)} of {len(ops)} answered")
+                        elapsed = time.monotonic() - t0
+                        done.set()
+                        await chaos_task
             finally:
                 await runner.cleanup()
             held = await helpers.eventually_value(
                 lambda: held_keys(etcd_s, namespace), lambda found: not found, timeout=30)
             states = {a: await client.get_state(f"{namespace}/account", a) for a in ACCOUNTS + CLOSED}
+            inexact = await helpers.settled_pending_index(etcd_s, functions)
             kept = procs.keep_logs(group, f"crash-gateway-{namespace}")
     outcomes = collections.Counter(f"{op.kind}:{summary(*answers[op.ref])}" for op in ops)
     _log.warning("seed %d: %d operations (%s) in %.1fs, %d kill -9, re-sends %s; outcomes %s", SEED, len(ops),
@@ -183,6 +189,8 @@ async def test_every_reply_matches_every_key_under_kills(servers, namespace, kin
     told = {ref: answers[ref] for ref in sorted(refs)}
     assert wrong == {}, f"seed {SEED}: state differs from the replies: {wrong}; their answers: {told}; logs: {kept}"
     assert held == [], f"left prepared, suspended, queued or scheduled: {held[:10]}"
+    helpers.assert_pending_index_safe(watch, timers=True)  # the autoscaler never saw a timer later than it was
+    assert inexact == [], f"pending-work index not settled: {inexact}"
 
 
 def summary(status: int, body: dict[str, Any]) -> str:
@@ -191,5 +199,5 @@ def summary(status: int, body: dict[str, Any]) -> str:
 
 
 async def held_keys(etcd_s: devservers.EtcdServer, namespace: str) -> list[bytes]:
-    return [k for fn in ("account", "payment")
+    return [k for fn in FUNCTIONS
             for k in await helpers.locks_left(etcd_s, f"{namespace}/{fn}", 8, timers=True)]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import statefn
 from statefn import Context, StatefulFunction
 from statefn_core import layout, pendingwork
-from statefn_sidecar import devservers, timers, topology
+from statefn_sidecar import devservers, timers, topology, twophase
 from tests import helpers
 
 
@@ -125,6 +125,18 @@ def test_earliest_looks_ahead_of_a_commit_exactly() -> None:
     assert heap.earliest(without={b"b"}, plus=[5]) == 5
     heap.remove(b"b")
     assert heap.earliest() == 20
+
+
+def test_earliest_counts_timers_popped_but_not_yet_deleted() -> None:
+    """A due timer is popped into a batch but stays in etcd until the commit that applies it: until then it counts."""
+    heap = timers.TimerHeap()
+    heap.add(1, b"overdue", twophase.timer_payload_inquire("k", "tx"))
+    heap.add(2**50, b"later", b"")
+    assert [item.timer_key for item in heap.pop_due(10)] == [b"overdue"]
+    assert heap.next_due_ms() == 2**50  # the loop's next wake-up: nothing more to pop before it
+    assert heap.earliest() == 1 and heap.earliest(without={b"overdue"}) == 2**50
+    heap.remove(b"overdue")  # its commit landed
+    assert heap.earliest() == 2**50
 
 
 @hypothesis.given(st.lists(st.integers(0, 50), max_size=40), st.integers(0, 2**32), st.lists(st.integers(0, 60),

@@ -15,21 +15,15 @@ from statefn_sidecar import assembly, commit, timers
 _NOTHING = pendingwork.Entry(None, 0)
 
 
-def _stored(heap: timers.TimerHeap, without: set[bytes]) -> list[int]:  # DIAGNOSTIC: popped ones too
-    return [int(k.rsplit(b"/", 2)[-2]) for k in heap._payloads if k not in without]
-
-
 def after(heap: timers.TimerHeap, inbox: int, eff: assembly.Effects) -> pendingwork.Entry:
     """The entry once a commit with these effects lands (``inbox``: the messages queued before it)."""
     due = heap.earliest(without=set(eff.timers_removed), plus=(due for due, _, _ in eff.timers_added))
-    due = min([d for d in (due, *_stored(heap, set(eff.timers_removed))) if d is not None], default=None)
     return pendingwork.Entry(pendingwork.floor_second(due), max(0, inbox + len(eff.queued) - len(eff.dequeued)))
 
 
 def current(heap: timers.TimerHeap, inbox: int) -> pendingwork.Entry:
     """The entry as the partition is now."""
-    due = min([d for d in (heap.next_due_ms(), *_stored(heap, set())) if d is not None], default=None)
-    return pendingwork.Entry(pendingwork.floor_second(due), inbox)
+    return pendingwork.Entry(pendingwork.floor_second(heap.earliest()), inbox)
 
 
 class PendingIndex:

@@ -22,12 +22,16 @@ class TimerHeap:
     def __init__(self) -> None:
         self._heap: list[tuple[int, bytes]] = []
         self._payloads: dict[bytes, bytes] = {}
+        # Popped as due, still in etcd until the commit that applies them deletes them: a commit before
+        # that one (an earlier round or plan of the batch) leaves them in place, and must say so.
+        self._inflight: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self._payloads)
 
     def add(self, due_ms: int, key: bytes, payload: bytes) -> None:
         self._payloads[key] = payload
+        self._inflight.pop(key, None)
         heapq.heappush(self._heap, (due_ms, key))
 
     def scheduled(self, key: bytes) -> bool:
@@ -36,19 +40,22 @@ class TimerHeap:
 
     def remove(self, key: bytes) -> None:
         self._payloads.pop(key, None)  # its heap entry is skipped when it comes up
+        self._inflight.pop(key, None)
 
     def next_due_ms(self) -> int | None:
+        """The next timer to pop (the loop's wake-up); timers popped already are not counted."""
         while self._heap and self._heap[0][1] not in self._payloads:
             heapq.heappop(self._heap)
         return self._heap[0][0] if self._heap else None
 
     def earliest(self, *, without: Collection[bytes] = (), plus: Iterable[int] = ()) -> int | None:
-        """The earliest due time once a commit deletes the timers ``without`` and adds ones due at ``plus``.
+        """The earliest due time in etcd once a commit deletes the timers ``without`` and adds ones due at ``plus``.
 
-        A best-first walk down the heap: it visits only entries due before the answer (the ones the
-        commit deletes, and deleted ones not yet popped), not the whole heap.
+        Timers popped but not yet deleted count. A best-first walk down the heap: it visits only
+        entries due before the answer (the ones the commit deletes, and deleted ones not yet
+        popped), not the whole heap.
         """
-        best = min(plus, default=None)
+        best = min([*plus, *(due for key, due in self._inflight.items() if key not in without)], default=None)
         heap = self._heap
         frontier = [(heap[0][0], 0)] if heap else []
         while frontier:
@@ -68,10 +75,11 @@ class TimerHeap:
         now = now_ms()
         out: list[items.Item] = []
         while self._heap and self._heap[0][0] <= now and len(out) < limit:
-            _, key = heapq.heappop(self._heap)
+            due, key = heapq.heappop(self._heap)
             payload = self._payloads.get(key)
             if payload is None:
                 continue
+            self._inflight[key] = due
             raw = codec.unpack(payload)
             if raw[0] == "retry":
                 _, inv_id, plain, *pending = raw
