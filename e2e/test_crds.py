@@ -36,9 +36,9 @@ def test_example_applies_with_defaults_and_columns(crds: harness.ControlPlane) -
     assert obj["spec"]["maxAttempts"] == 5
     assert obj["spec"]["scaling"]["scaleDownStabilizationSeconds"] == 300
     header = crds.kubectl("get", "sfn").stdout.splitlines()[0].split()
-    assert header == ["NAME", "READY", "REPLICAS", "LAG", "AGE"]
+    assert header == ["NAME", "READY", "REPLICAS", "LAG", "NEXT-WAKE-UP", "AGE"]
     wide = crds.kubectl("get", "statefulfunctions", "-o", "wide").stdout.splitlines()[0].split()
-    assert wide == ["NAME", "READY", "REPLICAS", "LAG", "PARTITIONS", "AGE"]
+    assert wide == ["NAME", "READY", "REPLICAS", "LAG", "NEXT-WAKE-UP", "PARTITIONS", "AGE"]
 
 
 @pytest.mark.parametrize(
