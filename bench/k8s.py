@@ -179,8 +179,10 @@ def run(n: int, partitions: int, idle_seconds: float, rounds: int, console: Cons
                   f"and applies done directly, one function at a time; idle CPU with each function's autoscaler "
                   f"ticking every {settings.Settings.model_fields['autoscale_interval'].default} s. Scaling: "
                   f"{k8s_scaling.PARTITIONS} partitions, max {k8s_scaling.MAX_REPLICAS} replicas, a burst of "
-                  f"{k8s_scaling.BURST} x 300 ms; the floor scales the same Deployment directly when the need arises "
-                  f"(no lag detection); the operator's autoscaler runs every 1 s"),
+                  f"{k8s_scaling.BURST} x {k8s_scaling.WORK_MS} ms over {k8s_scaling.KEYS} keys, then at least "
+                  f"{k8s_scaling.WAITING} messages kept waiting undelivered until the replicas are ready; the floor "
+                  f"scales the same Deployment directly when the need arises (no lag detection); the operator's "
+                  f"autoscaler runs every 1 s"),
     }
 
 
