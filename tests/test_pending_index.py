@@ -55,12 +55,14 @@ async def pending(etcd_server: devservers.EtcdServer, function: str) -> pendingw
         return await topology.pending_work(raw, layout.FunctionType.parse(function))
 
 
-def due_near(work: pendingwork.PendingWork, seconds: float) -> bool:
-    """The index's next timer is the one due in about ``seconds`` (floored to the second, so up to 1 s early)."""
+def due_near(work: pendingwork.PendingWork, seconds: float, sent: float) -> bool:
+    """The index's next timer is the one a handler set ``seconds`` after it got a message sent at ``sent``.
+
+    Floored to the second, so up to 1 s before ``sent + seconds``; no later than ``seconds`` from now.
+    """
     if work.next_due_ms is None:
         return False
-    expected = time.time() * 1000 + seconds * 1000
-    return expected - 2500 <= work.next_due_ms <= expected + 500
+    return (sent + seconds) * 1000 - 1000 <= work.next_due_ms <= (time.time() + seconds) * 1000
 
 
 async def test_timers_and_inboxes_show_while_pending_and_clear_when_done(
@@ -69,13 +71,14 @@ async def test_timers_and_inboxes_show_while_pending_and_clear_when_done(
     async with helpers.running_sidecar(timer_app(namespace), nats_server, etcd_server), \
             helpers.client(nats_server, etcd_server) as client:
         assert await pending(etcd_server, fn) == pendingwork.PendingWork(None, 0)
+        sent = time.time()
         for key, handler in (("sleeper", "nap"), ("sender", "later"), ("retrier", "flaky")):
             await client.send(fn, key, handler, seconds=4)
         # The sleeping key is locked: a message to it waits in its inbox, and counts.
         await client.send(fn, "sleeper", "mark", what="queued")
         work = await helpers.eventually_value(lambda: pending(etcd_server, fn),
-                                              lambda w: w.inbox == 1 and due_near(w, 4))
-        assert work.inbox == 1 and due_near(work, 4), work
+                                              lambda w: w.inbox == 1 and due_near(w, 4, sent))
+        assert work.inbox == 1 and due_near(work, 4, sent), work
 
         async def all_done() -> bool:
             states = [await client.get_state(fn, k) for k in ("sleeper", "sender", "retrier")]
@@ -95,23 +98,24 @@ async def test_the_next_owner_rewrites_an_entry_that_disagrees(
     entry_key = layout.PartitionKeys(layout.FunctionType.parse(fn), partition).pending
     async with helpers.running_sidecar(app, nats_server, etcd_server), \
             helpers.client(nats_server, etcd_server) as client:
+        sent = time.time()
         await client.send(fn, "sleeper", "nap", seconds=60)
-        work = await helpers.eventually_value(lambda: pending(etcd_server, fn), lambda w: due_near(w, 60))
-        assert due_near(work, 60), work
+        work = await helpers.eventually_value(lambda: pending(etcd_server, fn), lambda w: due_near(w, 60, sent))
+        assert due_near(work, 60, sent), work
     # A graceful stop leaves the entry: the timer is still there, and a function at zero is woken for it.
-    assert due_near(await pending(etcd_server, fn), 60)
+    assert due_near(await pending(etcd_server, fn), 60, sent)
     async with helpers.etcd(etcd_server) as raw:
         await raw.put(entry_key, b"\xc1 not msgpack")
     # Undecodable, it reads as due now (wake the function): never as nothing pending.
     assert (await pending(etcd_server, fn)).next_due_ms == 0
     async with helpers.running_sidecar(app, nats_server, etcd_server):
-        work = await helpers.eventually_value(lambda: pending(etcd_server, fn), lambda w: due_near(w, 60))
-        assert due_near(work, 60) and work.inbox == 0, work
+        work = await helpers.eventually_value(lambda: pending(etcd_server, fn), lambda w: due_near(w, 60, sent))
+        assert due_near(work, 60, sent) and work.inbox == 0, work
     async with helpers.etcd(etcd_server) as raw:
         await raw.delete(entry_key)  # as if the timer had been written by a version without the index
     async with helpers.running_sidecar(app, nats_server, etcd_server):
-        work = await helpers.eventually_value(lambda: pending(etcd_server, fn), lambda w: due_near(w, 60))
-        assert due_near(work, 60), work
+        work = await helpers.eventually_value(lambda: pending(etcd_server, fn), lambda w: due_near(w, 60, sent))
+        assert due_near(work, 60, sent), work
 
 
 def test_earliest_looks_ahead_of_a_commit_exactly() -> None:
