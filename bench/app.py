@@ -10,6 +10,7 @@ gets its own stream and state.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import statefn
@@ -26,6 +27,7 @@ SAGA_NAME = "booking"
 SAGA_HANDLER = "book"
 TX_NAME = "transfer"
 TX_HANDLER = "move"
+TX_PARALLEL_HANDLER = "move_both"
 
 
 def function_type(namespace: str) -> str:
@@ -101,6 +103,15 @@ def make_app(namespace: str) -> statefn.App:
         async with ctx.transaction() as tx:
             first: int = await tx.call(function_type(namespace), ctx.key, HANDLER)
             await tx.call(function_type(namespace), f"{ctx.key}-b", HANDLER)
+        return first
+
+    # The same transaction with both prepares in flight at once (parallel calls): four commits before the reply.
+    @transfer.handler
+    async def move_both(ctx: Context) -> int:
+        async with ctx.transaction() as tx:
+            first: int
+            first, _ = await asyncio.gather(tx.call(function_type(namespace), ctx.key, HANDLER),
+                                            tx.call(function_type(namespace), f"{ctx.key}-b", HANDLER))
         return first
 
     return statefn.App(counter, fanout, relay, booking, transfer)

@@ -38,6 +38,7 @@ FLOOR_SAGA = "floor_saga"
 SAGA_SINGLE = "saga_embedded_single"
 TX_SINGLE = "tx_embedded_single"
 TX = "tx_embedded"
+TX_PARALLEL_SINGLE = "tx_parallel_embedded_single"
 # Keys one fan-out invocation sends to.
 FANOUTS = (10, 100)
 SWEEP_PREFIX = "sweep_"  # registry names of sweeps; their key in the JSON's "sweeps" drops it
@@ -195,6 +196,11 @@ REGISTRY: tuple[Workload, ...] = (
     Workload(TX, lambda e, tick: workloads.load(
         e.p, count=e.sizes.tx_load, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
         lambda s: s.tx_load, platform=workloads.transactions),
+    # The same transaction preparing both counters at once: the two prepares' hops overlap.
+    Workload(TX_PARALLEL_SINGLE, lambda e, tick: workloads.load(
+        e.p, count=e.sizes.tx_single, key_count=e.sizes.single_keys, concurrency=1, tick=tick, prefix="s"),
+        lambda s: s.tx_single, platform=workloads.transactions_parallel, throughput_floor=FLOOR_SAGA,
+        p50_floor=FLOOR_SAGA),
     Workload(REMOTE, lambda e, tick: workloads.load(
         e.p, count=e.sizes.remote, key_count=e.sizes.load_keys, concurrency=e.sizes.concurrency, tick=tick),
         lambda s: s.remote, platform=workloads.remote),

@@ -187,6 +187,11 @@ def transactions(nats_url: str, etcd_endpoint: str) -> contextlib.AbstractAsyncC
     return _driving(nats_url, etcd_endpoint, bench_app.tx_type, bench_app.TX_HANDLER)
 
 
+def transactions_parallel(nats_url: str, etcd_endpoint: str) -> contextlib.AbstractAsyncContextManager[Platform]:
+    """Driving the transfer's ``move_both``: the same transaction with its two prepares in flight at once."""
+    return _driving(nats_url, etcd_endpoint, bench_app.tx_type, bench_app.TX_PARALLEL_HANDLER)
+
+
 def sagas(nats_url: str, etcd_endpoint: str) -> contextlib.AbstractAsyncContextManager[Platform]:
     """Driving the booking: each invocation a two-step saga over counters, returning the first's value."""
     return _driving(nats_url, etcd_endpoint, bench_app.saga_type, bench_app.SAGA_HANDLER)

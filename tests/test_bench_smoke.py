@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 FLOORS = ["floor_single", "floor_batched", "floor_fanout_10", "floor_fanout_100", "floor_call", "floor_saga"]
 EMBEDDED = ["counter_embedded_single", "counter_embedded", "counter_traced", "fanout_10", "fanout_100",
-            "call_embedded_single", "call_embedded", "saga_embedded_single", "tx_embedded_single", "tx_embedded"]
+            "call_embedded_single", "call_embedded", "saga_embedded_single", "tx_embedded_single", "tx_embedded",
+            "tx_parallel_embedded_single"]
 TARGETS = {"embedded_throughput", "embedded_single_p50", "remote_throughput", "memory"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,7 +46,7 @@ def _own_floors(name: str) -> tuple[str, str]:
         return f"floor_fanout_{n}", f"floor_fanout_{n}"
     if name in ("floor_call", "call_embedded_single"):
         return "floor_call", "floor_call"
-    if name in ("floor_saga", "saga_embedded_single", "tx_embedded_single"):
+    if name in ("floor_saga", "saga_embedded_single", "tx_embedded_single", "tx_parallel_embedded_single"):
         return "floor_saga", "floor_saga"
     return "floor_batched", "floor_single"
 
@@ -119,7 +120,7 @@ def test_unknown_workload_is_a_one_line_error(tmp_path: Path) -> None:
         "python -m bench: error: unknown workload 'nope'; known: floor_single, floor_batched, floor_fanout_10, "
         "floor_fanout_100, floor_call, floor_saga, sweep_floor, counter_embedded_single, counter_embedded, "
         "sweep_counter_embedded, counter_traced, fanout_10, fanout_100, call_embedded_single, call_embedded, "
-        "saga_embedded_single, tx_embedded_single, tx_embedded, counter_remote, sweep_counter_remote, "
-        "memory_100k_keys, k8s"
+        "saga_embedded_single, tx_embedded_single, tx_embedded, tx_parallel_embedded_single, counter_remote, "
+        "sweep_counter_remote, memory_100k_keys, k8s"
     )
     assert not (tmp_path / "x.json").exists()

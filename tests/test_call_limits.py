@@ -67,21 +67,23 @@ async def test_a_call_back_to_a_waiting_key_fails_at_once(nats_server, etcd_serv
 def test_a_call_without_a_timeout_gets_its_functions_default() -> None:
     ctx = _context.Context(function="ns/b", key="k", specs={}, stored={}, call_timeout=42.0)
     with pytest.raises(errors.Suspended):
-        ctx._call("ns/a", "k", "ping", {}, "").send(None)
-    assert ctx._pending_call is not None and ctx._pending_call.timeout == 42.0
+        ctx._call("ns/a", "k", "ping", {}, "").__await__().send(None)
+    assert [c.timeout for c in ctx._calls] == [42.0] and ctx._waiting == 0
     explicit = _context.Context(function="ns/b", key="k", specs={}, stored={})
     with pytest.raises(errors.Suspended):
-        explicit._call("ns/a", "k", "ping", {}, "", timeout=3.0).send(None)
-    assert explicit._pending_call is not None and explicit._pending_call.timeout == 3.0
+        explicit._call("ns/a", "k", "ping", {}, "", timeout=3.0).__await__().send(None)
+    assert [c.timeout for c in explicit._calls] == [3.0] and explicit._waiting == 0
 
 
 def test_a_cycle_is_found_in_the_chain_before_anything_is_journaled() -> None:
     ctx = _context.Context(function="ns/b", key="k", specs={}, stored={}, chain=[["ns/a", "x"], ["ns/c", "y"]])
     with pytest.raises(statefn.CallFailed) as err:
-        ctx._call("ns/a", "x", "ping", {}, "").send(None)
-    assert err.value.kind == "call_cycle" and ctx._ops == 0 and ctx._pending_call is None
+        ctx._call("ns/a", "x", "ping", {}, "")  # raised when the call is made, before it is awaited
+    assert err.value.kind == "call_cycle" and ctx._ops == 0
+    assert ctx._calls == [] and ctx._recorded == [] and ctx._waiting is None
     with pytest.raises(errors.Suspended):  # a key not in the chain
-        ctx._call("ns/a", "other", "ping", {}, "").send(None)
+        ctx._call("ns/a", "other", "ping", {}, "").__await__().send(None)
+    assert [(c.key, c.index) for c in ctx._calls] == [("other", 0)]
 
 
 def test_a_call_timeout_must_be_positive() -> None:

@@ -421,15 +421,26 @@ def test_a_batch_response_round_trips_with_every_result_field_set() -> None:
                           tx=None, timeout=None),
             wire.Outgoing("shop/stock", "apple", "~commit", {}, purpose="tx.commit", tx=tx),
         ],
-        call=wire.Outgoing("shop/pay", "o-1", "charge", {"amount": 5}, purpose="saga.step", tx=tx, timeout=2.0),
+        calls=[
+            wire.Outgoing("shop/pay", "o-1", "charge", {"amount": 5}, purpose="saga.step", tx=tx, timeout=2.0,
+                          index=2),
+            wire.Outgoing("shop/mail", "u-2", "verify", {}, traceparent="tp2", timeout=None, index=3),
+        ],
+        waiting=2,
         deferred=True,
-        journal_added=[codec.pack(["~run", "~now", 1.5]), codec.pack(["~run", "fetch", {"a": 1}])],
+        journal_added=[codec.pack(["~run", "~now", 1.5]), codec.pack(["~run", "fetch", {"a": 1}]),
+                       wire.outstanding_entry("shop/pay", "o-1", "charge"),
+                       wire.outstanding_entry("shop/mail", "u-2", "verify")],
         transactions=[["i1~tx1", "committed"], ["i1~tx2", "aborted"]],
+        began_tx=True,
     )
     resp = wire.BatchResponse(results=[[full, wire.Result(id="i2", deferred=True)], [], [wire.Result(id="i3")]])
     back = wire.decode_response(wire.encode_response(resp))
     assert back == resp
-    assert back.results[0][0].call is not None and back.results[0][0].call.tx == tx
+    assert [c.tx for c in back.results[0][0].calls] == [tx, None]
+    assert [c.index for c in back.results[0][0].calls] == [2, 3] and back.results[0][0].waiting == 2
+    assert back.results[0][0].began_tx is True
+    assert wire.outstanding_call(back.results[0][0].journal_added[2]) == ("shop/pay", "o-1", "charge")
 
 
 def test_an_outgoing_message_round_trips_through_its_plain_form() -> None:

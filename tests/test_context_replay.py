@@ -1,7 +1,8 @@
 """The handler context and its journal replay (statefn._context), driven directly and through _runtime.
 
-A handler that makes a durable call is unwound at the call (``errors.Suspended``) and later run
-again from the start, fed the journaled replies and ``ctx.run``/``ctx.now`` results: this is what
+A handler that awaits a durable call not answered yet is unwound there (``errors.Suspended``) and
+later run again from the start, fed the journal: the replies (each in its call's slot; a call made
+and not answered yet holds its slot as outstanding) and ``ctx.run``/``ctx.now`` results: this is what
 makes calls exactly-once without threads or stored stacks, and it is only correct if a replay
 returns exactly what the first run saw, refuses a run that diverged from its journal, and does not
 repeat messages already sent. State reads and writes are staged in the context and turned into the
@@ -53,16 +54,28 @@ def failed(kind: str, message: str, type_: str = "") -> bytes:
     return envelope.Reply(ok=False, error=wire.ErrorInfo(kind=kind, message=message, type=type_)).encode()
 
 
+def answered(recorded: list[bytes], index: int, reply: bytes) -> list[bytes]:
+    """A suspended run's new journal slots with a call's reply in its slot, as the sidecar journals it."""
+    assert wire.outstanding_call(recorded[index]) is not None, "not an outstanding call's slot"
+    journal = list(recorded)
+    journal[index] = reply
+    return journal
+
+
 # ---- calls -----------------------------------------------------------------------------------------
 
 async def test_a_call_without_a_journaled_reply_suspends_and_records_the_pending_call() -> None:
     ctx = make_ctx()
+    call = ctx.call("test/prices", "apple", "quote", timeout=2.5, line=Line("a-1", 2), currency="EUR")
+    made = wire.Outgoing(function="test/prices", key="apple", handler="quote",
+                         args={"line": {"sku": "a-1", "qty": 2}, "currency": "EUR"},
+                         purpose="", tx=None, timeout=2.5, index=0)
+    assert ctx._calls == [made] and ctx._waiting is None  # made when called, before it is awaited
     with pytest.raises(errors.Suspended):
-        await ctx.call("test/prices", "apple", "quote", timeout=2.5, line=Line("a-1", 2), currency="EUR")
-    assert ctx._pending_call == wire.Outgoing(function="test/prices", key="apple", handler="quote",
-                                              args={"line": {"sku": "a-1", "qty": 2}, "currency": "EUR"},
-                                              purpose="", tx=None, timeout=2.5)
-    assert ctx._sends == [] and ctx._recorded == []
+        await call
+    assert ctx._calls == [made] and ctx._waiting == 0
+    # Its journal slot holds it, outstanding, until its reply takes its place.
+    assert ctx._sends == [] and ctx._recorded == [wire.outstanding_entry("test/prices", "apple", "quote")]
 
 
 async def test_suspension_is_not_swallowed_by_a_handlers_except_exception() -> None:
@@ -86,9 +99,8 @@ async def test_a_journaled_reply_is_returned_and_the_next_call_suspends() -> Non
     assert await ctx.call("test/prices", "apple", "quote") == 5
     with pytest.raises(errors.Suspended):
         await ctx.call("test/stock", "apple", "reserve", qty=5)
-    assert ctx._pending_call is not None
-    assert (ctx._pending_call.function, ctx._pending_call.handler, ctx._pending_call.args) == (
-        "test/stock", "reserve", {"qty": 5})
+    assert [(c.function, c.handler, c.args, c.index) for c in ctx._calls] == [("test/stock", "reserve", {"qty": 5}, 1)]
+    assert ctx._waiting == 1
 
 
 async def test_replies_are_returned_in_journal_order_in_their_plain_form() -> None:
@@ -96,7 +108,7 @@ async def test_replies_are_returned_in_journal_order_in_their_plain_form() -> No
     assert await ctx.call("test/a", "k", "h") == {"sku": "a", "qty": 1}
     assert await ctx.call("test/b", "k", "h") is None  # a handler that returned nothing
     assert await ctx.call("test/c", "k", "h") == [1, 2]
-    assert ctx._pending_call is None
+    assert ctx._calls == [] and ctx._waiting is None and ctx._recorded == []
 
 
 async def test_an_error_reply_raises_call_failed_with_its_kind_message_type_and_target() -> None:
@@ -119,27 +131,44 @@ async def test_a_failed_call_can_be_caught_and_the_handler_goes_on_to_the_next_c
     assert await ctx.call("test/slow", "k", "h") == "fallback"
 
 
-async def test_only_the_first_unanswered_call_goes_out_and_nothing_runs_past_it() -> None:
+async def test_calls_made_before_the_first_await_all_go_out_and_nothing_runs_past_an_unanswered_await() -> None:
     ctx = make_ctx()
+    ran: list[str] = []
+    made: list[_context.DurableCall] = []
+
+    async def handler() -> None:
+        first = ctx.call("test/first", "k", "h")
+        ran.append("between the calls")  # code goes on until it awaits a call not answered yet
+        stamp = ctx.now()
+        second = ctx.call("test/second", "k", "h", n=2)
+        made.extend([first, second])
+        await first  # not answered: the handler is unwound here
+        ran.append(f"past the await {stamp}")
+        await ctx.run("side-effect", lambda: ran.append("side-effect"))
+        ctx.call("test/third", "k", "h")
+        await second
+
     with pytest.raises(errors.Suspended):
-        await ctx.call("test/first", "k", "h")
-    # Code that (wrongly) went on after the suspension: nothing more is recorded or run.
+        await handler()
+    # Both calls go out, each with its journal slot; the one awaited is the one whose answer resumes it.
+    assert [(c.function, c.args, c.index) for c in ctx._calls] == [("test/first", {}, 0), ("test/second", {"n": 2}, 2)]
+    assert ctx._waiting == 0
+    assert ran == ["between the calls"]  # nothing past the await ran: no run, no third call
+    assert len(ctx._recorded) == 3
+    assert ctx._recorded[0] == wire.outstanding_entry("test/first", "k", "h")
+    assert codec.unpack(ctx._recorded[1])[:2] == ["~run", "~now"]
+    assert ctx._recorded[2] == wire.outstanding_entry("test/second", "k", "h")
+    # Awaiting another outstanding call afterwards does not move where it waits.
     with pytest.raises(errors.Suspended):
-        await ctx.call("test/second", "k", "h")
-    ran: list[int] = []
-    with pytest.raises(errors.Suspended):
-        await ctx.run("side-effect", lambda: ran.append(1))
-    with pytest.raises(errors.Suspended):
-        ctx.now()
-    assert ctx._pending_call is not None and ctx._pending_call.function == "test/first"
-    assert ran == [] and ctx._recorded == []
+        await made[1]
+    assert ctx._waiting == 0 and not made[0].done and not made[1].done
 
 
 async def test_a_key_calling_itself_is_an_invalid_call_and_nothing_is_pending() -> None:
     ctx = make_ctx()
     with pytest.raises(errors.InvalidCall, match="cannot call its own key"):
-        await ctx.call(SELF, "k1", "add", n=1)
-    assert ctx._pending_call is None
+        ctx.call(SELF, "k1", "add", n=1)  # refused when made, not when awaited
+    assert ctx._calls == [] and ctx._waiting is None and ctx._recorded == [] and ctx._ops == 0
     assert isinstance(errors.InvalidCall("x"), ValueError)
 
 
@@ -148,15 +177,15 @@ async def test_the_same_function_under_another_key_or_another_function_under_the
     assert await ctx.call(SELF, "k2", "add") == 1
     with pytest.raises(errors.Suspended):
         await ctx.call("test/other", "k1", "add")
-    assert ctx._pending_call is not None and ctx._pending_call.key == "k1"
+    assert [(c.function, c.key, c.index) for c in ctx._calls] == [("test/other", "k1", 1)] and ctx._waiting == 1
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0])
 async def test_a_call_timeout_must_be_positive(timeout: float) -> None:
     ctx = make_ctx()
     with pytest.raises(ValueError, match="timeout must be > 0"):
-        await ctx.call("test/prices", "apple", "quote", timeout=timeout)
-    assert ctx._pending_call is None
+        ctx.call("test/prices", "apple", "quote", timeout=timeout)
+    assert ctx._calls == [] and ctx._waiting is None and ctx._recorded == []
 
 
 async def test_a_call_to_a_malformed_function_type_is_refused() -> None:
@@ -168,12 +197,13 @@ async def test_a_sleep_is_a_call_to_the_own_key_that_a_timer_answers() -> None:
     ctx = make_ctx()
     with pytest.raises(errors.Suspended):
         await ctx.sleep(2.0)
-    assert ctx._pending_call == wire.Outgoing(function=SELF, key="k1", handler=constants.SLEEP_HANDLER, args={},
-                                              purpose=_context.SLEEP, timeout=2.0)
+    assert ctx._calls == [wire.Outgoing(function=SELF, key="k1", handler=constants.SLEEP_HANDLER, args={},
+                                        purpose=_context.SLEEP, timeout=2.0, index=0)]
+    assert ctx._waiting == 0
     zero = make_ctx()
     with pytest.raises(errors.Suspended):
         await zero.sleep(0)
-    assert zero._pending_call is not None and zero._pending_call.timeout == pytest.approx(0.001)
+    assert [c.timeout for c in zero._calls] == [pytest.approx(0.001)]
     with pytest.raises(ValueError, match="seconds >= 0"):
         await make_ctx().sleep(-1)
     resumed = make_ctx([envelope.Reply(ok=True).encode()])
@@ -233,12 +263,14 @@ async def test_a_run_whose_result_msgpack_cannot_hold_is_a_codec_error() -> None
 
 
 async def test_runs_and_call_replies_interleave_in_one_journal() -> None:
-    # The sidecar journals a suspension's recorded runs, then the call's reply, then the next ones.
+    # The sidecar journals a suspension's recorded runs and calls in order, the call's reply in its slot,
+    # then the next ones.
     first = make_ctx()
     stamp = first.now()
     with pytest.raises(errors.Suspended):
         await first.call("test/prices", "apple", "quote")
-    journal = [*first._recorded, ok(7)]
+    assert [c.index for c in first._calls] == [1] and first._waiting == 1
+    journal = answered(first._recorded, 1, ok(7))
 
     second = make_ctx(journal)
     assert second.now() == stamp
@@ -246,7 +278,9 @@ async def test_runs_and_call_replies_interleave_in_one_journal() -> None:
     token = await second.run("token", lambda: "t-42")
     with pytest.raises(errors.Suspended):
         await second.call("test/pay", "o-1", "charge", amount=7)
-    assert second._recorded == [codec.pack(["~run", "token", "t-42"])]
+    assert second._recorded == [codec.pack(["~run", "token", "t-42"]), wire.outstanding_entry("test/pay", "o-1",
+                                                                                                "charge")]
+    assert [c.index for c in second._calls] == [3] and second._waiting == 3
     assert token == "t-42"
 
 
@@ -270,8 +304,8 @@ async def test_a_replay_that_calls_something_where_a_run_was_fails_with_replay_d
     replay = make_ctx(list(first._recorded))
     with pytest.raises(errors.ReplayDiverged, match=re.escape("step 1 is now a call test/prices.quote, its journal "
                                                               "holds run 'fetch'")):
-        await replay.call("test/prices", "apple", "quote")
-    assert replay._pending_call is None
+        replay.call("test/prices", "apple", "quote")
+    assert replay._calls == [] and replay._waiting is None and replay._recorded == []
 
 
 async def test_a_replay_that_runs_under_another_name_fails_with_replay_diverged() -> None:
@@ -457,9 +491,12 @@ async def test_a_first_run_suspends_with_its_call_the_sends_before_it_and_the_ru
                                              wire.Invocation(id="i2", handler="peek", args={})))
     first, queued = resp.results[0]
     # No timeout given: the function's call_timeout (600 s by default).
-    assert first.call == wire.Outgoing("test/prices", "apple", "quote", {}, timeout=constants.DEFAULT_CALL_TIMEOUT_S)
+    assert first.calls == [wire.Outgoing("test/prices", "apple", "quote", {}, timeout=constants.DEFAULT_CALL_TIMEOUT_S,
+                                         index=1)]
+    assert first.waiting == 1
     assert first.sends == [wire.Outgoing("test/audit", "apple", "log", {"step": "before"})]
-    assert len(first.journal_added) == 1 and codec.unpack(first.journal_added[0])[:2] == ["~run", "~now"]
+    assert len(first.journal_added) == 2 and codec.unpack(first.journal_added[0])[:2] == ["~run", "~now"]
+    assert first.journal_added[1] == wire.outstanding_entry("test/prices", "apple", "quote")
     assert (first.reply, first.error, first.state) == (None, None, {})
     assert queued == wire.Result(id="i2", deferred=True)  # the key is locked by the suspended call
 
@@ -467,7 +504,7 @@ async def test_a_first_run_suspends_with_its_call_the_sends_before_it_and_the_ru
 async def test_a_resumed_run_does_not_repeat_the_sends_already_done() -> None:
     suspended = (await _runtime.execute(APP, batch(wire.Invocation(id="i1", handler="order",
                                                                    args={"item": "apple"})))).results[0][0]
-    journal = [*suspended.journal_added, ok(7)]
+    journal = answered(suspended.journal_added, suspended.waiting, ok(7))
     resumed = wire.Invocation(id="i1", handler="order", args={"item": "apple"}, journal=journal,
                               sends_done=len(suspended.sends))
     result = (await _runtime.execute(APP, batch(resumed, state={"spent": codec.pack(10)}))).results[0][0]
@@ -475,14 +512,15 @@ async def test_a_resumed_run_does_not_repeat_the_sends_already_done() -> None:
     assert codec.unpack(result.reply) == 17  # type: ignore[arg-type]
     assert result.sends == [wire.Outgoing("test/audit", "apple", "log", {"step": "after", "price": 7})]
     assert result.state == {"spent": codec.pack(17)}
-    assert result.call is None and result.journal_added == []
+    assert result.calls == [] and result.waiting == -1 and result.journal_added == []
 
 
 async def test_without_sends_done_a_resumed_run_would_send_everything_again() -> None:
     # The control for the test above: sends_done is what keeps the first send from going out twice.
     first = (await _runtime.execute(APP, batch(wire.Invocation(id="i1", handler="order",
                                                                args={"item": "apple"})))).results[0][0]
-    again = wire.Invocation(id="i1", handler="order", args={"item": "apple"}, journal=[*first.journal_added, ok(7)])
+    again = wire.Invocation(id="i1", handler="order", args={"item": "apple"},
+                            journal=answered(first.journal_added, first.waiting, ok(7)))
     result = (await _runtime.execute(APP, batch(again))).results[0][0]
     assert [s.args["step"] for s in result.sends] == ["before", "after"]
 
@@ -494,4 +532,4 @@ async def test_a_resumed_run_that_diverges_fails_as_a_handler_error_with_no_effe
     result = (await _runtime.execute(APP, batch(inv))).results[0][0]
     assert result.error is not None
     assert (result.error.kind, result.error.type, result.error.retry) == ("handler_error", "ReplayDiverged", False)
-    assert (result.reply, result.state, result.sends, result.call) == (None, {}, [], None)
+    assert (result.reply, result.state, result.sends, result.calls, result.waiting) == (None, {}, [], [], -1)

@@ -61,16 +61,20 @@ def test_a_channel_message_moves_its_watermark_and_answers_its_caller() -> None:
 
 def test_a_suspension_records_where_it_waits_and_arms_its_call_timeout() -> None:
     record = suspension.Suspension("inv", envelope.Message(key="k", handler="h", args={}), waiting="inv#0",
-                                   timeout=2.5)
+                                   calls={"inv#0": suspension.Outstanding(timeout=2.5)})
     call = assembly.Send(layout.PartitionId(layout.FunctionType("ns", "g"), 0),
                          envelope.Message(key="x", handler="work", args={}))
     share = share_of(ingress(), decisions.Suspended(record, decisions.Changes(sends=[call])))
-    assert suspension.Suspension.decode(share.txn.puts[KEYS.suspended("k")][0]).waiting == "inv#0"
+    written = suspension.Suspension.decode(share.txn.puts[KEYS.suspended("k")][0])
+    assert written.waiting == "inv#0"
     assert envelope.Record.decode(share.txn.puts[IKEY][0]).pending
     assert sent_to(share) == [("ns.g.0", "work")]
     ((kind, _, answer),) = timers_of(share)
-    assert kind == "send" and record.timer  # armed, and remembered in the record
+    timer = record.calls[record.waiting].timer
+    assert kind == "send" and timer  # armed, and remembered in the record
+    assert written.calls["inv#0"].timer == timer
     assert envelope.Message.from_plain(answer).args["reply"]  # the timeout's answer to the call
+    assert envelope.Message.from_plain(answer).args["call"] == "inv#0"
 
 
 def test_a_queued_message_joins_the_inbox_and_writes_nothing_else() -> None:
@@ -92,10 +96,12 @@ def test_a_fresh_retry_is_a_timer_and_no_record() -> None:
 
 def _resumed(reply: bytes = b"r") -> items.Delivered:
     original = envelope.Message(key="k", handler="h", args={}, idempotency_key="idem-1")
-    record = suspension.Suspension("idem-1", original, waiting="idem-1#0", tx=TX, timer=b"old-timer")
+    record = suspension.Suspension("idem-1", original, [wire.outstanding_entry("ns/p", "p", "withdraw")],
+                                   waiting="idem-1#0", tx=TX,
+                                   calls={"idem-1#0": suspension.Outstanding(timeout=5.0, tx=TX, timer=b"old-timer")})
     item = items.Delivered(id="d", message=envelope.Message(
-        key="k", handler=constants.RESPONSE_HANDLER, args={"reply": reply}), sender="s", bundle_seq=1, index=0,
-        bundle_size=1)
+        key="k", handler=constants.RESPONSE_HANDLER, args={"call": "idem-1#0", "reply": reply}), sender="s",
+        bundle_seq=1, index=0, bundle_size=1)
     item.resume_with(record, original)
     return item
 
@@ -176,3 +182,41 @@ def test_labels_are_the_decision_types() -> None:
     assert decisions.Outcome(item=ingress(), decision=decisions.Retrying(at_ms=1)).label == "retry"
     assert decisions.Refused(envelope.Reply(ok=False)).tx_event() == "died"
     assert decisions.Dropped().label == "dropped" and decisions.Dropped().tx_event() is None
+
+
+def test_a_dead_journal_makes_failed_and_outstanding_calls_again_and_keeps_finished_steps() -> None:
+    """Parallel calls: slot 0 still in flight, slot 1 answered ok, slot 2 (awaited) answered with the error that
+    ended the run. A replay must answer slot 1 from the journal and make calls 0 and 2 again."""
+    original = envelope.Message(key="k", handler="h", args={})  # no caller, no transaction: resumable
+    ok = envelope.Reply(ok=True, value=codec.pack(1)).encode()
+    err = envelope.Reply(ok=False, error=wire.ErrorInfo(kind="handler_error", message="no")).encode()
+    record = suspension.Suspension(
+        "inv", original, [wire.outstanding_entry("ns/a", "a", "h"), ok, wire.outstanding_entry("ns/c", "c", "h")],
+        waiting="inv#2", calls={"inv#0": suspension.Outstanding(timeout=5.0, timer=b"t0"),
+                                "inv#2": suspension.Outstanding(timeout=5.0, timer=b"t2")})
+    item = items.Delivered(id="d", message=envelope.Message(
+        key="k", handler=constants.RESPONSE_HANDLER, args={"call": "inv#2", "reply": err}), sender="s",
+        bundle_seq=1, index=0, bundle_size=1)
+    item.resume_with(record, original)
+    error = wire.ErrorInfo(kind="handler_error", message="c failed")
+    share = share_of(item, decisions.Failed(error, deadletters.record(FN, -1, item, error), resumable=True))
+    (dead,) = share.dead
+    letter = codec.unpack(dead)
+    assert letter["journaled"] == 2  # finished steps: the ok reply and the error (not the call in flight)
+    (ref,) = [k for k in share.txn.puts if k.startswith(KEYS.dead_journal_prefix)]
+    assert letter["journal_ref"] == ref.decode()
+    journal = suspension.Suspension.decode(share.txn.puts[ref][0])
+    assert journal.journal == [wire.redo_entry(), ok] and journal.calls == {}
+    assert {b"t0", b"t2"} <= share.txn.deletes  # the record is gone: no timer of its calls fires
+
+
+def test_a_replay_makes_a_redo_slots_call_again_and_answers_finished_ones() -> None:
+    from statefn import _context
+    ok = envelope.Reply(ok=True, value=codec.pack(7)).encode()
+    ctx = _context.Context(function="ns/f", key="k", specs={}, stored={}, invocation_id="inv",
+                           journal=[wire.redo_entry(), ok])
+    again = ctx.call("ns/a", "a", "h")
+    answered = ctx.call("ns/b", "b", "h")
+    assert not again.done and answered.done
+    assert [(c.function, c.index) for c in ctx._calls] == [("ns/a", 0)]
+    assert ctx._recorded == []  # the slot exists: the sidecar turns it into the call's outstanding slot

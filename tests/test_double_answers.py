@@ -99,9 +99,9 @@ async def waiting_record(etcd_server: devservers.EtcdServer, function: str, key:
 
 
 async def timeout_answer(etcd_server: devservers.EtcdServer, record: suspension.Suspension) -> envelope.Message:
-    """The message the call's timeout timer would send when due: its ``tx_timeout`` answer."""
+    """The message the awaited call's timeout timer would send when due: its ``tx_timeout`` answer."""
     async with helpers.etcd(etcd_server) as raw:
-        got = await raw.get(record.timer)
+        got = await raw.get(record.calls[record.waiting].timer)
     assert got is not None
     kind, _, plain = codec.unpack(got.value)
     assert kind == "send"
@@ -193,7 +193,7 @@ async def test_a_call_timeout_due_beside_its_reply_is_never_sent(nats_server, et
                 return ledger.runs["deposit b"] == 1
             await helpers.eventually(deposit_running)
         record = await waiting_record(etcd_server, ledger.coord, "m")
-        await make_due(etcd_server, ledger.coord, "m", record.timer)
+        await make_due(etcd_server, ledger.coord, "m", record.calls[record.waiting].timer)
         ledger.gates["deposit b"].set()
 
         async def replied() -> bool:
@@ -215,7 +215,8 @@ async def make_due(etcd_server: devservers.EtcdServer, function: str, key: str, 
         assert got is not None
         due = keys.timer(int(time.time() * 1000) - 1, timer.rsplit(b"/", 1)[1].decode())
         record = suspension.Suspension.decode((await raw.get(keys.suspended(key))).value)
-        record.timer = due
+        (call,) = [c for c in record.calls.values() if c.timer == timer]  # the call that timer answers
+        call.timer = due
         t = raw.transactions
         await raw.transaction(compare=[], success=[t.delete(timer), t.put(due, got.value),
                                                    t.put(keys.suspended(key), record.encode())], failure=[])

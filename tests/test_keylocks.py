@@ -88,8 +88,9 @@ def test_taking_an_entry_from_the_middle_keeps_the_rest_in_order() -> None:
 
 def _suspended(waiting: str, tx: wire.TxInfo | None = None) -> keylocks.KeyLocks:
     locks = keylocks.KeyLocks(layout.PartitionKeys(layout.FunctionType.parse("ns/acct"), 0))
+    calls = {waiting: suspension.Outstanding(timeout=10.0, tx=tx, timer=b"t")} if waiting else {}
     record = suspension.Suspension("inv", envelope.Message(key=KEY, handler="move", args={}, idempotency_key="i"),
-                                   waiting=waiting, tx=tx, timer=b"t" if waiting else b"")
+                                   waiting=waiting, tx=tx, calls=calls)
     locks.apply({KEY: record}, [], [], {})
     return locks
 
@@ -109,8 +110,9 @@ def test_two_answers_to_one_call_in_one_round_resume_it_once() -> None:
     assert locks.route(vote) is keylocks.Route.RUN
     assert vote.resume is not None and vote.message.handler == "move"
     assert locks.route(timeout) is keylocks.Route.LATER
-    # The vote's commit: the invocation now waits for its next call.
-    locks.apply({KEY: dataclasses.replace(vote.resume.record, waiting="inv#3")}, [], [], {})
+    # The vote's commit: the invocation now waits for its next call (the answered one is in flight no more).
+    locks.apply({KEY: dataclasses.replace(vote.resume.record, waiting="inv#3",
+                                          calls={"inv#3": suspension.Outstanding()})}, [], [], {})
     locks.start_round()
     assert locks.route(timeout) is keylocks.Route.DROP  # it answers a call nothing waits for any more
 

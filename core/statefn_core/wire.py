@@ -79,15 +79,55 @@ class Outgoing:
     tx: TxInfo | None = None
     # A call's timeout in seconds: then the caller resumes with an error instead of the reply.
     timeout: float | None = None
+    # A call's place in the invocation's journal, where its reply goes (calls may be answered in any order).
+    index: int = -1
 
     def to_plain(self) -> list[Any]:
         return [self.function, self.key, self.handler, self.args, self.delay, self.traceparent, self.purpose,
-                self.tx.to_plain() if self.tx else None, self.timeout]
+                self.tx.to_plain() if self.tx else None, self.timeout, self.index]
 
     @classmethod
     def from_plain(cls, raw: list[Any]) -> Outgoing:
-        function, key, handler, args, delay, traceparent, purpose, tx, timeout = raw
-        return cls(function, key, handler, args, delay, traceparent, purpose, TxInfo.from_plain(tx), timeout)
+        function, key, handler, args, delay, traceparent, purpose, tx, timeout = raw[:9]
+        index = raw[9] if len(raw) > 9 else -1
+        return cls(function, key, handler, args, delay, traceparent, purpose, TxInfo.from_plain(tx), timeout, index)
+
+
+_OUTSTANDING = "~call"
+
+
+def outstanding_entry(function: str, key: str, handler: str) -> bytes:
+    """A journal slot of a call made and not answered yet; its reply takes its place when it comes.
+
+    It names the call, so a replay that makes another call at that place is caught as divergent.
+    """
+    return codec.pack([_OUTSTANDING, function, key, handler])
+
+
+_REDO = "~redo"
+
+
+def redo_entry() -> bytes:
+    """A dead journal's slot of a call that failed or was still outstanding: a replay makes it again."""
+    return codec.pack([_REDO])
+
+
+def is_redo(entry: bytes) -> bool:
+    raw = codec.unpack(entry)
+    return isinstance(raw, list) and raw == [_REDO]
+
+
+def finished(entry: bytes) -> bool:
+    """A slot of a finished step: a call's reply or a run's result (not an outstanding call or a redo)."""
+    return outstanding_call(entry) is None and not is_redo(entry)
+
+
+def outstanding_call(entry: bytes) -> tuple[str, str, str] | None:
+    """The (function, key, handler) an outstanding slot names; None for an answer or a run's result."""
+    raw = codec.unpack(entry)
+    if isinstance(raw, list) and len(raw) == 4 and raw[0] == _OUTSTANDING:
+        return raw[1], raw[2], raw[3]
+    return None
 
 
 @dataclasses.dataclass(slots=True)
@@ -107,11 +147,13 @@ class Result:
     # State names changed by this invocation -> new encoding, or None when reset to the default.
     state: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
     sends: list[Outgoing] = dataclasses.field(default_factory=list)
-    # Suspended at this call (no reply, no state yet; ``sends`` are those made before it).
-    call: Outgoing | None = None
+    # Suspended (no reply, no state yet; ``sends`` are those made before): the calls this run made, each
+    # with its journal index, and the index of the call it waits for (-1: it did not suspend).
+    calls: list[Outgoing] = dataclasses.field(default_factory=list)
+    waiting: int = -1
     # Not run: an earlier invocation of the same key suspended; it waits for that one to end.
     deferred: bool = False
-    # Suspended: the results of ctx.run/ctx.now made past the journal, to journal before the call's reply.
+    # Suspended: the journal's new slots, in order: ctx.run/ctx.now results, and the calls made (outstanding).
     journal_added: list[bytes] = dataclasses.field(default_factory=list)
     # Transactions this run decided, as [id, "committed" | "aborted"] (their decisions are in ``sends``).
     transactions: list[list[str]] = dataclasses.field(default_factory=list)
@@ -165,24 +207,26 @@ def _result_to_plain(r: Result) -> list[Any]:
         dataclasses.astuple(r.error) if r.error else None,
         r.state,
         [s.to_plain() for s in r.sends],
-        r.call.to_plain() if r.call else None,
+        [c.to_plain() for c in r.calls],
         r.deferred,
         r.journal_added,
         r.transactions,
         r.began_tx,
+        r.waiting,
     ]
 
 
 def _result_from_plain(raw: list[Any]) -> Result:
-    rid, reply, err, state, sends, call, deferred, journal_added, transactions = raw[:9]
+    rid, reply, err, state, sends, calls, deferred, journal_added, transactions = raw[:9]
     return Result(
+        waiting=int(raw[10]) if len(raw) > 10 else -1,
         began_tx=bool(raw[9]) if len(raw) > 9 else True,  # unknown: as if it had (never resumed)
         id=rid,
         reply=reply,
         error=ErrorInfo(*err) if err else None,
         state=state,
         sends=[Outgoing.from_plain(s) for s in sends],
-        call=Outgoing.from_plain(call) if call else None,
+        calls=[Outgoing.from_plain(c) for c in calls or []],
         deferred=deferred,
         journal_added=journal_added,
         transactions=transactions,

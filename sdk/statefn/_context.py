@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar, cast
 
 from statefn import _saga, _state, _transaction
@@ -22,10 +22,10 @@ _MISSING: Any = object()
 class Context:
     """Passed as the first argument to every handler."""
 
-    __slots__ = ("_assigned", "_attempt", "_call_timeout", "_chain", "_decided", "_deleted", "_function", "_in_tx",
-                 "_invocation_id", "_journal", "_key", "_ops",
-                 "_participant", "_pending_call", "_random", "_recorded", "_sends", "_specs", "_stored", "_tx_count",
-                 "_tx_ts", "_values", "_worked")
+    __slots__ = ("_assigned", "_attempt", "_call_timeout", "_calls", "_chain", "_decided", "_deleted", "_function",
+                 "_in_tx", "_invocation_id", "_journal", "_key", "_ops", "_participant", "_random", "_recorded",
+                 "_sends", "_sends_at_wait", "_specs", "_stored", "_tx_count", "_tx_ts", "_values", "_waiting",
+                 "_worked")
 
     def __init__(
         self,
@@ -56,8 +56,10 @@ class Context:
         self._attempt = attempt
         self._journal = journal or []
         self._ops = 0  # journaled operations (calls and runs) so far, in order
-        self._recorded: list[bytes] = []  # runs past the journal: journaled if this run suspends
-        self._pending_call: wire.Outgoing | None = None
+        self._recorded: list[bytes] = []  # new journal slots (runs, calls made): journaled if this run suspends
+        self._calls: list[wire.Outgoing] = []  # calls made in this run (past the journal): sent if it suspends
+        self._waiting: int | None = None  # the journal index of the call this run suspended at
+        self._sends_at_wait = 0  # the sends made before it: any after (a handler that caught the unwinding) are not
         self._random: random.Random | None = None
         self._participant = participant  # runs tentatively as a transaction's participant
         self._tx_count = 0
@@ -137,18 +139,40 @@ class Context:
         plain = {k: codec.to_plain(v) for k, v in args.items()}
         self._sends.append(wire.Outgoing(function=function, key=key, handler=handler, args=plain, delay=delay))
 
-    async def call(self, function: str, key: str, handler: str, /, *, timeout: float | None = None,
-                   **args: Any) -> Any:
-        """Invoke another function's handler and wait for its reply, durably.
+    def call(self, function: str, key: str, handler: str, /, *, timeout: float | None = None,
+             **args: Any) -> DurableCall:
+        """Invoke another function's handler, durably; await the result for its reply.
 
         The call is committed with this invocation's progress and delivered exactly once; this
-        key is locked until the invocation ends (later messages to it wait, in order). While the
+        key is locked until the invocation ends (later messages to it wait, in order). While a
         reply is outstanding the handler is unwound and later replayed from the start with the
-        replies so far: code between calls must be deterministic. Raises :class:`CallFailed`
-        when the callee ended in an error, or with kind ``call_timeout`` when ``timeout`` seconds
-        passed without a reply (the callee may still run; its late reply is dropped).
+        replies so far: code between calls must be deterministic. Awaiting raises
+        :class:`CallFailed` when the callee ended in an error, or with kind ``call_timeout`` when
+        ``timeout`` seconds passed without a reply (the callee may still run; its late reply is dropped).
+
+        The call is made when ``call`` is called, not when it is awaited: several calls made before
+        awaiting any run in parallel (``await asyncio.gather(ctx.call(...), ctx.call(...))``, or
+        :meth:`call_all`), their replies journaled in whatever order they come. A call not awaited
+        when the handler returns is not made if this run made it; one an earlier run sent already
+        runs, and its reply is dropped.
         """
-        return await self._call(function, key, handler, args, "", timeout=timeout)
+        return self._call(function, key, handler, args, "", timeout=timeout)
+
+    async def call_all(self, *calls: DurableCall, return_exceptions: bool = False) -> list[Any]:
+        """Await calls made in parallel; their replies in the order given.
+
+        Like ``asyncio.gather`` without tasks: the first failed call (in the order given) raises its
+        :class:`CallFailed`, or, with ``return_exceptions``, takes its place in the list.
+        """
+        out: list[Any] = []
+        for call in calls:
+            try:
+                out.append(await call)
+            except errors.CallFailed as exc:
+                if not return_exceptions:
+                    raise
+                out.append(exc)
+        return out
 
     def _cycle(self, function: str, key: str) -> errors.CallFailed | None:
         """A call to a key that waits (through its calls) on this invocation could never run: it fails at once."""
@@ -217,8 +241,8 @@ class Context:
         if self._ops >= len(self._journal):  # past the journal: decided in this run, not in an earlier one
             self._decided.append([info.id, "committed" if commit else "aborted"])
 
-    async def _call(self, function: str, key: str, handler: str, args: dict[str, Any], purpose: str,
-                    tx: wire.TxInfo | None = None, timeout: float | None = None) -> Any:
+    def _call(self, function: str, key: str, handler: str, args: dict[str, Any], purpose: str,
+              tx: wire.TxInfo | None = None, timeout: float | None = None) -> DurableCall:
         layout.FunctionType.parse(function)
         if timeout is not None and timeout <= 0:
             raise ValueError("a call's timeout must be > 0 seconds")
@@ -237,23 +261,37 @@ class Context:
                 raise cycle
             if timeout is None:
                 timeout = self._call_timeout
+        index = self._ops
         entry = self._next_entry()
-        if entry is not None:
-            raw = codec.unpack(entry)
-            if _is_run(raw):
-                raise self._diverged(f"call {function}.{handler}", raw)
-            reply = envelope.Reply.decode(entry)
-            if reply.ok:
-                return codec.unpack(reply.value) if reply.value is not None else None
-            err = reply.error
-            assert err is not None
-            raise errors.CallFailed(err.kind, err.message, error_type=err.type,
-                                     target=f"{function}({key!r}).{handler}")
-        if self._pending_call is None:  # only the first unanswered call goes out (calls run one at a time)
+        target = f"{function}({key!r}).{handler}"
+        redo = entry is not None and wire.is_redo(entry)  # a dead-letter replay makes this call again
+        if entry is None or redo:  # a new call, sent if this run suspends
             plain = {k: codec.to_plain(v) for k, v in args.items()}
-            self._pending_call = wire.Outgoing(function=function, key=key, handler=handler, args=plain,
-                                                purpose=purpose, tx=tx, timeout=timeout)
-        raise errors.Suspended()
+            self._calls.append(wire.Outgoing(function=function, key=key, handler=handler, args=plain,
+                                             purpose=purpose, tx=tx, timeout=timeout, index=index))
+            if not redo:  # past the journal: a new slot
+                self._recorded.append(wire.outstanding_entry(function, key, handler))
+            return DurableCall(self, index, None, target)
+        raw = codec.unpack(entry)
+        if _is_run(raw):
+            raise self._diverged(f"call {function}.{handler}", raw)
+        made = wire.outstanding_call(entry)
+        if made is not None:  # made by an earlier run, not answered yet
+            if made != (function, key, handler):
+                raise self._diverged(f"call {function}({key!r}).{handler}", raw)
+            return DurableCall(self, index, None, target)
+        return DurableCall(self, index, entry, target)
+
+    def _sends_before_wait(self, done: int) -> list[wire.Outgoing]:
+        """The sends of a suspended run not committed before: those made before the call it waits at."""
+        return self._sends[done:self._sends_at_wait]
+
+    def _suspend_at(self, index: int) -> errors.Suspended:
+        """The handler awaits a call not answered yet: this run ends; that call's answer resumes it."""
+        if self._waiting is None:
+            self._waiting = index
+            self._sends_at_wait = len(self._sends)
+        return errors.Suspended()
 
     async def run(self, name: str, fn: Callable[[], T | Awaitable[T]]) -> Any:
         """Run a side effect (or anything non-deterministic) once; replays return its journaled result.
@@ -284,12 +322,11 @@ class Context:
         return self._random
 
     def _next_entry(self) -> bytes | None:
+        if self._waiting is not None:  # it awaited an unanswered call (and caught the unwinding): nothing more
+            raise errors.Suspended()
         index = self._ops
         self._ops += 1
-        known = self._journal[index] if index < len(self._journal) else None
-        if known is None and self._pending_call is not None:
-            raise errors.Suspended()  # past a call still waiting: nothing more happens in this run
-        return known
+        return self._journal[index] if index < len(self._journal) else None
 
     def _replay_run(self, name: str) -> tuple[bool, Any]:
         entry = self._next_entry()
@@ -306,7 +343,11 @@ class Context:
         return codec.unpack(entry)[2]
 
     def _diverged(self, doing: str, raw: Any) -> errors.ReplayDiverged:
-        had = f"run {raw[1]!r}" if _is_run(raw) else "a call's reply"
+        had = "a call's reply"
+        if _is_run(raw):
+            had = f"run {raw[1]!r}"
+        elif isinstance(raw, list) and len(raw) == 4 and raw[0] == "~call":
+            had = f"call {raw[1]}({raw[2]!r}).{raw[3]}"
         return errors.ReplayDiverged(
             f"{self._function}({self._key!r}) replayed differently: step {self._ops} is now a {doing}, "
             f"its journal holds {had}; code between calls must be deterministic (use ctx.now, ctx.random, ctx.run)")
@@ -349,6 +390,40 @@ class Context:
 _RUN = "~run"
 SLEEP = "sleep"  # the purpose of the pending "call" a sleep waits for
 _MIN_SLEEP_S = 0.001  # a sleep's timer is its call's timeout, which must be > 0
+
+
+class DurableCall:
+    """A durable call made by :meth:`Context.call`: await it for the callee's reply.
+
+    Awaited before its reply is in, it unwinds the handler (which suspends; the reply resumes it).
+    """
+
+    __slots__ = ("_ctx", "_entry", "_index", "_target")
+
+    def __init__(self, ctx: Context, index: int, entry: bytes | None, target: str) -> None:
+        self._ctx = ctx
+        self._index = index
+        self._entry = entry  # its journaled reply; None while it is outstanding
+        self._target = target
+
+    @property
+    def done(self) -> bool:
+        """Whether its reply is in (awaiting it returns or raises at once)."""
+        return self._entry is not None
+
+    def __repr__(self) -> str:
+        return f"<DurableCall #{self._index} {self._target} {'done' if self.done else 'outstanding'}>"
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if self._entry is None:
+            raise self._ctx._suspend_at(self._index)
+        reply = envelope.Reply.decode(self._entry)
+        if not reply.ok:
+            err = reply.error
+            assert err is not None
+            raise errors.CallFailed(err.kind, err.message, error_type=err.type, target=self._target)
+        return codec.unpack(reply.value) if reply.value is not None else None
+        yield  # a generator: ``await`` gets the value above; never reached
 
 
 def _is_run(raw: Any) -> bool:

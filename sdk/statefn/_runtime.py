@@ -79,8 +79,11 @@ async def _invoke_one(
             errors.ErrorKind.HANDLER_TIMEOUT,
             f"{fn.type}.{inv.handler} ran past its timeout of {limit:g}s and was abandoned", retry=True))
     except errors.Suspended:
-        return wire.Result(id=inv.id, call=ctx._pending_call, sends=ctx._sends[inv.sends_done:],
-                            journal_added=ctx._recorded, transactions=ctx._decided)
+        if ctx._waiting is None:  # raised by hand, not by awaiting a call: nothing would ever resume it
+            return _failed(ctx, inv, _error(errors.ErrorKind.HANDLER, "Suspended raised outside an awaited call"))
+        return wire.Result(id=inv.id, calls=ctx._calls, waiting=ctx._waiting,
+                            sends=ctx._sends_before_wait(inv.sends_done), journal_added=ctx._recorded,
+                            transactions=ctx._decided)
     except errors.Retry as exc:
         return _failed(ctx, inv, _error(errors.ErrorKind.HANDLER, exc, retry=True, after=exc.after))
     except errors.StateTooLarge as exc:
@@ -94,6 +97,13 @@ async def _invoke_one(
     except Exception as exc:
         _log.warning("%s(%r).%s failed (attempt %d)", fn.type, key, inv.handler, inv.attempt, exc_info=exc)
         return _failed(ctx, inv, _error(errors.ErrorKind.HANDLER, exc))
+    if ctx._waiting is not None:  # it caught the unwinding at an unanswered call: it is suspended all the same
+        return wire.Result(id=inv.id, calls=ctx._calls, waiting=ctx._waiting,
+                            sends=ctx._sends_before_wait(inv.sends_done), journal_added=ctx._recorded,
+                            transactions=ctx._decided)
+    if ctx._calls:
+        _log.warning("%s(%r).%s returned without awaiting %d call(s); they are not made", fn.type, key,
+                     inv.handler, len(ctx._calls))
     return wire.Result(id=inv.id, reply=reply, state=changes, sends=ctx._sends[inv.sends_done:],
                         transactions=ctx._decided)
 
@@ -124,7 +134,7 @@ async def _run_key(app: _function.App, req: wire.KeyRequest, max_state_bytes: in
             results.append(wire.Result(id=inv.id, deferred=True))
             continue
         result = await _invoke_one(fn, req.key, stored, inv, max_state_bytes, handler_timeout)
-        locked = result.call is not None or (inv.prepare and result.error is None)
+        locked = result.waiting >= 0 or (inv.prepare and result.error is None)
         if result.error is None and not inv.prepare:  # a prepare's changes are staged until the decision
             for name, value in result.state.items():
                 if value is None:

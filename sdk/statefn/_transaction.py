@@ -13,6 +13,7 @@ the same decision, and the decision's messages are sends that a replay does not 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ class Transaction:
         self._timeout = timeout
         self._info: wire.TxInfo | None = None
         self._prepared: list[tuple[str, str]] = []  # participants that voted yes, in order, once each
+        self._asked: list[tuple[str, str]] = []  # participants sent a prepare, in order, once each
         self._doomed: errors.TransactionAborted | None = None
 
     @property
@@ -50,19 +52,28 @@ class Transaction:
         assert self._info is not None, "use the transaction as `async with ctx.transaction() as tx`"
         return self._info.ts
 
-    async def call(self, function: str, key: str, handler: str, /, **args: Any) -> Any:
-        """Run ``handler`` on (function, key) as a participant; its reply is its yes vote.
+    def call(self, function: str, key: str, handler: str, /, **args: Any) -> Awaitable[Any]:
+        """Run ``handler`` on (function, key) as a participant; await it for its reply, its yes vote.
 
-        Raises :class:`CallFailed` when the handler failed (it voted no and holds nothing), and
-        :class:`TransactionAborted` when the transaction cannot go on (a conflict or a timeout).
+        Awaiting raises :class:`CallFailed` when the handler failed (it voted no and holds nothing),
+        and :class:`TransactionAborted` when the transaction cannot go on (a conflict or a timeout).
+        Like ``ctx.call``, the prepare is sent when ``call`` is called: prepares made before awaiting
+        any run in parallel (``await asyncio.gather(tx.call(...), tx.call(...))``). Every prepare must
+        be awaited before the transaction's block ends.
         """
         info = self._info
         assert info is not None, "use the transaction as `async with ctx.transaction() as tx`"
         if self._doomed is not None:
             raise errors.TransactionAborted(self._doomed.kind, f"the transaction is aborted already: "
                                              f"{self._doomed.message}", target=f"{function}({key!r}).{handler}")
+        prepare = self._ctx._call(function, key, handler, args, PREPARE, tx=info, timeout=info.timeout)
+        if (function, key) not in self._asked:
+            self._asked.append((function, key))
+        return self._vote(prepare, function, key)
+
+    async def _vote(self, prepare: Awaitable[Any], function: str, key: str) -> Any:
         try:
-            reply = await self._ctx._call(function, key, handler, args, PREPARE, tx=info, timeout=info.timeout)
+            reply = await prepare
         except errors.CallFailed as err:
             if err.kind not in _ABORTED_KINDS:
                 raise
@@ -84,7 +95,18 @@ class Transaction:
         info = self._info
         assert info is not None
         commit = exc is None and self._doomed is None
-        self._ctx._decide_transaction(info, commit, self._prepared)
+        unawaited = [f"{f}({k!r})" for f, k in self._asked if (f, k) not in self._prepared]
+        refused: errors.InvalidCall | None = None
+        if commit and unawaited:  # a vote not counted: it cannot commit
+            commit = False
+            refused = errors.InvalidCall(f"transaction {info.id} ended with prepares not awaited "
+                                         f"({', '.join(unawaited)}); it is aborted")
+        # A commit goes to those that voted yes; an abort to every participant asked (a vote may still be in
+        # flight, or journaled and not awaited when another's failure ended the block): one that did not prepare
+        # ignores it.
+        self._ctx._decide_transaction(info, commit, self._prepared if commit else self._asked)
+        if refused is not None:
+            raise refused
         if commit or exc is not None:
             return False
         assert self._doomed is not None

@@ -44,7 +44,7 @@ def record(fn: layout.FunctionType, partition: int, item: items.Item,
     if args_size > _MAX_ARGS_BYTES:  # the letter must stay publishable; a replay then is refused
         args = None
     progress = item.progress() if isinstance(item, items.Invocation) else None
-    journaled = len(progress.journal) if progress is not None else 0
+    journaled = sum(1 for entry in progress.journal if wire.finished(entry)) if progress is not None else 0
     return {
         "function": str(fn),
         "partition": partition,

@@ -6,7 +6,8 @@ A decision is final once made; the only change after is the planner's ``failed``
 whose effects cannot fit in any commit.
 
 Decisions of a handler run: ``Replied``, ``Suspended``, ``Retrying``, ``Failed``. Of routing:
-``Enqueued`` (its key is locked), ``Dropped`` (a reply nobody waits for). Of two-phase commit:
+``Enqueued`` (its key is locked), ``Dropped`` (a reply nobody waits for), ``Noted`` (a reply to a
+call in flight that the handler does not await yet). Of two-phase commit:
 ``Voted`` and ``Refused`` (a prepare), ``Decided`` (a decision for a prepared key), ``Answered``
 (any other 2PC message), ``Reinquired`` (a prepared key's inquiry timer). Of timers: ``Fired`` (a
 delayed send goes out). And ``Consumed`` for an item whose only effect is its own bookkeeping.
@@ -95,6 +96,15 @@ class Suspended(Decision):
 
     def changes(self) -> Changes:
         return self.effects
+
+
+@dataclasses.dataclass(slots=True)
+class Noted(Decision):
+    """The answer to one of several calls in flight, not the one the handler awaits: it is journaled
+    in its slot (the record rewritten, its timeout timer cancelled) and nothing runs."""
+
+    label: ClassVar[str] = "control"
+    record: suspension.Suspension
 
 
 @dataclasses.dataclass(slots=True)

@@ -99,8 +99,16 @@ class Executor:
                     oc.decision = decisions.Failed(err, deadletters.record(self.fn, -1, item, err))
                     continue
                 by_key.setdefault(item.message.key, []).append(oc)
-                if item.resume is not None and item.resume.record.timer:
-                    cancelled.add(item.resume.record.timer)
+                if item.resume is not None and item.resume.answered_timer:
+                    cancelled.add(item.resume.answered_timer)
+            elif route is keylocks.Route.NOTE:
+                assert item.resume is not None
+                if item.resume.answered_timer:
+                    cancelled.add(item.resume.answered_timer)
+                progress = item.progress()
+                assert progress is not None
+                progress.waiting = item.resume.record.waiting  # still waiting for the call it awaits
+                oc.decision = decisions.Noted(progress)
             elif route is keylocks.Route.QUEUE:
                 oc.decision = decisions.Enqueued(locks.entry_for(item))
             elif route is keylocks.Route.DIE:
@@ -222,10 +230,12 @@ class Executor:
             try:
                 changes = decisions.Changes()
                 await self._add_sends(oc, changes, key, result.sends)
-                if result.call is not None:
+                if result.waiting >= 0:
                     return await self._suspend(oc, changes, key, result, partition)
             except (errors.UnknownFunction, errors.InvalidFunctionType) as exc:
                 err = wire.ErrorInfo(kind=errors.ErrorKind.UNKNOWN_FUNCTION, message=str(exc))
+            except errors.InvalidCall as exc:
+                err = wire.ErrorInfo(kind=errors.ErrorKind.HANDLER, message=str(exc), type=type(exc).__name__)
             else:
                 reply = envelope.Reply(ok=True, value=result.reply)
                 if item.message.is_prepare:
@@ -281,21 +291,28 @@ class Executor:
 
     async def _suspend(self, oc: decisions.Outcome, changes: decisions.Changes, key: str, result: wire.Result,
                        partition: int) -> decisions.Suspended:
-        """The handler waits at a call: send the call (its reply addressed to this key) and record where it is."""
+        """The handler waits at a call: send the calls it made (replies addressed to this key), record where it is."""
         item = oc.invocation
-        assert result.call is not None
         record = item.progress() or suspension.Suspension(item.id, item.message)
         record.sends_done += len(result.sends)
-        record.journal.extend(result.journal_added)  # ctx.run/ctx.now results, in order before the call
-        record.waiting = record.call_id(len(record.journal))
-        record.tx = result.call.tx  # inside a transaction, its coordinator holds this key for it (wait-die)
-        record.timeout = result.call.timeout or 0.0
-        if result.call.handler == constants.SLEEP_HANDLER:  # ctx.sleep: no message; the timer wakes it
-            record.sleeping = True
-            return decisions.Suspended(record, changes)
-        # The span says what the call is for: saga.step, saga.compensate, tx.prepare.
-        message = self._outgoing(oc, key, result.call, result.call.purpose or "call")
-        message.caller = envelope.CallerAddress(str(self.fn), partition, key, record.waiting)
-        message.chain = [*item.message.chain, [str(self.fn), key]]  # who waits on the callee, for cycles
-        changes.sends.append(assembly.Send(await self.target(result.call.function, result.call.key), message))
+        record.journal.extend(result.journal_added)  # ctx.run/ctx.now results and the calls made, in order
+        for call in result.calls:
+            call_id = record.call_id(call.index)
+            if call.index < len(record.journal):  # a dead journal's redo slot: made again
+                record.journal[call.index] = wire.outstanding_entry(call.function, call.key, call.handler)
+            sleeping = call.handler == constants.SLEEP_HANDLER  # ctx.sleep: no message; the timer answers it
+            record.calls[call_id] = suspension.Outstanding(timeout=call.timeout or 0.0, sleeping=sleeping, tx=call.tx)
+            if sleeping:
+                continue
+            # The span says what the call is for: saga.step, saga.compensate, tx.prepare.
+            message = self._outgoing(oc, key, call, call.purpose or "call")
+            message.caller = envelope.CallerAddress(str(self.fn), partition, key, call_id)
+            message.chain = [*item.message.chain, [str(self.fn), key]]  # who waits on the callee, for cycles
+            changes.sends.append(assembly.Send(await self.target(call.function, call.key), message))
+        record.waiting = record.call_id(result.waiting)
+        if record.waiting not in record.calls:
+            raise errors.InvalidCall(f"{self.fn}({key!r}) suspended at step {result.waiting}, which is no call "
+                                     "in flight")
+        # Inside a transaction, its coordinator holds this key for it (wait-die).
+        record.tx = next((call.tx for call in record.calls.values() if call.tx is not None), None)
         return decisions.Suspended(record, changes)

@@ -56,6 +56,17 @@ class Resumption:
     response: bytes | None  # the call's reply that resumes it (None: a resume timer, run from the journal)
     arrived: envelope.Message  # the item's own message, to route it again if its round does not commit
 
+    @property
+    def call_id(self) -> str | None:
+        """The call the item answers (None: a resume timer)."""
+        return str(self.arrived.args["call"]) if self.response is not None else None
+
+    @property
+    def answered_timer(self) -> bytes:
+        """The timeout timer of the call it answers, moot now ("" if it has none)."""
+        call = self.record.calls.get(self.call_id) if self.call_id is not None else None
+        return call.timer if call is not None else b""
+
 
 @dataclasses.dataclass(slots=True, kw_only=True)
 class Invocation(Item):
@@ -89,15 +100,18 @@ class Invocation(Item):
         self.message = message
 
     def progress(self) -> suspension.Suspension | None:
-        """Where it stands once the reply in hand is journaled (waiting for nothing); None: it starts afresh.
+        """Where it stands once the reply in hand is in its slot (waiting for nothing); None: it starts afresh.
 
         A resumed invocation: its record's journal and the reply that resumed it. A dead-letter replay:
         the failed run's journal, under this run's id.
         """
         if self.resume is not None:
-            record, response = self.resume.record, self.resume.response
-            journal = [*record.journal, response] if response is not None else list(record.journal)
-            return suspension.Suspension(record.invocation_id, self.message, journal, record.sends_done, tx=record.tx)
+            progress = self.resume.record.copy(self.message)
+            call_id = self.resume.call_id
+            if call_id is not None:
+                assert self.resume.response is not None
+                progress.answered(call_id, self.resume.response)
+            return progress
         if self.journal is not None:
             return suspension.Suspension(self.id, self.message, list(self.journal.journal), self.journal.sends_done)
         return None

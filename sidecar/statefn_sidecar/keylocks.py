@@ -37,6 +37,7 @@ class Route(enum.Enum):
     RUN = "run"        # run the handler now
     QUEUE = "queue"    # its key is locked: put it in the key's inbox
     DROP = "drop"      # a reply nobody waits for any more: only its bookkeeping is committed
+    NOTE = "note"      # a reply to a call in flight that the handler does not await: journaled, nothing runs
     DIE = "die"        # a prepare that must not wait for the transaction holding its key: it votes no
     CONTROL = "control"  # a transaction's decision or inquiry: the sidecar handles it, past any lock
     OWN = "own"        # no handler runs: a delayed send, an inquiry timer, a dead letter, a timer to delete
@@ -98,7 +99,7 @@ class KeyLocks:
         item.unroute()  # routed in an earlier round whose commit did not land: decide afresh
         msg = item.message
         route = self._route(item, msg)
-        if route is Route.RUN:
+        if route in (Route.RUN, Route.NOTE):
             self._changing.add(msg.key)
         return route
 
@@ -143,10 +144,13 @@ class KeyLocks:
             if not isinstance(msg.args.get("reply"), bytes):
                 _log.warning("a reply for call %s of key %r carries no reply; dropped", call_id, msg.key)
                 return Route.DROP
-            if record is None or record.waiting != call_id:
+            if record is None or call_id not in record.calls:
                 _log.warning("a reply for call %s of key %r arrived but nothing waits for it; dropped",
                              call_id, msg.key)
                 return Route.DROP
+            if call_id != record.waiting:  # one of several in flight, not the one awaited: journal it
+                item.resume_with(record, record.message)
+                return Route.NOTE
             attempt = record.message.attempt
         elif record is None or record.waiting:
             _log.warning("a resume timer for key %r finds no invocation to resume; dropped", msg.key)

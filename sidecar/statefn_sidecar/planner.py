@@ -120,8 +120,12 @@ class Planner:
                 progress = oc.item.progress() if isinstance(oc.item, items.Invocation) else None
                 if decision.resumable and msg is not None and msg.caller is None and msg.tx is None \
                         and progress is not None:
-                    # The call whose error ended the run is made again: its error is not kept.
-                    while progress.journal and _failed_reply(progress.journal[-1]):
+                    # Calls that failed (the one whose error ended the run among them) or were still in flight
+                    # are made again; every finished step is answered from the journal.
+                    progress.journal = [wire.redo_entry() if wire.outstanding_call(e) or _failed_reply(e) else e
+                                        for e in progress.journal]
+                    progress.calls = {}
+                    while progress.journal and wire.is_redo(progress.journal[-1]):
                         progress.journal.pop()
                     if progress.journal:
                         ref = self.keys.dead_journal(uuid.uuid4().hex)
@@ -159,7 +163,7 @@ class Planner:
         if not idem:
             return
         reply = decision.answer()
-        waits = isinstance(decision, (decisions.Suspended, decisions.Enqueued)) or (
+        waits = isinstance(decision, (decisions.Suspended, decisions.Enqueued, decisions.Noted)) or (
             isinstance(decision, decisions.Retrying) and decision.journal is not None)
         if reply is None and not waits:
             return
@@ -239,12 +243,14 @@ class Planner:
     def _add_suspension(self, share: assembly.Share, item: items.Invocation, decision: decisions.Decision) -> None:
         """Write or drop the key's suspension record, or queue the item in its key's inbox."""
         txn, eff = share.txn, share.eff
-        if item.resume is not None:  # the call it waited for has its answer: its timeout is moot
-            self._cancel_timer(share, item.resume.record.timer)
+        if item.resume is not None:  # the call it answers has its answer: its timeout is moot
+            self._cancel_timer(share, item.resume.answered_timer)
         match decision:
-            case decisions.Suspended(record=record) | decisions.Retrying(journal=suspension.Suspension() as record):
-                if record.timeout and record.waiting and not record.timer:
-                    record.timer = self._arm_call_timeout(share, record)
+            case decisions.Suspended(record=record) | decisions.Retrying(journal=suspension.Suspension() as record) \
+                    | decisions.Noted(record=record):
+                for call_id, call in record.calls.items():
+                    if call.timeout and not call.timer:
+                        call.timer = self._arm_call_timeout(share, record, call_id, call)
                 txn.put(self.keys.suspended(record.message.key), record.encode())
                 eff.suspended[record.message.key] = record
             case decisions.Enqueued(entry=entry):
@@ -254,8 +260,12 @@ class Planner:
                 key = item.resume.record.message.key
                 txn.delete(self.keys.suspended(key))
                 eff.suspended[key] = None
+                for call_id, call in item.resume.record.calls.items():  # calls in flight it no longer awaits
+                    if call_id != item.resume.call_id:
+                        self._cancel_timer(share, call.timer)
 
-    def _arm_call_timeout(self, share: assembly.Share, record: suspension.Suspension) -> bytes:
+    def _arm_call_timeout(self, share: assembly.Share, record: suspension.Suspension, call_id: str,
+                          call: suspension.Outstanding) -> bytes:
         """A caller waits for a reply at most its call's timeout: then a timeout error resumes it (a sleep: its end).
 
         The error is a delayed send to the caller's own key, answering the call it waits for. If the
@@ -264,17 +274,17 @@ class Planner:
         prepare waits at most the transaction's timeout (kind ``tx_timeout``, which aborts it).
         """
         msg = record.message
-        caller = envelope.CallerAddress(str(self.fn), self.keys.partition, msg.key, record.waiting)
-        if record.sleeping:  # ctx.sleep: the timer's answer is what it waits for
+        caller = envelope.CallerAddress(str(self.fn), self.keys.partition, msg.key, call_id)
+        if call.sleeping:  # ctx.sleep: the timer's answer is what it waits for
             reply = envelope.Reply(ok=True, value=None)
         else:
-            kind = errors.ErrorKind.TX_TIMEOUT if record.tx is not None else errors.ErrorKind.CALL_TIMEOUT
-            what = "vote" if record.tx is not None else "reply"
+            kind = errors.ErrorKind.TX_TIMEOUT if call.tx is not None else errors.ErrorKind.CALL_TIMEOUT
+            what = "vote" if call.tx is not None else "reply"
             reply = envelope.Reply(ok=False, error=wire.ErrorInfo(
-                kind=kind, message=f"no {what} within the timeout of {record.timeout:g}s"))
+                kind=kind, message=f"no {what} within the timeout of {call.timeout:g}s"))
         timeout = envelope.response_message(caller, reply, origin=f"{self.fn}:{msg.key}",
                                              traceparent=msg.traceparent)
-        due_ms = timers.now_ms() + int(record.timeout * 1000)
+        due_ms = timers.now_ms() + int(call.timeout * 1000)
         return self._add_timer(share, due_ms, timer_payload_send(str(self.fn), timeout))
 
     def _add_timer(self, share: assembly.Share, due_ms: int, payload: bytes) -> bytes:
