@@ -7,7 +7,9 @@ missing or lands for the wrong decision fails by name.
 
 from __future__ import annotations
 
-from statefn_core import codec, constants, envelope, layout, wire
+import pytest
+
+from statefn_core import codec, constants, envelope, errors, layout, wire
 from statefn_sidecar import assembly, deadletters, decisions, items, keylocks, planner, suspension, twophase
 
 FN = layout.FunctionType("ns", "f")
@@ -220,3 +222,18 @@ def test_a_replay_makes_a_redo_slots_call_again_and_answers_finished_ones() -> N
     assert not again.done and answered.done
     assert [(c.function, c.index) for c in ctx._calls] == [("ns/a", 0)]
     assert ctx._recorded == []  # the slot exists: the sidecar turns it into the call's outstanding slot
+
+
+def test_a_call_from_a_function_server_must_name_its_own_slot() -> None:
+    """Over HTTP a function server says where each call goes: nowhere but a slot naming that call, or a redo."""
+    from statefn_sidecar import execution
+    ok = envelope.Reply(ok=True).encode()
+    journal = [ok, wire.outstanding_entry("ns/a", "a", "h"), wire.redo_entry()]
+
+    def call(index: int, key: str = "a") -> wire.Outgoing:
+        return wire.Outgoing("ns/a", key, "h", {}, index=index)
+    assert execution._slot_of(journal, call(1)) == 1
+    assert execution._slot_of(journal, call(2, key="z")) == 2  # a dead journal's redo slot, made again
+    for bad in (call(0), call(-1), call(3), call(1, key="b")):  # a finished step, out of range, another call's
+        with pytest.raises(errors.InvalidCall):
+            execution._slot_of(journal, bad)

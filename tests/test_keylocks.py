@@ -165,6 +165,33 @@ def test_a_reply_that_carries_no_reply_is_dropped_not_run() -> None:
     assert locks.route(_answer("inv#1", True, 1)) is keylocks.Route.RUN  # the real answer still resumes
 
 
+def test_a_reply_whose_call_id_is_not_a_string_is_dropped_not_a_crash() -> None:
+    locks = _suspended("inv#1")
+    forged = _answer("inv#1", True, 0)
+    forged.message.args["call"] = ["inv#1"]  # unhashable: must not reach the lookup of the calls in flight
+    locks.start_round()
+    assert locks.route(forged) is keylocks.Route.DROP
+    assert locks.route(_answer("inv#1", True, 1)) is keylocks.Route.RUN
+
+
+def test_an_answer_to_a_call_in_flight_that_is_not_awaited_is_noted_once_per_round() -> None:
+    locks = keylocks.KeyLocks(layout.PartitionKeys(layout.FunctionType.parse("ns/acct"), 0))
+    record = suspension.Suspension("inv", envelope.Message(key=KEY, handler="move", args={}), waiting="inv#0",
+                                   calls={"inv#0": suspension.Outstanding(), "inv#1": suspension.Outstanding()})
+    locks.apply({KEY: record}, [], [], {})
+    other, again, awaited = _answer("inv#1", True, 0), _answer("inv#1", False, 1), _answer("inv#0", True, 2)
+    locks.start_round()
+    assert locks.route(other) is keylocks.Route.NOTE  # journaled in its slot; nothing runs
+    progress = other.progress()
+    assert progress is not None and "inv#1" not in progress.calls and "inv#0" in progress.calls
+    assert locks.route(again) is keylocks.Route.LATER  # the record changes in this round
+    assert locks.route(awaited) is keylocks.Route.LATER
+    locks.apply({KEY: dataclasses.replace(progress, waiting="inv#0")}, [], [], {})
+    locks.start_round()
+    assert locks.route(again) is keylocks.Route.DROP  # answered already
+    assert locks.route(awaited) is keylocks.Route.RUN
+
+
 def test_internal_handlers_from_outside_run_as_plain_messages() -> None:
     """A reply, decision or inquiry travels only on channels: sent from outside, it runs as any message does
     (and fails as an unknown handler: an error to its caller and a dead letter), never reaching 2PC or a

@@ -298,8 +298,8 @@ class Executor:
         record.journal.extend(result.journal_added)  # ctx.run/ctx.now results and the calls made, in order
         for call in result.calls:
             call_id = record.call_id(call.index)
-            if call.index < len(record.journal):  # a dead journal's redo slot: made again
-                record.journal[call.index] = wire.outstanding_entry(call.function, call.key, call.handler)
+            record.journal[_slot_of(record.journal, call)] = wire.outstanding_entry(call.function, call.key,
+                                                                                    call.handler)
             sleeping = call.handler == constants.SLEEP_HANDLER  # ctx.sleep: no message; the timer answers it
             record.calls[call_id] = suspension.Outstanding(timeout=call.timeout or 0.0, sleeping=sleeping, tx=call.tx)
             if sleeping:
@@ -316,3 +316,20 @@ class Executor:
         # Inside a transaction, its coordinator holds this key for it (wait-die).
         record.tx = next((call.tx for call in record.calls.values() if call.tx is not None), None)
         return decisions.Suspended(record, changes)
+
+
+def _slot_of(journal: list[bytes], call: wire.Outgoing) -> int:
+    """The journal slot a call made by this run takes: a new one naming it, or a dead journal's redo slot.
+
+    Checked, because a function server answers over HTTP: a call that points anywhere else would
+    overwrite a finished step or never be answered.
+    """
+    try:
+        slot = journal[call.index] if 0 <= call.index < len(journal) else None
+        if slot is not None and (wire.is_redo(slot)
+                                 or wire.outstanding_call(slot) == (call.function, call.key, call.handler)):
+            return call.index
+    except errors.CodecError:
+        pass
+    raise errors.InvalidCall(f"a call to {call.function}({call.key!r}).{call.handler} names journal slot "
+                             f"{call.index}, which is not its own")

@@ -144,7 +144,7 @@ class KeyLocks:
             if not isinstance(msg.args.get("reply"), bytes):
                 _log.warning("a reply for call %s of key %r carries no reply; dropped", call_id, msg.key)
                 return Route.DROP
-            if record is None or call_id not in record.calls:
+            if record is None or not isinstance(call_id, str) or call_id not in record.calls:
                 _log.warning("a reply for call %s of key %r arrived but nothing waits for it; dropped",
                              call_id, msg.key)
                 return Route.DROP
