@@ -223,7 +223,14 @@ class Client:
                     # Stored, so it runs (a crashed owner's successor takes it); only its reply can be lost
                     # (our connection dropped while it was published). The record has it once it is done.
                     checks += 1
-                    recorded = await self._recorded_reply(function, msg)
+                    try:
+                        recorded = await self._recorded_reply(function, msg)
+                    except Exception as exc:
+                        if not connect.etcd_transient(exc):
+                            raise
+                        # etcd unreachable or restarting: the record is not known yet, not absent. Keep waiting.
+                        _log.info("reading the record of %s failed (%s); waiting on", idem, type(exc).__name__)
+                        recorded = None
                     if recorded is not None:
                         return recorded
                     wait = min(wait * 2, _MAX_RECORD_CHECK_INTERVAL)
