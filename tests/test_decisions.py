@@ -234,6 +234,10 @@ def test_a_call_from_a_function_server_must_name_its_own_slot() -> None:
         return wire.Outgoing("ns/a", key, "h", {}, index=index)
     assert execution._slot_of(journal, call(1)) == 1
     assert execution._slot_of(journal, call(2, key="z")) == 2  # a dead journal's redo slot, made again
-    for bad in (call(0), call(-1), call(3), call(1, key="b")):  # a finished step, out of range, another call's
+    journal.append(b"\xc1 not msgpack")  # a function server's journal slot is not trusted to decode
+    assert wire.finished(journal[3]) and not wire.is_redo(journal[3]) and wire.outstanding_call(journal[3]) is None
+    odd = call(1)
+    odd.index = "1"  # type: ignore[assignment]  # msgpack from a function server: any type
+    for bad in (call(0), call(-1), call(4), call(1, key="b"), call(3), odd):  # finished, out of range, another's
         with pytest.raises(errors.InvalidCall):
             execution._slot_of(journal, bad)

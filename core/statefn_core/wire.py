@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from statefn_core import codec
+from statefn_core import codec, errors
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,20 +112,29 @@ def redo_entry() -> bytes:
     return codec.pack([_REDO])
 
 
+def _tag(entry: bytes) -> list[Any] | None:
+    """The entry as a tagged list, or None: an answer, a run's result, or bytes that are not msgpack at all
+    (journal slots come from function servers too, so they are never trusted to decode)."""
+    try:
+        raw = codec.unpack(entry)
+    except errors.CodecError:
+        return None
+    return raw if isinstance(raw, list) and raw and raw[0] in (_OUTSTANDING, _REDO) else None
+
+
 def is_redo(entry: bytes) -> bool:
-    raw = codec.unpack(entry)
-    return isinstance(raw, list) and raw == [_REDO]
+    return _tag(entry) == [_REDO]
 
 
 def finished(entry: bytes) -> bool:
     """A slot of a finished step: a call's reply or a run's result (not an outstanding call or a redo)."""
-    return outstanding_call(entry) is None and not is_redo(entry)
+    return _tag(entry) is None
 
 
 def outstanding_call(entry: bytes) -> tuple[str, str, str] | None:
-    """The (function, key, handler) an outstanding slot names; None for an answer or a run's result."""
-    raw = codec.unpack(entry)
-    if isinstance(raw, list) and len(raw) == 4 and raw[0] == _OUTSTANDING:
+    """The (function, key, handler) an outstanding slot names; None for anything else."""
+    raw = _tag(entry)
+    if raw is not None and len(raw) == 4 and raw[0] == _OUTSTANDING:
         return raw[1], raw[2], raw[3]
     return None
 

@@ -324,12 +324,10 @@ def _slot_of(journal: list[bytes], call: wire.Outgoing) -> int:
     Checked, because a function server answers over HTTP: a call that points anywhere else would
     overwrite a finished step or never be answered.
     """
-    try:
-        slot = journal[call.index] if 0 <= call.index < len(journal) else None
-        if slot is not None and (wire.is_redo(slot)
-                                 or wire.outstanding_call(slot) == (call.function, call.key, call.handler)):
-            return call.index
-    except errors.CodecError:
-        pass
+    index = call.index
+    slot = journal[index] if isinstance(index, int) and 0 <= index < len(journal) else None
+    if slot is not None and (wire.is_redo(slot) or wire.outstanding_call(slot) == (call.function, call.key,
+                                                                                    call.handler)):
+        return index
     raise errors.InvalidCall(f"a call to {call.function}({call.key!r}).{call.handler} names journal slot "
                              f"{call.index}, which is not its own")
